@@ -1,0 +1,131 @@
+//! The SQL functions: thin wrappers over `keys.rs` / `token.rs`.
+//!
+//! Labels: all are STRICT (NULL in, NULL out) and PARALLEL SAFE (no backend-local state
+//! besides the key cache, which parallel workers rebuild from the same settings and
+//! environment). `encrypt_token` is VOLATILE (fresh random nonce); everything that reads the
+//! key settings is STABLE; nothing is IMMUTABLE because every function depends on a setting.
+//! Privileges are set in `sql/privileges.sql` (see `lib.rs`).
+
+use pgrx::callconv::{BoxRet, FcInfo};
+use pgrx::datum::Datum;
+use pgrx::prelude::*;
+use zeroize::Zeroizing;
+
+use crate::errors::OrRaise;
+use crate::gucs::with_keyring;
+use crate::keys::TokenState;
+use crate::token;
+
+/// Encrypt a plaintext API key under the current key. The result is a token in the gateway's
+/// format: base64(nonce ‖ tag ‖ ciphertext), with a fresh random nonce every call.
+#[pg_extern(volatile, strict, parallel_safe)]
+pub fn encrypt_token(plaintext: &str) -> String {
+    with_keyring(|ring| ring.encrypt(plaintext.as_bytes()))
+        .or_raise()
+        .or_raise()
+}
+
+/// Decrypt a token written by this extension or by the gateway, under the current key or any
+/// previous key.
+#[pg_extern(stable, strict, parallel_safe)]
+pub fn decrypt_token(token: &str) -> SecretText {
+    SecretText(
+        with_keyring(|ring| ring.decrypt(token))
+            .or_raise()
+            .or_raise(),
+    )
+}
+
+/// True when `token` is a well-formed token that authenticates under a configured key (the
+/// only reliable test). With `verify => false`: the key-less shape test (canonical standard
+/// base64 of at least 28 bytes), which many plaintext API keys also pass.
+#[pg_extern(stable, strict, parallel_safe)]
+pub fn is_encrypted_token(token: &str, verify: default!(bool, true)) -> bool {
+    if !verify {
+        return token::is_token_shaped(token);
+    }
+    with_keyring(|ring| {
+        matches!(
+            ring.classify(token),
+            TokenState::Current | TokenState::Previous
+        )
+    })
+    .or_raise()
+}
+
+/// A short, non-secret fingerprint of the current key: the first 16 hex digits of
+/// HMAC-SHA-256(key, 'provider_keys_encrypt key fingerprint v1'). Compare it with the
+/// gateway's (README shows the Node one-liner) to confirm both hold the same key.
+#[pg_extern(stable, strict, parallel_safe)]
+pub fn provider_keys_encrypt_fingerprint() -> String {
+    with_keyring(|ring| ring.current().fingerprint().to_owned()).or_raise()
+}
+
+/// Every configured key, in the order decryption tries them: which it is and its fingerprint.
+#[pg_extern(stable, strict, parallel_safe)]
+pub fn provider_keys_encrypt_keys(
+) -> TableIterator<'static, (name!(key, String), name!(fingerprint, String))> {
+    let rows = with_keyring(|ring| {
+        let mut rows = vec![(
+            "current".to_owned(),
+            ring.current().fingerprint().to_owned(),
+        )];
+        rows.extend(
+            ring.previous()
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (format!("previous {}", i + 1), k.fingerprint().to_owned())),
+        );
+        rows
+    })
+    .or_raise();
+    TableIterator::new(rows)
+}
+
+/// Engine helper: 0 plaintext, 1 current key, 2 previous key, 3 token-shaped but
+/// authenticates under no configured key. Never raises on odd input.
+#[pg_extern(stable, strict, parallel_safe)]
+pub fn _pke_token_state(token: &str) -> i16 {
+    with_keyring(|ring| match ring.classify(token) {
+        TokenState::Plaintext => 0,
+        TokenState::Current => 1,
+        TokenState::Previous => 2,
+        TokenState::Unverified => 3,
+    })
+    .or_raise()
+}
+
+/// Engine helper: re-encrypt a token under the current key (rotation). Reveals no plaintext.
+#[pg_extern(volatile, strict, parallel_safe)]
+pub fn _pke_reencrypt(token: &str) -> String {
+    with_keyring(|ring| ring.reencrypt(token))
+        .or_raise()
+        .or_raise()
+}
+
+/// Engine helper: may the calling procedure COMMIT? True only when the PL/pgSQL procedure
+/// that calls this was itself CALLed in a non-atomic context (top level, outside a
+/// transaction block). Reads the caller's SPI connection, so it is VOLATILE and
+/// PARALLEL UNSAFE.
+#[pg_extern(volatile, parallel_unsafe)]
+pub fn _pke_may_commit() -> bool {
+    // SAFETY: reads the current SPI stack entry; no SPI connection of our own is open.
+    unsafe { pg_sys::SPI_inside_nonatomic_context() }
+}
+
+/// Decrypted text handed to PostgreSQL as a `text` datum. PostgreSQL gets its own copy; the
+/// Rust buffer is wiped when this is dropped.
+pub struct SecretText(Zeroizing<String>);
+
+pgrx::impl_sql_translatable!(SecretText, "text");
+
+// SAFETY: returns a valid text datum built by pgrx's own &str conversion.
+unsafe impl BoxRet for SecretText {
+    unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
+        match self.0.as_str().into_datum() {
+            // SAFETY: a text datum for a function declared to return text.
+            Some(d) => unsafe { fcinfo.return_raw_datum(d) },
+            None => fcinfo.return_null(),
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! provider_keys_encrypt: encrypt LLM-gateway provider API keys in place, inside PostgreSQL,
+//! in the gateway's own token format.
+//!
+//! Where things are:
+//! * `token.rs`     — the token format (pure Rust, no pgrx)
+//! * `keys.rs`      — keys, the key ring, fingerprints (pure Rust, no pgrx)
+//! * `gucs.rs`      — the settings and the cached key ring
+//! * `errors.rs`    — one error type, one SQLSTATE per cause
+//! * `functions.rs` — the SQL functions
+//! * `table.rs` + `table.sql` — the table engine: CALL encrypt_provider_keys() and siblings
+//! * `privileges.sql` — GRANT/REVOKE, each with its reason
+
+use pgrx::prelude::*;
+
+pub mod errors;
+pub mod functions;
+pub mod gucs;
+pub mod keys;
+pub mod table;
+pub mod token;
+
+::pgrx::pg_module_magic!(name, version);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}
