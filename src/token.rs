@@ -235,7 +235,7 @@ mod tests {
 
     #[test]
     fn decode_rejects_what_is_not_a_token() {
-        assert_eq!(decode(""), Err(TokenError::NotBase64));
+        assert_eq!(decode(""), Err(TokenError::TooShort), "empty is valid base64 of 0 bytes");
         assert_eq!(decode("sk-proj-abc"), Err(TokenError::NotBase64));
         // valid base64 but too short: 27 bytes
         assert_eq!(

@@ -1,0 +1,61 @@
+-- CALL encrypt_provider_keys(): the main job, on the gateway's table.
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+SET client_min_messages = notice;
+CREATE TABLE provider_key (
+    id text PRIMARY KEY,
+    token text NOT NULL,
+    provider text NOT NULL,
+    status text DEFAULT 'active',
+    created_at timestamptz DEFAULT now(),
+    updated_at timestamptz DEFAULT now(),
+    base_url text,
+    organization_id text
+);
+INSERT INTO provider_key (id, token, provider, status) VALUES
+    ('k1', 'sk-proj-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', 'openai', 'active'),
+    ('k2', 'sk-ant-api03-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb', 'anthropic', 'active'),
+    ('k3', 'AIzaSyCccccccccccccccccccccccccccccccc', 'google-ai-studio', 'inactive'),
+    ('k4', '0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef', 'together.ai', NULL),
+    ('k5', 'gsk_deleted_dddddddddddddddddddddddddddddddd', 'groq', 'deleted');
+CREATE TABLE originals AS SELECT id, token FROM provider_key;
+
+SELECT * FROM provider_keys_encryption_report();
+
+-- dry run: reports, writes nothing
+CALL encrypt_provider_keys(dry_run => true);
+SELECT count(*) AS unchanged FROM provider_key p JOIN originals o USING (id) WHERE p.token = o.token;
+
+CALL encrypt_provider_keys();
+
+-- every non-deleted key is now a token of its original; the deleted row was never written
+SELECT p.id, p.status, is_encrypted_token(p.token) AS encrypted,
+       CASE WHEN is_encrypted_token(p.token) THEN decrypt_token(p.token) = o.token
+            ELSE p.token = o.token END AS original_kept
+FROM provider_key p JOIN originals o USING (id) ORDER BY p.id;
+
+-- idempotent: a second run encrypts nothing
+CALL encrypt_provider_keys(verbose => false);
+SELECT * FROM provider_keys_encryption_report(by_provider => true);
+
+-- rollback: back to the exact originals
+CALL decrypt_provider_keys(verbose => false);
+SELECT count(*) AS restored FROM provider_key p JOIN originals o USING (id) WHERE p.token = o.token;
+
+-- a table in another schema, passed by name
+CREATE SCHEMA gw;
+CREATE TABLE gw.keys (LIKE provider_key INCLUDING ALL);
+INSERT INTO gw.keys SELECT * FROM provider_key;
+CALL encrypt_provider_keys(table_name => 'gw.keys', batch_size => 2, verbose => false);
+SELECT state, keys FROM provider_keys_encryption_report('gw.keys');
+
+-- global problems are errors before anything is touched
+CALL encrypt_provider_keys(table_name => 'no_such_table');
+CREATE TABLE no_token (id text PRIMARY KEY, provider text, status text);
+CALL encrypt_provider_keys(table_name => 'no_token');
+CREATE TABLE no_index (id text, token text, provider text, status text);
+CALL encrypt_provider_keys(table_name => 'no_index');
+CALL encrypt_provider_keys(batch_size => 0);
+SET search_path = gw;
+CALL public.encrypt_provider_keys();
+RESET search_path;

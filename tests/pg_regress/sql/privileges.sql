@@ -1,0 +1,62 @@
+-- Who can do what. Superusers aside, nobody reads the key, not even pg_monitor members.
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+SET client_min_messages = warning;
+DROP ROLE IF EXISTS app_rw;
+DROP ROLE IF EXISTS gateway;
+DROP ROLE IF EXISTS monitor;
+SET client_min_messages = notice;
+CREATE ROLE app_rw LOGIN;
+CREATE ROLE gateway LOGIN;
+CREATE ROLE monitor LOGIN IN ROLE pg_monitor;
+CREATE TABLE pk_priv (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
+INSERT INTO pk_priv VALUES ('p1', 'sk-priv-1', 'openai');
+GRANT SELECT, UPDATE ON pk_priv TO app_rw;
+GRANT SELECT ON pk_priv TO gateway;
+GRANT EXECUTE ON FUNCTION decrypt_token(text) TO gateway;
+
+-- Before the library is loaded in a session, its settings don't exist there; with the key in
+-- the server's environment (not in postgresql.conf) there is nothing to read. Once loaded — at
+-- the first call, or at server start with shared_preload_libraries — they are defined:
+SELECT provider_keys_encrypt_fingerprint();
+
+-- pg_monitor (so pg_read_all_settings) sees the fingerprint, never the key
+SET ROLE monitor;
+SHOW provider_keys_encrypt.encryption_key;
+SELECT current_setting('provider_keys_encrypt.encryption_key');
+SELECT count(*) FROM pg_settings WHERE name LIKE 'provider_keys_encrypt%';
+SELECT count(*) FROM pg_file_settings;
+SET provider_keys_encrypt.encryption_key = 'b3RoZXIta2V5LXByb3ZpZGVyX2tleXNfZW5jcnlwdC0=';
+SELECT decrypt_token(encrypt_token('x'));
+RESET ROLE;
+
+-- a plain role can't even look, can encrypt and run the migration on a table it may update,
+-- but can't decrypt or roll back
+SET ROLE app_rw;
+SHOW provider_keys_encrypt.encryption_key;
+SELECT current_setting('provider_keys_encrypt.previous_keys');
+SET provider_keys_encrypt.previous_keys = 'b3RoZXIta2V5LXByb3ZpZGVyX2tleXNfZW5jcnlwdC0=';
+SELECT is_encrypted_token(encrypt_token('x')) AS can_encrypt;
+SELECT decrypt_token(encrypt_token('x'));
+CALL encrypt_provider_keys('pk_priv', verbose => false);
+CALL decrypt_provider_keys('pk_priv');
+RESET ROLE;
+
+-- the gateway role, granted EXECUTE on decrypt_token, reads plaintext; it may not write
+SET ROLE gateway;
+SELECT id, decrypt_token(token) FROM pk_priv;
+CALL encrypt_provider_keys('pk_priv');
+RESET ROLE;
+
+-- what PUBLIC may execute
+SELECT p.proname, has_function_privilege('public', p.oid, 'EXECUTE') AS public_can_execute
+FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e'
+JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'provider_keys_encrypt'
+WHERE p.proname NOT LIKE '\_pke\_%'
+ORDER BY 1;
+
+DROP TABLE pk_priv;
+REVOKE EXECUTE ON FUNCTION decrypt_token(text) FROM gateway;
+DROP ROLE app_rw;
+DROP ROLE gateway;
+DROP ROLE monitor;
