@@ -1,0 +1,104 @@
+// A throwaway PostgreSQL 15 cluster for integration tests: initdb + pg_ctl as the `postgres`
+// user when we are root (PostgreSQL refuses to run as root), a Unix socket in the data
+// directory's parent, the extension (installed by `cargo pgrx test/regress`) created in
+// database `postgres`. Only loopback/Unix sockets: listen_addresses is empty.
+import { execFileSync, spawn, spawnSync } from "node:child_process";
+import { mkdirSync, rmSync, chownSync, writeFileSync, appendFileSync, readFileSync, existsSync } from "node:fs";
+import { join } from "node:path";
+
+const PG_BIN = "/usr/lib/postgresql/15/bin";
+const WORK = process.env.PKE_WORK ?? "/tmp/provider_keys_encrypt";
+const isRoot = process.getuid() === 0;
+const pgUid = isRoot ? Number(execFileSync("id", ["-u", "postgres"]).toString().trim()) : null;
+const pgGid = isRoot ? Number(execFileSync("id", ["-g", "postgres"]).toString().trim()) : null;
+
+function asPg(cmd, args, opts = {}) {
+  return isRoot ? ["runuser", ["-u", "postgres", "--", cmd, ...args], opts] : [cmd, args, opts];
+}
+
+export const TEST_KEY = "dGVzdC1rZXktcHJvdmlkZXJfa2V5c19lbmNyeXB0LTE=";
+
+export class Cluster {
+  constructor(name, { port, env = {}, conf = [] } = {}) {
+    this.dir = join(WORK, "it", name);
+    this.data = join(this.dir, "data");
+    this.port = port;
+    this.env = env;
+    this.conf = conf;
+  }
+
+  start() {
+    this.stop();
+    rmSync(this.dir, { recursive: true, force: true });
+    mkdirSync(this.dir, { recursive: true });
+    if (isRoot) chownSync(this.dir, pgUid, pgGid);
+    const [c, a] = asPg(`${PG_BIN}/initdb`, ["-D", this.data, "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8"]);
+    execFileSync(c, a, { stdio: "ignore" });
+    appendFileSync(join(this.data, "postgresql.conf"),
+      [`port = ${this.port}`, `unix_socket_directories = '${this.dir}'`, "listen_addresses = ''",
+       "fsync = off", ...this.conf].join("\n") + "\n");
+    this.pgctl(["-l", join(this.dir, "server.log"), "-w", "start"]);
+    this.psql("CREATE EXTENSION provider_keys_encrypt");
+    return this;
+  }
+
+  restart() {
+    this.pgctl(["-m", "fast", "-w", "stop"]);
+    this.pgctl(["-l", join(this.dir, "server.log"), "-w", "start"]);
+  }
+
+  pgctl(args) {
+    const [c, a] = asPg(`${PG_BIN}/pg_ctl`, ["-D", this.data, ...args]);
+    execFileSync(c, a, { stdio: "ignore", env: { ...process.env, ...this.env } });
+  }
+
+  stop(mode = "fast") {
+    if (existsSync(join(this.data, "postmaster.pid"))) {
+      try { this.pgctl(["-m", mode, "-w", "stop"]); } catch { /* already gone */ }
+    }
+  }
+
+  log() { return existsSync(join(this.dir, "server.log")) ? readFileSync(join(this.dir, "server.log"), "utf8") : ""; }
+
+  args(user = "postgres") {
+    return ["-X", "-q", "-h", this.dir, "-p", String(this.port), "-U", user, "-d", "postgres", "-v", "ON_ERROR_STOP=1"];
+  }
+
+  // Run SQL; returns { out, err, status }. Throws on failure unless allowFail.
+  run(sql, { user, input, allowFail = false, tuples = true } = {}) {
+    const a = [...this.args(user), ...(tuples ? ["-At"] : []), "-c", sql];
+    const r = spawnSync(`${PG_BIN}/psql`, a, { input, encoding: "utf8", maxBuffer: 1 << 30 });
+    if (r.status !== 0 && !allowFail) throw new Error(`psql failed (${r.status}): ${r.stderr}\nSQL: ${sql.slice(0, 300)}`);
+    return { out: r.stdout, err: r.stderr, status: r.status };
+  }
+
+  psql(sql, opts) { return this.run(sql, opts).out.trim(); }
+
+  // A psql session in the background (for concurrency); resolves with its output.
+  // (One statement per call: psql -c "a; b" is one implicit transaction, so a CALL in it is
+  // atomic and never commits. Name the session with appName instead of SET application_name.)
+  background(sql, { user, appName } = {}) {
+    const env = appName ? { ...process.env, PGAPPNAME: appName } : process.env;
+    const child = spawn(`${PG_BIN}/psql`, [...this.args(user), "-At", "-c", sql], { stdio: ["ignore", "pipe", "pipe"], env });
+    let out = "", err = "";
+    child.stdout.on("data", (d) => (out += d));
+    child.stderr.on("data", (d) => (err += d));
+    const done = new Promise((resolve) => child.on("close", (status) => resolve({ out, err, status })));
+    return { child, done };
+  }
+
+  // Load rows of JSON documents into a one-column jsonb table (any text survives untouched).
+  loadJson(table, docs) {
+    this.psql(`CREATE TABLE ${table} (doc jsonb)`);
+    const body = docs.map((d) => JSON.stringify(d)).join("\n") + "\n";
+    this.run(`COPY ${table} (doc) FROM STDIN WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')`, { input: body });
+  }
+
+  // Read a query of one json column back as objects.
+  readJson(query) {
+    const out = this.run(`COPY (${query}) TO STDOUT WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')`).out;
+    return out.split("\n").filter(Boolean).map((l) => JSON.parse(l));
+  }
+}
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
