@@ -235,7 +235,11 @@ mod tests {
 
     #[test]
     fn decode_rejects_what_is_not_a_token() {
-        assert_eq!(decode(""), Err(TokenError::TooShort), "empty is valid base64 of 0 bytes");
+        assert_eq!(
+            decode(""),
+            Err(TokenError::TooShort),
+            "empty is valid base64 of 0 bytes"
+        );
         assert_eq!(decode("sk-proj-abc"), Err(TokenError::NotBase64));
         // valid base64 but too short: 27 bytes
         assert_eq!(
@@ -256,8 +260,11 @@ mod tests {
             Err(TokenError::NotBase64)
         );
         let mut noncanonical = good.clone().into_bytes();
-        let i = noncanonical.len() - 2; // the last data char before "=" carries 4 unused bits
-        noncanonical[i] = if noncanonical[i] == b'8' { b'9' } else { b'8' };
+        // with one "=", the last character before it has 2 unused low bits: set one of them
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let i = noncanonical.len() - 2;
+        let v = ALPHABET.iter().position(|&c| c == noncanonical[i]).unwrap();
+        noncanonical[i] = ALPHABET[v ^ 1];
         assert_eq!(
             decode(std::str::from_utf8(&noncanonical).unwrap()),
             Err(TokenError::NotBase64)
