@@ -150,43 +150,48 @@ BEGIN
             WHEN after_id IS NULL THEN 'true'
             ELSE 't.id OPERATOR(pg_catalog.>) $1' END;
         read_sql := pg_catalog.format($q$
-            SELECT t.id::text AS id, t.token::text AS token, t.provider::text AS provider,
+            SELECT t.ctid AS tid, t.id::text AS id, t.token::text AS token, t.provider::text AS provider,
                    @extschema@._pke_token_state(t.token) AS state
               FROM %1$s t
              WHERE %2$s AND t.status IS DISTINCT FROM 'deleted'
              ORDER BY t.id
              LIMIT $2 $q$, tbl, where_sql);
+        -- The write joins back by ctid (a TID scan, no second index probe). If the row changed
+        -- after the read, its new version has another ctid or token, the condition fails on
+        -- re-check, and the row is re-examined: compare-and-set either way.
         write_sql := pg_catalog.format($q$
             WITH batch AS MATERIALIZED (%1$s),
             written AS (%2$s)
-            SELECT pg_catalog.count(*) AS examined,
-                   pg_catalog.count(w.id) AS written,
-                   pg_catalog.count(*) FILTER (WHERE b.state = 2) AS previous,
-                   pg_catalog.count(*) FILTER (WHERE b.state = 3) AS unverified,
-                   pg_catalog.array_agg(b.id ORDER BY b.id) FILTER (WHERE b.state = ANY ($4) AND w.id IS NULL) AS missed_ids,
-                   pg_catalog.array_agg(b.id ORDER BY b.id) FILTER (WHERE w.id IS NOT NULL) AS written_ids,
-                   pg_catalog.array_agg(b.provider ORDER BY b.id) FILTER (WHERE w.id IS NOT NULL) AS written_providers,
-                   pg_catalog.array_agg(b.id ORDER BY b.id) FILTER (WHERE b.state = 3) AS unverified_ids,
-                   pg_catalog.array_agg(b.provider ORDER BY b.id) FILTER (WHERE b.state = 3) AS unverified_providers,
-                   (pg_catalog.array_agg(b.id ORDER BY b.id DESC))[1] AS last_id
-              FROM batch b LEFT JOIN written w ON w.id = b.id $q$,
+            SELECT a.*, w.*
+              FROM (SELECT pg_catalog.count(*) AS examined,
+                           pg_catalog.count(*) FILTER (WHERE b.state = ANY ($4)) AS todo,
+                           pg_catalog.count(*) FILTER (WHERE b.state = 2) AS previous,
+                           pg_catalog.count(*) FILTER (WHERE b.state = 3) AS unverified,
+                           pg_catalog.array_agg(b.id ORDER BY b.id) FILTER (WHERE b.state = 3) AS unverified_ids,
+                           pg_catalog.array_agg(b.provider ORDER BY b.id) FILTER (WHERE b.state = 3) AS unverified_providers,
+                           pg_catalog.max(b.id) AS last_id
+                      FROM batch b) a,
+                   (SELECT pg_catalog.count(*) AS written,
+                           pg_catalog.array_agg(w.id ORDER BY w.id) FILTER (WHERE $5) AS written_ids,
+                           pg_catalog.array_agg(w.provider ORDER BY w.id) FILTER (WHERE $5) AS written_providers
+                      FROM written w) w $q$,
             read_sql,
             CASE WHEN dry_run
                  -- dry run: report what the UPDATE would write, write nothing
-                 THEN 'SELECT b.id FROM batch b WHERE b.state = ANY ($4)'
+                 THEN 'SELECT b.id, b.provider FROM batch b WHERE b.state = ANY ($4)'
                  ELSE pg_catalog.format($w$
                       UPDATE %1$s t SET token = %2$s
                         FROM batch b
                        WHERE b.state = ANY ($4)
-                         AND t.id::text = b.id AND t.token::text = b.token
+                         AND t.ctid = b.tid AND t.id::text = b.id AND t.token::text = b.token
                          AND t.status IS DISTINCT FROM 'deleted'
-                      RETURNING t.id::text AS id $w$, tbl, expr) END);
+                      RETURNING t.id::text AS id, t.provider::text AS provider $w$, tbl, expr) END);
 
         ok := false;
         IF may_commit OR dry_run THEN
             -- the common case: one savepoint around the whole batch, then the caller commits
             BEGIN
-                EXECUTE write_sql INTO res USING after_id, batch_size, ids, todo;
+                EXECUTE write_sql INTO res USING after_id, batch_size, ids, todo, notices;
                 ok := true;
             EXCEPTION WHEN OTHERS THEN
                 ok := false;
@@ -195,14 +200,14 @@ BEGIN
             -- inside the caller's transaction: try in a savepoint that is always rolled
             -- back, then write for real at the caller's level (no written subtransaction)
             BEGIN
-                EXECUTE write_sql INTO res USING after_id, batch_size, ids, todo;
+                EXECUTE write_sql INTO res USING after_id, batch_size, ids, todo, notices;
                 RAISE SQLSTATE 'PK000';
             EXCEPTION
                 WHEN SQLSTATE 'PK000' THEN ok := true;
                 WHEN OTHERS THEN ok := false;
             END;
             IF ok THEN
-                EXECUTE write_sql INTO res USING after_id, batch_size, ids, todo;
+                EXECUTE write_sql INTO res USING after_id, batch_size, ids, todo, notices;
             END IF;
         END IF;
         EXIT WHEN ok;
@@ -254,13 +259,28 @@ BEGIN
         ids := good;
     END LOOP;
 
-    examined := examined + res.examined;
+    -- Rows this batch meant to write but did not are not settled here: the ones that still
+    -- need work come back in missed_ids and are counted when examined again.
+    examined := examined + res.examined - (res.todo - res.written);
     written := res.written;
     previous := previous + res.previous;
     unverified := unverified + res.unverified;
-    missed_ids := res.missed_ids;
     -- the keyset position: the last row this batch looked at, probed or written
     last_id := COALESCE(probe_last, res.last_id);
+    IF res.todo > res.written THEN
+        -- Some rows to write were not written: changed by the application between our read
+        -- and our write. Whatever in this batch's range still needs this mode's work is
+        -- examined again by the caller (rare; hence not part of the batch statement).
+        EXECUTE pg_catalog.format($q$
+            SELECT pg_catalog.array_agg(t.id::text ORDER BY t.id)
+              FROM %1$s t
+             WHERE %2$s AND t.status IS DISTINCT FROM 'deleted'
+               AND @extschema@._pke_token_state(t.token) = ANY ($4) $q$,
+            tbl, CASE WHEN ids IS NOT NULL THEN 't.id::text OPERATOR(pg_catalog.=) ANY ($3)'
+                      WHEN after_id IS NULL THEN 't.id OPERATOR(pg_catalog.<=) $2'
+                      ELSE 't.id OPERATOR(pg_catalog.>) $1 AND t.id OPERATOR(pg_catalog.<=) $2' END)
+            INTO missed_ids USING after_id, res.last_id, ids, todo;
+    END IF;
 
     IF res.unverified > 0 AND warn_left > 0 THEN
         FOR r IN SELECT * FROM unnest(res.unverified_ids, res.unverified_providers) AS u(id, provider)
@@ -353,7 +373,6 @@ BEGIN
         WHILE pending IS NOT NULL AND round < 3 LOOP
             round := round + 1;
             n_concurrent := n_concurrent + pg_catalog.cardinality(pending);
-            b_examined := b_examined - pg_catalog.cardinality(pending);  -- counted when re-read
             again := @extschema@._pke_batch(mode, table_name, todo, NULL, pending, batch_size,
                                             dry_run, notices, may_commit, warn_limit - n_warned - b_warned);
             b_examined := b_examined + again.examined;
@@ -370,6 +389,7 @@ BEGIN
                     pending[i];
             END LOOP;
             b_errors := b_errors + pg_catalog.cardinality(pending);
+            b_examined := b_examined + pg_catalog.cardinality(pending);
         END IF;
 
         n_total := n_total + b_examined;

@@ -49,7 +49,10 @@ export class Cluster {
 
   pgctl(args) {
     const [c, a] = asPg(`${PG_BIN}/pg_ctl`, ["-D", this.data, ...args]);
-    execFileSync(c, a, { stdio: "ignore", env: { ...process.env, ...this.env } });
+    // the server's environment is exactly what the test asks for: never an inherited key
+    const env = { ...process.env };
+    delete env.ENCRYPTION_KEY;
+    execFileSync(c, a, { stdio: "ignore", env: { ...env, ...this.env } });
   }
 
   stop(mode = "fast") {
@@ -65,14 +68,21 @@ export class Cluster {
   }
 
   // Run SQL; returns { out, err, status }. Throws on failure unless allowFail.
-  run(sql, { user, input, allowFail = false, tuples = true } = {}) {
-    const a = [...this.args(user), ...(tuples ? ["-At"] : []), "-c", sql];
+  run(sql, { user, input, allowFail = false, tuples = true, verbose = false } = {}) {
+    const a = [...this.args(user), ...(tuples ? ["-At"] : []), ...(verbose ? ["-v", "VERBOSITY=verbose"] : []), "-c", sql];
     const r = spawnSync(`${PG_BIN}/psql`, a, { input, encoding: "utf8", maxBuffer: 1 << 30 });
     if (r.status !== 0 && !allowFail) throw new Error(`psql failed (${r.status}): ${r.stderr}\nSQL: ${sql.slice(0, 300)}`);
     return { out: r.stdout, err: r.stderr, status: r.status };
   }
 
   psql(sql, opts) { return this.run(sql, opts).out.trim(); }
+
+  // Run a multi-statement script through stdin: each statement in its own transaction.
+  script(sql, { user } = {}) {
+    const r = spawnSync(`${PG_BIN}/psql`, [...this.args(user), "-At", "-f", "-"], { input: sql, encoding: "utf8", maxBuffer: 1 << 30 });
+    if (r.status !== 0) throw new Error(`psql script failed (${r.status}): ${r.stderr}`);
+    return r.stdout.trim();
+  }
 
   // A psql session in the background (for concurrency); resolves with its output.
   // (One statement per call: psql -c "a; b" is one implicit transaction, so a CALL in it is

@@ -5,10 +5,12 @@ SET client_min_messages = warning;
 DROP ROLE IF EXISTS app_rw;
 DROP ROLE IF EXISTS gateway;
 DROP ROLE IF EXISTS monitor;
+DROP ROLE IF EXISTS key_owner;
 SET client_min_messages = notice;
 CREATE ROLE app_rw LOGIN;
 CREATE ROLE gateway LOGIN;
 CREATE ROLE monitor LOGIN IN ROLE pg_monitor;
+CREATE ROLE key_owner LOGIN;
 CREATE TABLE pk_priv (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
 INSERT INTO pk_priv VALUES ('p1', 'sk-priv-1', 'openai');
 GRANT SELECT, UPDATE ON pk_priv TO app_rw;
@@ -48,6 +50,18 @@ SELECT id, decrypt_token(token) FROM pk_priv;
 CALL encrypt_provider_keys('pk_priv');
 RESET ROLE;
 
+-- a table's owner (not a superuser) runs the migration on its own table; no key, no rollback
+CREATE TABLE pk_owned (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
+INSERT INTO pk_owned VALUES ('o1', 'sk-owned-1', 'anthropic');
+ALTER TABLE pk_owned OWNER TO key_owner;
+SET ROLE key_owner;
+SHOW provider_keys_encrypt.encryption_key;
+CALL encrypt_provider_keys('pk_owned', verbose => false);
+SELECT id, is_encrypted_token(token) FROM pk_owned;
+CALL decrypt_provider_keys('pk_owned');
+SELECT decrypt_token(token) FROM pk_owned;
+RESET ROLE;
+
 -- what PUBLIC may execute
 SELECT p.proname, has_function_privilege('public', p.oid, 'EXECUTE') AS public_can_execute
 FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e'
@@ -56,7 +70,9 @@ WHERE p.proname NOT LIKE '\_pke\_%'
 ORDER BY 1;
 
 DROP TABLE pk_priv;
+DROP TABLE pk_owned;
 REVOKE EXECUTE ON FUNCTION decrypt_token(text) FROM gateway;
 DROP ROLE app_rw;
 DROP ROLE gateway;
 DROP ROLE monitor;
+DROP ROLE key_owner;

@@ -1,0 +1,156 @@
+// Benchmark: see bench/run. Everything is measured in this one run on the same data.
+import { execFileSync, spawnSync } from "node:child_process";
+import { readFileSync, writeFileSync, existsSync } from "node:fs";
+import os from "node:os";
+import { Cluster, TEST_KEY } from "../tests/integration/cluster.mjs";
+
+const argv = process.argv.slice(2);
+const smoke = argv.includes("--smoke");
+const record = argv.includes("--record");
+const rowsArg = argv.indexOf("--rows");
+const N = rowsArg >= 0 ? Number(argv[rowsArg + 1]) : smoke ? 2000 : 1_000_000;
+const NODE_N = smoke ? 500 : 50_000;
+const MEM_SIZES = smoke ? [1000, 2000] : [100_000, 1_000_000];
+const REPEAT = smoke ? 1 : 3;
+
+const db = new Cluster("bench", {
+  port: 54420,
+  env: { ENCRYPTION_KEY: TEST_KEY },
+  conf: ["shared_buffers = '1GB'", "max_wal_size = '4GB'", "checkpoint_timeout = '30min'", "synchronous_commit = on"],
+});
+db.start();
+process.on("exit", () => db.stop());
+const now = () => Number(process.hrtime.bigint()) / 1e9;
+
+// Realistic provider keys: 32-110 chars; hex, alphanumeric and prefixed shapes; 80% active,
+// 10% inactive, 10% deleted. Deterministic (md5 of the row number), so every copy is identical.
+function makeData(table, n) {
+  db.script(`SET client_min_messages = warning; DROP TABLE IF EXISTS ${table};
+    CREATE UNLOGGED TABLE ${table}_tmp AS
+    SELECT 'pk_' || lpad(i::text, 8, '0') AS id,
+           CASE i % 4
+             WHEN 0 THEN substr(repeat(md5(i::text), 4), 1, 64)                                     -- 64 hex
+             WHEN 1 THEN 'sk-proj-' || substr(replace(encode(sha256(i::text::bytea), 'base64'), '/', '_'), 1, 24 + i % 60)
+             WHEN 2 THEN 'sk-ant-api03-' || substr(repeat(md5(i::text || 'a'), 4), 1, 19 + i % 78)
+             ELSE substr(replace(replace(encode(sha512(i::text::bytea), 'base64'), '+', 'x'), '/', 'y'), 1, 32 + i % 8)  -- 40 alnum
+           END AS token,
+           (ARRAY['openai','anthropic','google-vertex','mistral','groq'])[1 + i % 5] AS provider,
+           CASE WHEN i % 10 = 8 THEN 'inactive' WHEN i % 10 = 9 THEN 'deleted' ELSE 'active' END AS status
+    FROM generate_series(1, ${n}) i;
+    CREATE TABLE ${table} (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active',
+                           created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now(), base_url text, organization_id text);
+    INSERT INTO ${table} (id, token, provider, status) SELECT * FROM ${table}_tmp;
+    DROP TABLE ${table}_tmp;
+    VACUUM ANALYZE ${table};`);
+}
+
+function timeSql(sql, { reps = REPEAT } = {}) {
+  let best = Infinity;
+  for (let r = 0; r < reps; r++) {
+    const ms = Number(db.psql(`SELECT bench_ms($q$${sql}$q$)`));
+    best = Math.min(best, ms / 1000);
+  }
+  return best;
+}
+
+function timeCall(sql, prepare) {
+  let best = Infinity;
+  for (let r = 0; r < REPEAT; r++) {
+    prepare();
+    db.psql("CHECKPOINT");
+    const t0 = now();
+    const res = db.run(sql, { tuples: false });
+    best = Math.min(best, now() - t0);
+    if (!/errors=0/.test(res.err) && /CALL/.test(sql)) throw new Error(res.err.slice(-500));
+  }
+  return best;
+}
+
+db.script(`CREATE EXTENSION pgcrypto;
+  CREATE FUNCTION bench_ms(q text) RETURNS double precision LANGUAGE plpgsql AS $$
+  DECLARE t0 timestamptz := clock_timestamp(); BEGIN EXECUTE q; RETURN extract(epoch FROM clock_timestamp() - t0) * 1000; END $$;`);
+
+console.log(`# provider_keys_encrypt benchmark — ${N.toLocaleString("en")} rows${smoke ? " (smoke)" : ""}`);
+makeData("src", N);
+db.script("CREATE TABLE enc AS SELECT id, encrypt_token(token) AS token FROM src; VACUUM ANALYZE enc;");
+const active = Number(db.psql("SELECT count(*) FROM src WHERE status IS DISTINCT FROM 'deleted'"));
+
+const results = [];
+const add = (group, name, rows, secs, baseline) => results.push({ group, name, rows, secs, rps: rows / secs, baseline });
+
+// 1. per-row functions vs the md5 floor and pgcrypto
+const md5 = timeSql("SELECT sum(length(md5(token))) FROM src");
+add(1, "md5(token) — floor", N, md5);
+add(1, "encrypt_token(token)", N, timeSql("SELECT sum(length(encrypt_token(token))) FROM src"), "md5(token) — floor");
+add(1, "decrypt_token(token)", N, timeSql("SELECT sum(length(decrypt_token(token))) FROM enc"), "md5(token) — floor");
+add(1, "is_encrypted_token(token) — tokens", N, timeSql("SELECT count(*) FILTER (WHERE is_encrypted_token(token)) FROM enc"), "md5(token) — floor");
+add(1, "is_encrypted_token(token) — plaintext", N, timeSql("SELECT count(*) FILTER (WHERE is_encrypted_token(token)) FROM src"), "md5(token) — floor");
+add(1, "pgcrypto encrypt_iv aes-cbc (no auth)", N,
+  timeSql("SELECT sum(length(encrypt_iv(convert_to(token, 'UTF8'), decode('" + Buffer.from(TEST_KEY, "base64").toString("hex") + "', 'hex'), gen_random_bytes(16), 'aes-cbc/pad:pkcs'))) FROM src"),
+  "md5(token) — floor");
+
+// 2. the CALL vs a bare set-based UPDATE, on fresh copies of the same rows
+const fresh = () => db.script("SET client_min_messages = warning; DROP TABLE IF EXISTS provider_key; CREATE TABLE provider_key (LIKE src INCLUDING ALL); INSERT INTO provider_key SELECT * FROM src; VACUUM ANALYZE provider_key;");
+const bare = timeCall("UPDATE provider_key SET token = encrypt_token(token) WHERE status IS DISTINCT FROM 'deleted'", fresh);
+add(2, "bare UPDATE … SET token = encrypt_token(token)", active, bare);
+add(2, "CALL encrypt_provider_keys(verbose => false)", active, timeCall("CALL encrypt_provider_keys(verbose => false)", fresh), "bare UPDATE … SET token = encrypt_token(token)");
+add(2, "CALL encrypt_provider_keys() — verbose", active, timeCall("CALL encrypt_provider_keys()", fresh), "bare UPDATE … SET token = encrypt_token(token)");
+add(2, "CALL encrypt_provider_keys() — 2nd run (all skipped)", active, timeCall("CALL encrypt_provider_keys(verbose => false)", () => {}), "bare UPDATE … SET token = encrypt_token(token)");
+
+// 3. the gateway's way: a Node script with the pg client, row by row (its guide's method)
+{
+  makeData("gw_src", NODE_N);
+  db.script("SET client_min_messages = warning; DROP TABLE IF EXISTS provider_key; CREATE TABLE provider_key (LIKE gw_src INCLUDING ALL); INSERT INTO provider_key SELECT * FROM gw_src;");
+  const out = execFileSync("node", [new URL("./gateway_migration.mjs", import.meta.url).pathname], {
+    env: { ...process.env, ENCRYPTION_KEY: TEST_KEY, PGHOST: db.dir, PGPORT: String(db.port), PGUSER: "postgres", PGDATABASE: "postgres" },
+  }).toString();
+  const m = JSON.parse(out.trim().split("\n").pop());
+  add(3, "gateway Node script (pg, row by row)", m.encrypted, m.seconds);
+  const call = results.find((r) => r.name === "CALL encrypt_provider_keys(verbose => false)");
+  results.push({ group: 3, name: "CALL encrypt_provider_keys(verbose => false)", rows: call.rows, secs: call.secs, rps: call.rps, baseline: "gateway Node script (pg, row by row)" });
+}
+
+// 4. peak private memory of the backend running the CALL, sampled every 20 ms
+const memory = [];
+for (const size of MEM_SIZES) {
+  makeData("provider_key", size);
+  const run = db.background("CALL encrypt_provider_keys(verbose => false, batch_size => 1000)", { appName: "pke_mem" });
+  let pid = 0, peak = 0, base = 0;
+  while (true) {
+    const done = await Promise.race([run.done.then(() => true), new Promise((r) => setTimeout(() => r(false), 20))]);
+    if (!pid) pid = Number(db.psql("SELECT coalesce(max(pid), 0) FROM pg_stat_activity WHERE application_name = 'pke_mem'"));
+    if (pid && existsSync(`/proc/${pid}/status`)) {
+      const s = readFileSync(`/proc/${pid}/status`, "utf8");
+      const anon = Number((s.match(/RssAnon:\s+(\d+)/) ?? [0, 0])[1]);
+      if (!base) base = anon;
+      peak = Math.max(peak, anon);
+    }
+    if (done) break;
+  }
+  memory.push({ rows: size, peakKb: peak, startKb: base });
+}
+
+// report
+const fmt = (x, d = 0) => x.toLocaleString("en", { maximumFractionDigits: d, minimumFractionDigits: d });
+const lines = [];
+lines.push(`Machine: ${os.cpus().length} × ${os.cpus()[0].model.trim()}, ${fmt(os.totalmem() / 2 ** 30)} GiB; ` +
+  `${db.psql("SELECT version()").split(" on ")[0]}; ${new Date().toISOString().slice(0, 10)}; ${fmt(N)} rows` +
+  `${smoke ? " (smoke sizes: not meaningful)" : ""}.`, "");
+lines.push("| # | what | rows | seconds | rows/s | ratio | vs |", "|---|---|---:|---:|---:|---:|---|");
+for (const r of results) {
+  const base = r.baseline && results.find((b) => b.name === r.baseline && b.group === r.group) ;
+  const ratio = base ? r.rps / base.rps : null;
+  lines.push(`| ${r.group} | ${r.name} | ${fmt(r.rows)} | ${fmt(r.secs, 2)} | ${fmt(r.rps)} | ${ratio ? fmt(ratio, 2) + "×" : ""} | ${r.baseline ?? ""} |`);
+}
+lines.push("", "| 4 | peak private memory (RssAnon) of the backend running the CALL | rows | at start | peak |", "|---|---|---:|---:|---:|");
+for (const m of memory) lines.push(`| 4 | CALL encrypt_provider_keys(verbose => false) | ${fmt(m.rows)} | ${fmt(m.startKb / 1024, 1)} MiB | ${fmt(m.peakKb / 1024, 1)} MiB |`);
+const report = lines.join("\n");
+console.log(report);
+if (record) {
+  const path = new URL("../BENCHMARKS.md", import.meta.url).pathname;
+  const doc = readFileSync(path, "utf8");
+  const marker = "<!-- results -->";
+  const i = doc.indexOf(marker);
+  writeFileSync(path, doc.slice(0, i + marker.length) + "\n" + report + "\n");
+  console.log(`\nrecorded in ${path}`);
+}
