@@ -449,7 +449,7 @@ $proc$;
 
 CREATE PROCEDURE @extschema@.encrypt_provider_keys(
     table_name regclass DEFAULT NULL,  -- NULL: provider_key, found through search_path
-    batch_size integer DEFAULT 1000,
+    batch_size integer DEFAULT 5000,  -- rows per batch (and per transaction outside a block)
     dry_run boolean DEFAULT false,
     verbose boolean DEFAULT true,
     encrypt_unverified boolean DEFAULT true)
@@ -465,7 +465,7 @@ COMMENT ON PROCEDURE @extschema@.encrypt_provider_keys(regclass, integer, boolea
 
 CREATE PROCEDURE @extschema@.decrypt_provider_keys(
     table_name regclass DEFAULT NULL,  -- NULL: provider_key, found through search_path
-    batch_size integer DEFAULT 1000,
+    batch_size integer DEFAULT 5000,  -- rows per batch (and per transaction outside a block)
     dry_run boolean DEFAULT false,
     verbose boolean DEFAULT true)
 LANGUAGE plpgsql
@@ -480,7 +480,7 @@ COMMENT ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolea
 
 CREATE PROCEDURE @extschema@.reencrypt_provider_keys(
     table_name regclass DEFAULT NULL,  -- NULL: provider_key, found through search_path
-    batch_size integer DEFAULT 1000,
+    batch_size integer DEFAULT 5000,  -- rows per batch (and per transaction outside a block)
     dry_run boolean DEFAULT false,
     verbose boolean DEFAULT true)
 LANGUAGE plpgsql
