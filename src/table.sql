@@ -1,17 +1,21 @@
 -- The table engine: one engine (_pke_run + _pke_batch) behind three procedures and a report.
 --
--- A run walks the table in id order, batch_size rows at a time (keyset pagination on the
--- unique index on id, so memory stays flat and each batch is an index range scan). Each
--- batch is ONE statement:
+-- A run walks the table in id order, about batch_size rows at a time (keyset pagination on the
+-- unique index on id: memory stays flat and each batch is an index range scan). A batch first
+-- fixes its range (after the previous batch's last id, up to the batch_size-th id), then runs
+-- ONE statement over it:
 --
---   batch   : read the next rows (status IS DISTINCT FROM 'deleted'; NULL counts as active)
---             and classify each token in Rust: 0 plaintext, 1 current key, 2 previous key,
---             3 token-shaped but authenticating under no configured key ("unverified").
---   written : UPDATE the rows this mode changes, compare-and-set on the value just read
---             (t.token = b.token): if the application changed a row in between, PostgreSQL
---             re-checks the condition on the new version (EvalPlanQual), the row is not
---             written, and the engine re-examines it (up to 3 more times). No lost update,
---             no double encryption.
+--   written : UPDATE the rows of the range this mode changes, chosen by the state of their
+--             token, classified in Rust: 0 plaintext, 1 current key, 2 previous key, 3
+--             token-shaped but authenticating under no configured key ("unverified").
+--             Deleted rows (status = 'deleted'; NULL counts as active) are never written.
+--   the read: beside it, in the same snapshot, count every row of the range by state.
+--
+-- No lost update: if the application changes a row after the statement's snapshot, the UPDATE
+-- waits for it and re-checks its conditions on the new version (EvalPlanQual), then computes
+-- the new token from that version. A new plaintext gets encrypted as the application wrote
+-- it; a token or a soft delete is left alone (counted as changed_concurrently). Nothing is
+-- ever overwritten with a value derived from an older one.
 --
 -- Failures and subtransactions. A row whose write raises (trigger, constraint, ...) must be
 -- rolled back alone. Catching an error needs a subtransaction, and more than 64 *committed*
@@ -103,19 +107,21 @@ END
 $fn$;
 
 -- One batch: the statement described at the top, plus its fallbacks. Returns the batch's
--- counts, the ids to re-examine (changed concurrently) and the last id seen.
---   selector: after_id (keyset: the next batch_size rows after it; NULL = from the start)
---             or ids (exactly these rows, for re-examination).
+-- counts and the keyset position to continue from (NULL: no rows left).
+--   selector: after_id (keyset: the rows after it, up to an upper bound that covers
+--             batch_size rows; NULL = from the start) or ids (exactly these rows).
 --   warn_left: how many "unverified" warnings the run may still print.
 CREATE FUNCTION @extschema@._pke_batch(
     mode text, tbl regclass, todo int2[], after_id text, ids text[], batch_size integer,
     dry_run boolean, notices boolean, may_commit boolean, warn_left bigint,
     OUT examined bigint, OUT written bigint, OUT previous bigint, OUT unverified bigint,
-    OUT errors bigint, OUT warned bigint, OUT missed_ids text[], OUT last_id text)
+    OUT errors bigint, OUT warned bigint, OUT changed bigint, OUT last_id text)
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 AS $fn$
 DECLARE
-    where_sql text;
+    lower_sql text := CASE WHEN after_id IS NULL THEN 'true' ELSE 't.id OPERATOR(pg_catalog.>) $1' END;
+    range_sql text;
+    hi text;
     read_sql text;
     write_sql text;
     one_sql text;
@@ -125,73 +131,88 @@ DECLARE
     ok boolean;
     attempt integer := 0;
     good text[];
-    probe_last text;
     e_state text;
     e_msg text;
     past text := CASE mode WHEN 'encrypt' THEN 'Encrypted' WHEN 'decrypt' THEN 'Decrypted' ELSE 'Re-encrypted' END;
     verb text := CASE mode WHEN 'encrypt' THEN 'encrypt' WHEN 'decrypt' THEN 'decrypt' ELSE 're-encrypt' END;
 BEGIN
-    examined := 0; written := 0; previous := 0; unverified := 0; errors := 0; warned := 0;
+    examined := 0; written := 0; previous := 0; unverified := 0; errors := 0; warned := 0; changed := 0;
+    IF ids IS NULL THEN
+        -- The batch's upper bound: the batch_size-th id after after_id (deleted rows count),
+        -- or the last id. Fixing it first lets every statement of this batch, fallbacks
+        -- included, work on exactly the same range.
+        EXECUTE pg_catalog.format($q$
+            SELECT COALESCE(
+                (SELECT t.id::text FROM %1$s t WHERE %2$s ORDER BY t.id OFFSET $2 - 1 LIMIT 1),
+                (SELECT pg_catalog.max(t.id)::text FROM %1$s t WHERE %2$s)) $q$, tbl, lower_sql)
+            INTO hi USING after_id, batch_size;
+        IF hi IS NULL THEN
+            last_id := NULL;  -- nothing after after_id: the run is done
+            RETURN;
+        END IF;
+    END IF;
     expr := CASE mode
-        WHEN 'encrypt' THEN '@extschema@.encrypt_token(b.token)'
-        WHEN 'decrypt' THEN '@extschema@.decrypt_token(b.token)'
-        ELSE '@extschema@._pke_reencrypt(b.token)' END;
+        WHEN 'encrypt' THEN '@extschema@.encrypt_token(t.token)'
+        WHEN 'decrypt' THEN '@extschema@.decrypt_token(t.token)'
+        ELSE '@extschema@._pke_reencrypt(t.token)' END;
     -- one row, compare-and-set, for probing
     one_sql := pg_catalog.format($q$
         UPDATE %1$s t SET token = %2$s
-          FROM (SELECT $1::text AS id, $2::text AS token) b
-         WHERE t.id::text = b.id AND t.token::text = b.token AND t.status IS DISTINCT FROM 'deleted' $q$,
+         WHERE t.id::text = $1 AND t.token::text = $2 AND t.status IS DISTINCT FROM 'deleted' $q$,
         tbl, expr);
 
     LOOP
         attempt := attempt + 1;
-        where_sql := CASE
-            WHEN ids IS NOT NULL THEN 't.id::text OPERATOR(pg_catalog.=) ANY ($3)'
-            WHEN after_id IS NULL THEN 'true'
-            ELSE 't.id OPERATOR(pg_catalog.>) $1' END;
+        -- the rows of this attempt: the keyset range, or exactly the ids left to retry
+        range_sql := CASE WHEN ids IS NOT NULL THEN 't.id::text OPERATOR(pg_catalog.=) ANY ($3)'
+                          ELSE lower_sql || ' AND t.id OPERATOR(pg_catalog.<=) $7' END;
         read_sql := pg_catalog.format($q$
-            SELECT t.ctid AS tid, t.id::text AS id, t.token::text AS token, t.provider::text AS provider,
+            SELECT t.id::text AS id, t.token::text AS token, t.provider::text AS provider,
                    @extschema@._pke_token_state(t.token) AS state
               FROM %1$s t
              WHERE %2$s AND t.status IS DISTINCT FROM 'deleted'
-             ORDER BY t.id
-             LIMIT $2 $q$, tbl, where_sql);
-        -- The write joins back by ctid (a TID scan, no second index probe). If the row changed
-        -- after the read, its new version has another ctid or token, the condition fails on
-        -- re-check, and the row is re-examined: compare-and-set either way.
+             ORDER BY t.id $q$, tbl, range_sql);
+        -- One statement: the UPDATE writes the rows of the range this mode changes, choosing them
+        -- by their state; the read beside it (same snapshot) counts every row of the range. If
+        -- the application changes a row after our snapshot, the UPDATE waits for it and
+        -- re-checks the new version (EvalPlanQual): a new plaintext is encrypted as the
+        -- application wrote it, a token or a soft delete is left alone. Nothing is overwritten
+        -- with a value computed from an old one.
         write_sql := pg_catalog.format($q$
-            WITH batch AS MATERIALIZED (%1$s),
-            written AS (%2$s)
+            WITH written AS (%3$s)
             SELECT a.*, w.*
               FROM (SELECT pg_catalog.count(*) AS examined,
-                           pg_catalog.count(*) FILTER (WHERE b.state = ANY ($4)) AS todo,
-                           pg_catalog.count(*) FILTER (WHERE b.state = 2) AS previous,
-                           pg_catalog.count(*) FILTER (WHERE b.state = 3) AS unverified,
-                           pg_catalog.array_agg(b.id ORDER BY b.id) FILTER (WHERE b.state = 3) AS unverified_ids,
-                           pg_catalog.array_agg(b.provider ORDER BY b.id) FILTER (WHERE b.state = 3) AS unverified_providers,
-                           pg_catalog.max(b.id) AS last_id
-                      FROM batch b) a,
+                           pg_catalog.count(*) FILTER (WHERE x.s = ANY ($4)) AS todo,
+                           pg_catalog.count(*) FILTER (WHERE x.s = 2) AS previous,
+                           pg_catalog.count(*) FILTER (WHERE x.s = 3) AS unverified,
+                           -- only while the run may still print warnings about them
+                           pg_catalog.array_agg(x.id::text ORDER BY x.id) FILTER (WHERE x.s = 3 AND $6) AS unverified_ids,
+                           pg_catalog.array_agg(x.provider ORDER BY x.id) FILTER (WHERE x.s = 3 AND $6) AS unverified_providers,
+                           pg_catalog.max(x.id)::text AS last_id
+                      FROM (SELECT t.id, t.provider::text AS provider, @extschema@._pke_token_state(t.token) AS s
+                              FROM %1$s t
+                             WHERE %2$s AND t.status IS DISTINCT FROM 'deleted') x) a,
                    (SELECT pg_catalog.count(*) AS written,
                            pg_catalog.array_agg(w.id ORDER BY w.id) FILTER (WHERE $5) AS written_ids,
                            pg_catalog.array_agg(w.provider ORDER BY w.id) FILTER (WHERE $5) AS written_providers
                       FROM written w) w $q$,
-            read_sql,
+            tbl, range_sql,
             CASE WHEN dry_run
                  -- dry run: report what the UPDATE would write, write nothing
-                 THEN 'SELECT b.id, b.provider FROM batch b WHERE b.state = ANY ($4)'
+                 THEN pg_catalog.format($w$
+                      SELECT t.id::text AS id, t.provider::text AS provider FROM %1$s t
+                       WHERE %2$s AND t.status IS DISTINCT FROM 'deleted'
+                         AND @extschema@._pke_token_state(t.token) = ANY ($4) $w$, tbl, range_sql)
                  ELSE pg_catalog.format($w$
-                      UPDATE %1$s t SET token = %2$s
-                        FROM batch b
-                       WHERE b.state = ANY ($4)
-                         AND t.ctid = b.tid AND t.id::text = b.id AND t.token::text = b.token
-                         AND t.status IS DISTINCT FROM 'deleted'
-                      RETURNING t.id::text AS id, t.provider::text AS provider $w$, tbl, expr) END);
-
+                      UPDATE %1$s t SET token = %3$s
+                       WHERE %2$s AND t.status IS DISTINCT FROM 'deleted'
+                         AND @extschema@._pke_token_state(t.token) = ANY ($4)
+                      RETURNING t.id::text AS id, t.provider::text AS provider $w$, tbl, range_sql, expr) END);
         ok := false;
         IF may_commit OR dry_run THEN
             -- the common case: one savepoint around the whole batch, then the caller commits
             BEGIN
-                EXECUTE write_sql INTO res USING after_id, batch_size, ids, todo, notices;
+                EXECUTE write_sql INTO res USING after_id, batch_size, ids, todo, notices, warn_left > 0, hi;
                 ok := true;
             EXCEPTION WHEN OTHERS THEN
                 ok := false;
@@ -200,14 +221,14 @@ BEGIN
             -- inside the caller's transaction: try in a savepoint that is always rolled
             -- back, then write for real at the caller's level (no written subtransaction)
             BEGIN
-                EXECUTE write_sql INTO res USING after_id, batch_size, ids, todo, notices;
+                EXECUTE write_sql INTO res USING after_id, batch_size, ids, todo, notices, warn_left > 0, hi;
                 RAISE SQLSTATE 'PK000';
             EXCEPTION
                 WHEN SQLSTATE 'PK000' THEN ok := true;
                 WHEN OTHERS THEN ok := false;
             END;
             IF ok THEN
-                EXECUTE write_sql INTO res USING after_id, batch_size, ids, todo, notices;
+                EXECUTE write_sql INTO res USING after_id, batch_size, ids, todo, notices, warn_left > 0, hi;
             END IF;
         END IF;
         EXIT WHEN ok;
@@ -215,7 +236,7 @@ BEGIN
         IF attempt >= 3 THEN
             -- Rows that pass alone keep failing together (a statement-level trigger, a
             -- constraint between rows): leave them unchanged for this run rather than loop.
-            FOR r IN EXECUTE read_sql USING after_id, batch_size, ids, todo LOOP
+            FOR r IN EXECUTE read_sql USING after_id, batch_size, ids, todo, notices, false, hi LOOP
                 examined := examined + 1;
                 IF r.state = ANY (todo) THEN
                     errors := errors + 1;
@@ -227,17 +248,14 @@ BEGIN
                     unverified := unverified + 1;
                 END IF;
             END LOOP;
-            last_id := probe_last;
+            last_id := COALESCE(hi, last_id);
             RETURN;
         END IF;
 
         -- The batch failed. Probe each row it would write in a savepoint that is always
         -- rolled back; report the failing rows; retry the batch with exactly the others.
         good := ARRAY[]::text[];
-        FOR r IN EXECUTE read_sql USING after_id, batch_size, ids, todo LOOP
-            IF attempt = 1 THEN
-                probe_last := r.id;  -- the batch's end, as first read
-            END IF;
+        FOR r IN EXECUTE read_sql USING after_id, batch_size, ids, todo, notices, false, hi LOOP
             IF r.state = ANY (todo) THEN
                 BEGIN
                     EXECUTE one_sql USING r.id, r.token;
@@ -259,28 +277,14 @@ BEGIN
         ids := good;
     END LOOP;
 
-    -- Rows this batch meant to write but did not are not settled here: the ones that still
-    -- need work come back in missed_ids and are counted when examined again.
-    examined := examined + res.examined - (res.todo - res.written);
+    examined := examined + res.examined;
     written := res.written;
     previous := previous + res.previous;
     unverified := unverified + res.unverified;
-    -- the keyset position: the last row this batch looked at, probed or written
-    last_id := COALESCE(probe_last, res.last_id);
-    IF res.todo > res.written THEN
-        -- Some rows to write were not written: changed by the application between our read
-        -- and our write. Whatever in this batch's range still needs this mode's work is
-        -- examined again by the caller (rare; hence not part of the batch statement).
-        EXECUTE pg_catalog.format($q$
-            SELECT pg_catalog.array_agg(t.id::text ORDER BY t.id)
-              FROM %1$s t
-             WHERE %2$s AND t.status IS DISTINCT FROM 'deleted'
-               AND @extschema@._pke_token_state(t.token) = ANY ($4) $q$,
-            tbl, CASE WHEN ids IS NOT NULL THEN 't.id::text OPERATOR(pg_catalog.=) ANY ($3)'
-                      WHEN after_id IS NULL THEN 't.id OPERATOR(pg_catalog.<=) $2'
-                      ELSE 't.id OPERATOR(pg_catalog.>) $1 AND t.id OPERATOR(pg_catalog.<=) $2' END)
-            INTO missed_ids USING after_id, res.last_id, ids, todo;
-    END IF;
+    -- rows this batch meant to write that the application changed or deleted first
+    changed := CASE WHEN dry_run THEN 0 ELSE res.todo - res.written END;
+    -- the keyset position: the batch's upper bound (its last rows may all be deleted)
+    last_id := COALESCE(hi, res.last_id);
 
     IF res.unverified > 0 AND warn_left > 0 THEN
         FOR r IN SELECT * FROM unnest(res.unverified_ids, res.unverified_providers) AS u(id, provider)
@@ -320,13 +324,9 @@ DECLARE
     fp text;
     found_rows bigint;
     b record;
-    again record;
-    pending text[];
-    round integer;
     after_id text := NULL;
     n_total bigint := 0; n_written bigint := 0; n_errors bigint := 0; n_previous bigint := 0;
     n_unverified bigint := 0; n_concurrent bigint := 0; n_warned bigint := 0;
-    b_examined bigint; b_written bigint; b_errors bigint; b_previous bigint; b_unverified bigint; b_warned bigint;
     warn_limit constant bigint := 100;
     t0 timestamptz := pg_catalog.clock_timestamp();
     last_progress timestamptz := pg_catalog.clock_timestamp();
@@ -365,39 +365,13 @@ BEGIN
                                     dry_run, notices, may_commit, warn_limit - n_warned);
         EXIT WHEN b.last_id IS NULL;
         after_id := b.last_id;
-        b_examined := b.examined; b_written := b.written; b_errors := b.errors;
-        b_previous := b.previous; b_unverified := b.unverified; b_warned := b.warned;
-        -- Rows changed by the application between our read and our write: examine again.
-        pending := b.missed_ids;
-        round := 0;
-        WHILE pending IS NOT NULL AND round < 3 LOOP
-            round := round + 1;
-            n_concurrent := n_concurrent + pg_catalog.cardinality(pending);
-            again := @extschema@._pke_batch(mode, table_name, todo, NULL, pending, batch_size,
-                                            dry_run, notices, may_commit, warn_limit - n_warned - b_warned);
-            b_examined := b_examined + again.examined;
-            b_written := b_written + again.written;
-            b_previous := b_previous + again.previous;
-            b_unverified := b_unverified + again.unverified;
-            b_errors := b_errors + again.errors;
-            b_warned := b_warned + again.warned;
-            pending := again.missed_ids;
-        END LOOP;
-        IF pending IS NOT NULL THEN
-            FOR i IN 1 .. pg_catalog.cardinality(pending) LOOP
-                RAISE WARNING 'Provider key % kept changing while this run tried to write it; left as the application wrote it',
-                    pending[i];
-            END LOOP;
-            b_errors := b_errors + pg_catalog.cardinality(pending);
-            b_examined := b_examined + pg_catalog.cardinality(pending);
-        END IF;
-
-        n_total := n_total + b_examined;
-        n_written := n_written + b_written;
-        n_errors := n_errors + b_errors;
-        n_previous := n_previous + b_previous;
-        n_unverified := n_unverified + b_unverified;
-        n_warned := n_warned + b_warned;
+        n_total := n_total + b.examined;
+        n_written := n_written + b.written;
+        n_errors := n_errors + b.errors;
+        n_previous := n_previous + b.previous;
+        n_unverified := n_unverified + b.unverified;
+        n_warned := n_warned + b.warned;
+        n_concurrent := n_concurrent + b.changed;
 
         IF may_commit AND NOT dry_run THEN
             -- A crash can only lose batches a re-run redoes; the final commit is synchronous
