@@ -34,7 +34,9 @@ fuzz_target!(|data: &[u8]| {
         let state = ring.classify(s);
         match ring.decrypt(s) {
             Ok(_) => assert!(matches!(state, TokenState::Current | TokenState::Previous)),
-            Err(token::TokenError::NotText) => assert!(matches!(state, TokenState::Current | TokenState::Previous)),
+            Err(token::TokenError::NotText) => {
+                assert!(matches!(state, TokenState::Current | TokenState::Previous))
+            }
             Err(token::TokenError::Unauthenticated) => assert_eq!(state, TokenState::Unverified),
             Err(token::TokenError::NotBase64 | token::TokenError::TooShort) => {
                 assert!(!shaped);
@@ -51,6 +53,10 @@ fuzz_target!(|data: &[u8]| {
     if data.len() >= token::HEADER_LEN {
         use base64::Engine;
         let as_token = base64::engine::general_purpose::STANDARD.encode(data);
-        assert_eq!(ring.classify(&as_token), TokenState::Unverified, "forged token authenticated");
+        assert_eq!(
+            ring.classify(&as_token),
+            TokenState::Unverified,
+            "forged token authenticated"
+        );
     }
 });
