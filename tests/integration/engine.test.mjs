@@ -74,12 +74,17 @@ test("no lost update: rows the application changes mid-run end as the applicatio
   assert.equal(db.psql("SELECT count(*) FROM lu WHERE status IS DISTINCT FROM 'deleted' AND NOT is_encrypted_token(token)"), "0");
 });
 
-test("a cancelled run keeps its committed batches; a re-run finishes the job", async () => {
-  makeTable("cx", 3000);
-  db.psql(`CREATE FUNCTION cx_slow() RETURNS trigger LANGUAGE plpgsql AS $$
+// A run slowed to about 1 ms per row (so it can be interrupted mid-way), in the background.
+function startSlowRun(name, appName) {
+  makeTable(name, 3000);
+  db.psql(`CREATE FUNCTION ${name}_slow() RETURNS trigger LANGUAGE plpgsql AS $$
            BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END $$;
-           CREATE TRIGGER slow BEFORE UPDATE ON cx FOR EACH ROW EXECUTE FUNCTION cx_slow();`);
-  const run = db.background("CALL encrypt_provider_keys('cx', batch_size => 100, verbose => false)", { appName: "pke_cancel" });
+           CREATE TRIGGER slow BEFORE UPDATE ON ${name} FOR EACH ROW EXECUTE FUNCTION ${name}_slow();`);
+  return db.background(`CALL encrypt_provider_keys('${name}', batch_size => 100, verbose => false)`, { appName });
+}
+
+test("a cancelled run keeps its committed batches; a re-run finishes the job", async () => {
+  const run = startSlowRun("cx", "pke_cancel");
   await sleep(1500);
   // meanwhile another session already sees committed progress
   const seen = Number(db.psql("SELECT count(*) FROM cx WHERE is_encrypted_token(token)"));
@@ -97,11 +102,7 @@ test("a cancelled run keeps its committed batches; a re-run finishes the job", a
 });
 
 test("kill -9 of the backend mid-run: after crash recovery nothing is lost, a re-run finishes", async () => {
-  makeTable("kx", 3000);
-  db.psql(`CREATE FUNCTION kx_slow() RETURNS trigger LANGUAGE plpgsql AS $$
-           BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END $$;
-           CREATE TRIGGER slow BEFORE UPDATE ON kx FOR EACH ROW EXECUTE FUNCTION kx_slow();`);
-  const run = db.background("CALL encrypt_provider_keys('kx', batch_size => 100, verbose => false)", { appName: "pke_kill" });
+  const run = startSlowRun("kx", "pke_kill");
   await sleep(1500);
   const pid = Number(db.psql("SELECT pid FROM pg_stat_activity WHERE application_name = 'pke_kill'"));
   assert.ok(pid > 0);
