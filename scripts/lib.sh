@@ -57,8 +57,9 @@ ensure_wrappers() {
   rm -f "$WRAP/initdb" "$WRAP/pg_ctl" "$WRAP/pg_config"
   cat >"$WRAP/initdb" <<WRAPPER
 #!/bin/sh
-if [ "\$(id -u)" = 0 ]; then exec runuser -u postgres -- $PG_BIN/initdb -U root "\$@"; fi
-exec $PG_BIN/initdb "\$@"
+# -E UTF8: the extension requires a UTF8 database (pgrx falls back to --locale=C without C.UTF-8)
+if [ "\$(id -u)" = 0 ]; then exec runuser -u postgres -- $PG_BIN/initdb -U root -E UTF8 "\$@"; fi
+exec $PG_BIN/initdb -E UTF8 "\$@"
 WRAPPER
   cat >"$WRAP/pg_ctl" <<WRAPPER
 #!/bin/sh

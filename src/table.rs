@@ -5,8 +5,8 @@
 //! PL/pgSQL can COMMIT between batches with PostgreSQL's own, well-trodden machinery; the
 //! per-row work (classifying and sealing tokens) is the Rust in `functions.rs`, called from
 //! one set-based statement per batch. Read `table.sql` from the top: it explains the batch,
-//! the compare-and-set write, the savepoint strategy and why it never makes more than a
-//! couple of written subtransactions per transaction.
+//! why no update is lost, the savepoint strategy and why a run never keeps more than one
+//! written subtransaction per transaction.
 
 use pgrx::prelude::*;
 
@@ -63,3 +63,21 @@ pgrx::extension_sql_file!(
 );
 
 pgrx::extension_sql_file!("privileges.sql", name = "privileges", finalize);
+
+// Tokens carry UTF-8 text, exactly as the gateway's Node code writes it: refuse to install into
+// a database whose encoding would turn plaintexts into something else.
+pgrx::extension_sql!(
+    r#"
+DO $$
+BEGIN
+    IF pg_catalog.getdatabaseencoding() <> 'UTF8' THEN
+        RAISE EXCEPTION 'provider_keys_encrypt requires a UTF8 database, not %', pg_catalog.getdatabaseencoding()
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Tokens hold UTF-8 text, as the gateway writes them. Create the database with ENCODING ''UTF8''.';
+    END IF;
+END
+$$;
+"#,
+    name = "require_utf8",
+    bootstrap
+);
