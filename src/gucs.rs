@@ -128,16 +128,10 @@ unsafe extern "C-unwind" fn check_encryption_key(
     source: pg_sys::GucSource::Type,
 ) -> bool {
     // SAFETY: guc.c passes a valid pointer to a (possibly NULL) C string.
-    let value = unsafe { cstr_arg(newval) };
-    let Some(value) = value.filter(|v| !v.trim_ascii().is_empty()) else {
-        return true; // blank = "use ENCRYPTION_KEY"
-    };
-    if let Err(e) = check_source(source) {
-        return e;
-    }
-    match keys::parse_key(value, KeySource::Setting) {
-        Ok(_) => true,
-        Err(e) => reject_value(&e),
+    unsafe {
+        check_setting(newval, source, KeySource::Setting, |v| {
+            keys::parse_key(v, KeySource::Setting).map(drop)
+        })
     }
 }
 
@@ -148,19 +142,49 @@ unsafe extern "C-unwind" fn check_previous_keys(
     source: pg_sys::GucSource::Type,
 ) -> bool {
     // SAFETY: as above.
-    let value = unsafe { cstr_arg(newval) };
-    let Some(value) = value.filter(|v| keys::split_previous(v).next().is_some()) else {
-        return true;
+    unsafe {
+        check_setting(newval, source, KeySource::Previous(1), |v| {
+            keys::split_previous(v)
+                .enumerate()
+                .try_for_each(|(i, entry)| {
+                    keys::parse_key(entry, KeySource::Previous(i + 1)).map(drop)
+                })
+        })
+    }
+}
+
+/// The check both settings share: a blank value (no key) is always accepted; anything else
+/// must come from a place that keeps it secret, be UTF-8, and pass `validate`.
+///
+/// # Safety
+/// `newval` must be a valid pointer to a NUL-terminated string or to NULL.
+unsafe fn check_setting(
+    newval: *mut *mut c_char,
+    source: pg_sys::GucSource::Type,
+    what: KeySource,
+    validate: impl Fn(&str) -> Result<(), KeyError>,
+) -> bool {
+    // SAFETY: guaranteed by the caller.
+    let bytes = unsafe {
+        if newval.is_null() || (*newval).is_null() {
+            return true;
+        }
+        CStr::from_ptr(*newval).to_bytes()
     };
+    if bytes.trim_ascii().is_empty() {
+        return true; // blank: no key (for encryption_key: use ENCRYPTION_KEY)
+    }
     if let Err(e) = check_source(source) {
         return e;
     }
-    for (i, entry) in keys::split_previous(value).enumerate() {
-        if let Err(e) = keys::parse_key(entry, KeySource::Previous(i + 1)) {
-            return reject_value(&e);
-        }
+    match std::str::from_utf8(bytes) {
+        // not UTF-8 is not base64 either; without this check it would pass as "blank"
+        Err(_) => reject_value(&KeyError::Invalid(what)),
+        Ok(v) => match validate(v) {
+            Ok(()) => true,
+            Err(e) => reject_value(&e),
+        },
     }
-    true
 }
 
 /// Refuse the places where a stored key would be readable by roles that are not superusers.
@@ -205,19 +229,6 @@ fn reject(code: PgSqlErrorCode, msg: &CStr, hint: Option<&CStr>) -> bool {
         }
     }
     false
-}
-
-/// # Safety
-/// `newval` must be a valid pointer to a NUL-terminated string or to NULL.
-unsafe fn cstr_arg<'a>(newval: *mut *mut c_char) -> Option<&'a str> {
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        if newval.is_null() || (*newval).is_null() {
-            None
-        } else {
-            CStr::from_ptr(*newval).to_str().ok()
-        }
-    }
 }
 
 /// What `SHOW provider_keys_encrypt.encryption_key` prints: never the key.

@@ -160,10 +160,11 @@ fn missing_key_is_55000_with_hint() {
         crate::keys::KeyRing::from_config(None, None, None).err(),
         Some(crate::keys::KeyError::Missing)
     );
-    assert_eq!(
-        crate::errors::Error::from(crate::keys::KeyError::Missing).sqlstate(),
-        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
-    );
+    let e = crate::errors::Error::from(crate::keys::KeyError::Missing);
+    assert_eq!(e.sqlstate(), PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE);
+    let msg = e.to_string();
+    assert!(msg.contains("provider_keys_encrypt.encryption_key") && msg.contains("ENCRYPTION_KEY"));
+    assert!(e.hint().unwrap().contains("openssl rand -base64 32"));
 }
 
 #[pg_test]
