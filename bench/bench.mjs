@@ -1,5 +1,5 @@
 // Benchmark: see bench/run. Everything is measured in this one run on the same data.
-import { execFileSync, spawnSync } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { readFileSync, writeFileSync, existsSync } from "node:fs";
 import os from "node:os";
 import { Cluster, TEST_KEY } from "../tests/integration/cluster.mjs";

@@ -4,7 +4,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { Cluster, TEST_KEY, sleep } from "./cluster.mjs";
-import { decrypt, encrypt } from "../interop/gateway.mjs";
+import { decrypt } from "../interop/gateway.mjs";
 
 const LONG = process.env.PKE_PROFILE === "long";
 const FUZZ_N = LONG ? 1_000_000 : 60_000;   // malformed inputs per function
@@ -29,6 +29,7 @@ test(`SQL fuzzing: ${FUZZ_N.toLocaleString("en")} malformed inputs each to decry
   // changes, single-bit flips, invalid and non-canonical base64, whitespace, random bytes as
   // text, random base64, and 1 MB values.
   db.script(`
+    CREATE EXTENSION IF NOT EXISTS pgcrypto;
     CREATE UNLOGGED TABLE fuzz_src AS SELECT i, encrypt_token(repeat(chr(65 + i % 26), i % 97)) AS tok FROM generate_series(1, 2000) i;
     CREATE UNLOGGED TABLE fuzz AS
     SELECT n, CASE n % 12
@@ -46,8 +47,7 @@ test(`SQL fuzzing: ${FUZZ_N.toLocaleString("en")} malformed inputs each to decry
       ELSE tok || tok
     END AS v
     FROM (SELECT n, tok, (random() * 100)::int AS b FROM generate_series(1, ${FUZZ_N}) n
-          JOIN fuzz_src ON fuzz_src.i = 1 + n % 2000) s;
-    CREATE EXTENSION IF NOT EXISTS pgcrypto;`.replace("CREATE UNLOGGED TABLE fuzz_src", "CREATE EXTENSION IF NOT EXISTS pgcrypto; CREATE UNLOGGED TABLE fuzz_src"));
+          JOIN fuzz_src ON fuzz_src.i = 1 + n % 2000) s;`);
   db.script(`CREATE FUNCTION fuzz_run() RETURNS TABLE (fn text, sqlstate text, n bigint) LANGUAGE plpgsql AS $$
     DECLARE r record; st text; b boolean; counts jsonb := '{}';
     BEGIN

@@ -3,7 +3,7 @@
 // directory's parent, the extension (installed by `cargo pgrx test/regress`) created in
 // database `postgres`. Only loopback/Unix sockets: listen_addresses is empty.
 import { execFileSync, spawn, spawnSync } from "node:child_process";
-import { mkdirSync, rmSync, chownSync, writeFileSync, appendFileSync, readFileSync, existsSync } from "node:fs";
+import { mkdirSync, rmSync, chownSync, appendFileSync, readFileSync, existsSync } from "node:fs";
 import { join } from "node:path";
 
 const PG_BIN = "/usr/lib/postgresql/15/bin";
@@ -40,11 +40,6 @@ export class Cluster {
     this.pgctl(["-l", join(this.dir, "server.log"), "-w", "start"]);
     this.psql("CREATE EXTENSION provider_keys_encrypt");
     return this;
-  }
-
-  restart() {
-    this.pgctl(["-m", "fast", "-w", "stop"]);
-    this.pgctl(["-l", join(this.dir, "server.log"), "-w", "start"]);
   }
 
   pgctl(args) {
