@@ -2,8 +2,8 @@
 //! in the gateway's own token format.
 //!
 //! Where things are:
-//! * `token.rs`     — the token format (pure Rust, no pgrx)
-//! * `keys.rs`      — keys, the key ring, fingerprints (pure Rust, no pgrx)
+//! * `core/` (crate `provider_keys_encrypt_core`, pure Rust, no pgrx): the token formats and
+//!   the keys, tested with plain `cargo test -p provider_keys_encrypt_core` and fuzzed
 //! * `gucs.rs`      — the settings and the cached key ring
 //! * `errors.rs`    — one error type, one SQLSTATE per cause
 //! * `functions.rs` — the SQL functions
@@ -15,9 +15,9 @@ use pgrx::prelude::*;
 pub mod errors;
 pub mod functions;
 pub mod gucs;
-pub mod keys;
 pub mod table;
-pub mod token;
+
+pub use provider_keys_encrypt_core::{format_base64 as token, keys};
 
 ::pgrx::pg_module_magic!(name, version);
 

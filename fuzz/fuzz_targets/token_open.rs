@@ -2,13 +2,7 @@
 //! only what a configured key sealed authenticates, and every sealed value opens to itself.
 #![no_main]
 
-#[allow(dead_code)]
-#[path = "../../src/token.rs"]
-mod token;
-
-#[allow(dead_code)]
-#[path = "../../src/keys.rs"]
-mod keys;
+use provider_keys_encrypt_core::{format_base64 as token, keys};
 
 use keys::{KeyRing, TokenState};
 use libfuzzer_sys::fuzz_target;

@@ -11,7 +11,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use crate::token::{self, TokenError};
+use crate::format_base64::{self as token, TokenError};
 
 /// Name of the environment variable the gateway (and, by default, this extension) reads.
 pub const ENV_VAR: &str = "ENCRYPTION_KEY";
@@ -276,7 +276,7 @@ mod tests {
         let raw = parse_key(K1, KeySource::Setting).unwrap();
         assert_eq!(
             fingerprint(&raw),
-            include_str!("../tests/interop/k1_fingerprint.txt").trim()
+            include_str!("../../tests/interop/k1_fingerprint.txt").trim()
         );
         assert_ne!(
             fingerprint(&raw),
