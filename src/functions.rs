@@ -82,37 +82,6 @@ pub fn provider_keys_encrypt_keys(
     TableIterator::new(rows)
 }
 
-/// Engine helper: 0 plaintext, 1 current key, 2 previous key, 3 token-shaped but
-/// authenticates under no configured key. Never raises on odd input.
-#[pg_extern(stable, strict, parallel_safe)]
-pub fn _pke_token_state(token: &str) -> i16 {
-    with_keyring(|ring| match ring.classify(token) {
-        TokenState::Plaintext => 0,
-        TokenState::Current => 1,
-        TokenState::Previous => 2,
-        TokenState::Unverified => 3,
-    })
-    .or_raise()
-}
-
-/// Engine helper: re-encrypt a token under the current key (rotation). Reveals no plaintext.
-#[pg_extern(volatile, strict, parallel_safe)]
-pub fn _pke_reencrypt(token: &str) -> String {
-    with_keyring(|ring| ring.reencrypt(token))
-        .or_raise()
-        .or_raise()
-}
-
-/// Engine helper: may the calling procedure COMMIT? True only when the PL/pgSQL procedure
-/// that calls this was itself CALLed in a non-atomic context (top level, outside a
-/// transaction block). Reads the caller's SPI connection, so it is VOLATILE and
-/// PARALLEL UNSAFE.
-#[pg_extern(volatile, parallel_unsafe)]
-pub fn _pke_may_commit() -> bool {
-    // SAFETY: reads the current SPI stack entry; no SPI connection of our own is open.
-    unsafe { pg_sys::SPI_inside_nonatomic_context() }
-}
-
 /// Decrypted text handed to PostgreSQL as a `text` datum. PostgreSQL gets its own copy; the
 /// Rust buffer is wiped when this is dropped.
 pub struct SecretText(Zeroizing<String>);

@@ -7,7 +7,7 @@
 //! * `gucs.rs`      — the settings and the cached key ring
 //! * `errors.rs`    — one error type, one SQLSTATE per cause
 //! * `functions.rs` — the SQL functions
-//! * `table.rs` + `table.sql` — the table engine: CALL encrypt_provider_keys() and siblings
+//! * `engine.rs` + `engine/*.sql` — the table engine: CALL encrypt_provider_keys() and siblings
 //! * `privileges.sql` — GRANT/REVOKE, each with its reason
 
 use pgrx::prelude::*;
@@ -15,7 +15,7 @@ use pgrx::prelude::*;
 pub mod errors;
 pub mod functions;
 pub mod gucs;
-pub mod table;
+pub mod engine;
 
 pub use provider_keys_encrypt_core::{format_base64 as token, keys};
 
@@ -26,12 +26,10 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
 }
 
+/// The `#[pg_test]`s: what needs Rust internals inside a real PostgreSQL. SQL-visible
+/// behaviour is specified by the golden psql sessions in tests/pg_regress.
 #[cfg(any(test, feature = "pg_test"))]
-#[pg_schema]
-mod tests {
-    // The #[pg_test]s live in their own file; a file module can't pass through #[pg_schema].
-    include!("pg_tests.rs");
-}
+mod pg_tests;
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]

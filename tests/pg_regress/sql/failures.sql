@@ -29,7 +29,7 @@ UPDATE pk_fail SET token = decrypt_token(token);
 CREATE TRIGGER refuse BEFORE UPDATE ON pk_fail FOR EACH ROW EXECUTE FUNCTION refuse_id013();
 BEGIN;
 CALL encrypt_provider_keys('pk_fail', batch_size => 5, verbose => false);
-SELECT * FROM _pke_subxact_status();
+SELECT * FROM pke_internal.subxact_status();
 SELECT count(*) FILTER (WHERE is_encrypted_token(token)) AS encrypted FROM pk_fail;
 ROLLBACK;
 SELECT count(*) FILTER (WHERE is_encrypted_token(token)) AS encrypted_after_rollback FROM pk_fail;

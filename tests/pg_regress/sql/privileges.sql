@@ -62,12 +62,17 @@ CALL decrypt_provider_keys('pk_owned');
 SELECT decrypt_token(token) FROM pk_owned;
 RESET ROLE;
 
--- what PUBLIC may execute
-SELECT p.proname, has_function_privilege('public', p.oid, 'EXECUTE') AS public_can_execute
+-- what PUBLIC may execute: the public surface (internals live in pke_internal)
+SELECT p.pronamespace::regnamespace AS schema, p.proname, has_function_privilege('public', p.oid, 'EXECUTE') AS public_can_execute
 FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e'
 JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'provider_keys_encrypt'
-WHERE p.proname NOT LIKE '\_pke\_%'
-ORDER BY 1;
+WHERE p.pronamespace <> 'pke_internal'::regnamespace
+ORDER BY 1, 2;
+
+-- nobody but the extension's owner may create objects where the engine looks
+SELECT has_schema_privilege('public', 'pke_internal', 'CREATE') AS public_can_create,
+       has_schema_privilege('app_rw', 'pke_internal', 'CREATE') AS app_rw_can_create,
+       has_schema_privilege('app_rw', 'pke_internal', 'USAGE') AS app_rw_can_use;
 
 DROP TABLE pk_priv;
 DROP TABLE pk_owned;

@@ -9,7 +9,7 @@ INSERT INTO pk_tx SELECT 'k' || lpad(i::text, 5, '0'), 'sk-' || md5(i::text), 'p
 
 BEGIN;
 CALL encrypt_provider_keys('pk_tx', batch_size => 10, verbose => false);
-SELECT * FROM _pke_subxact_status();
+SELECT * FROM pke_internal.subxact_status();
 ROLLBACK;
 SELECT count(*) AS still_plaintext FROM pk_tx WHERE NOT is_encrypted_token(token);
 
@@ -30,5 +30,5 @@ BEGIN
         END;
     END LOOP;
 END $$;
-SELECT * FROM _pke_subxact_status();
+SELECT * FROM pke_internal.subxact_status();
 ROLLBACK;

@@ -1,0 +1,293 @@
+-- One batch. A run walks the table in id order, batch_size rows at a time (keyset pagination
+-- on the unique index on id: memory stays flat, each batch is an index range scan), and each
+-- batch is ONE statement (batch_sql):
+--
+--   c : the batch's rows (after the previous batch's last id, in id order, LIMIT batch_size;
+--       soft-deleted rows included, so the position always advances), each classified ONCE
+--       (pke_internal.token_state, in Rust);
+--   w : the UPDATE of the rows of c whose state the mode writes, found by their ids;
+--   and the counts over c and w, in the statement's one snapshot.
+--
+-- No lost update: if the application changes a row after the statement's snapshot, the UPDATE
+-- waits for it and re-checks its conditions on the new version (EvalPlanQual): the row is
+-- written only if its new version is still in a state the mode writes, and the new token is
+-- computed from that version. A new plaintext is encrypted as the application wrote it; a
+-- token or a soft delete is left alone and counted as changed_concurrently. Rows that were
+-- not to be written in the snapshot are not touched (a concurrent plaintext write there is
+-- the guard's job, or the next run's).
+--
+-- Failures and subtransactions. A row whose write raises (a trigger, a constraint) must be
+-- rolled back alone. Catching an error needs a subtransaction, and more than 64 committed
+-- subtransactions with an XID in one open transaction overflow this backend's cache, which
+-- makes every snapshot on the server "suboverflowed" (slow). Aborted subtransactions leave
+-- the cache, so the engine only ever keeps committed ones it can count (batch_apply):
+--   may commit (outside a transaction block) or dry run: the statement runs in one
+--       savepoint, then the procedure COMMITs: at most one written subtransaction per
+--       transaction;
+--   inside a transaction block: the statement is first tried in a savepoint that is always
+--       rolled back, then run for real at the caller's level: no written subtransaction, at
+--       twice the work per row;
+--   a batch that fails: every row it would write is probed in its own savepoint that is
+--       always rolled back (batch_isolate); failing rows get a WARNING and count as errors;
+--       the statement runs again on exactly the rows that passed.
+
+-- The batch statement for a mode, a table and a range. Parameters: $1 after_id text,
+-- $2 batch_size integer, $3 ids text[], $4 todo token_state[], $5 list the written rows,
+-- $6 list the unverified rows.
+CREATE FUNCTION pke_internal.batch_sql(m pke_internal.mode, tbl regclass, range_sql text, dry_run boolean)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN format($q$
+    WITH c AS MATERIALIZED (
+        SELECT t.id, t.id::text AS key, t.provider::text AS provider,
+               CASE WHEN %3$s THEN NULL ELSE %4$s END AS s
+          FROM %1$s t
+         WHERE %2$s
+         ORDER BY t.id
+         LIMIT $2),
+    w AS (%5$s)
+    SELECT a.examined, a.todo, a.previous, a.unverified, a.unverified_ids, a.unverified_providers, a.last_id,
+           w.written, w.written_ids, w.written_providers
+      FROM (SELECT count(c.s) AS examined,
+                   count(*) FILTER (WHERE c.s = ANY ($4)) AS todo,
+                   count(*) FILTER (WHERE c.s = 'previous_key') AS previous,
+                   count(*) FILTER (WHERE c.s = 'unverified') AS unverified,
+                   array_agg(c.key ORDER BY c.id) FILTER (WHERE c.s = 'unverified' AND $6) AS unverified_ids,
+                   array_agg(c.provider ORDER BY c.id) FILTER (WHERE c.s = 'unverified' AND $6) AS unverified_providers,
+                   max(c.key) AS last_id
+              FROM c) a,
+           (SELECT count(*) AS written,
+                   array_agg(w.key ORDER BY w.key) FILTER (WHERE $5) AS written_ids,
+                   array_agg(w.provider ORDER BY w.key) FILTER (WHERE $5) AS written_providers
+              FROM w) w $q$,
+    tbl, range_sql, m.deleted_sql, m.state_sql,
+    CASE WHEN dry_run
+         -- a dry run reports what the UPDATE would write, and writes nothing
+         THEN 'SELECT c.key, c.provider FROM c WHERE c.s = ANY ($4)'
+         ELSE format($w$
+            UPDATE %1$s t SET %2$s
+             WHERE t.id = ANY (ARRAY(SELECT c.id FROM c WHERE c.s = ANY ($4)))
+               AND NOT (%3$s) AND %4$s = ANY ($4)
+            RETURNING t.id::text AS key, t.provider::text AS provider $w$,
+            tbl, m.set_sql, m.deleted_sql, m.state_sql) END);
+
+-- The rows of a batch: after after_id (NULL: from the start), or exactly the ids given.
+CREATE FUNCTION pke_internal.batch_range(after_id text, ids text[])
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN CASE WHEN ids IS NOT NULL THEN 't.id::text = ANY ($3)'
+            WHEN after_id IS NULL THEN 'true'
+            ELSE 't.id > $1' END;
+
+-- Run the batch statement with the savepoint strategy described at the top. NULL: it raised,
+-- and nothing of it is left.
+CREATE FUNCTION pke_internal.batch_apply(
+    mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
+    after_id text, ids text[], batch_size integer, todo pke_internal.token_state[],
+    dry_run boolean, may_commit boolean, list_written boolean, list_unverified boolean)
+RETURNS pke_internal.batch_rows
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    stmt text := pke_internal.batch_sql(pke_internal.mode(mode_name, format_name, encrypt_unverified),
+                                        tbl, pke_internal.batch_range(after_id, ids), dry_run);
+    r pke_internal.batch_rows;
+    ok boolean;
+BEGIN
+    IF may_commit OR dry_run THEN
+        -- one savepoint around the whole batch; the caller commits
+        BEGIN
+            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified;
+            ok := true;
+        EXCEPTION WHEN OTHERS THEN
+            ok := false;
+        END;
+    ELSE
+        -- inside the caller's transaction: try in a savepoint that is always rolled back,
+        -- then write for real at the caller's level (no written subtransaction is kept)
+        BEGIN
+            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified;
+            RAISE SQLSTATE 'PK000';
+        EXCEPTION
+            WHEN SQLSTATE 'PK000' THEN ok := true;
+            WHEN OTHERS THEN ok := false;
+        END;
+        IF ok THEN
+            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified;
+        END IF;
+    END IF;
+    RETURN CASE WHEN ok THEN r END;
+END
+$fn$;
+
+-- Remove a row's secrets from an error message before it is shown: the stored value (in
+-- encrypt mode, the plaintext itself) and, in a mode that reveals plaintext, the decrypted
+-- value (the caller may run decrypt_token: checked before the run started).
+CREATE FUNCTION pke_internal.scrub(message text, stored text, reveals_plaintext boolean)
+RETURNS text
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    plain text;
+BEGIN
+    IF stored IS NOT NULL AND stored <> '' THEN
+        message := replace(message, stored, '[redacted]');
+    END IF;
+    IF reveals_plaintext AND stored IS NOT NULL THEN
+        BEGIN
+            plain := @extschema@.decrypt_token(stored);
+        EXCEPTION WHEN OTHERS THEN
+            plain := NULL;
+        END;
+        IF plain IS NOT NULL AND plain <> '' THEN
+            message := replace(message, plain, '[redacted]');
+        END IF;
+    END IF;
+    RETURN message;
+END
+$fn$;
+
+-- A batch that failed: probe every row it would write in a savepoint that is always rolled
+-- back; WARN about each failing row (its secrets scrubbed) and return the others. give_up:
+-- rows that pass alone keep failing together (a statement-level trigger, a constraint between
+-- rows): report every row to write as failing, write none.
+CREATE FUNCTION pke_internal.batch_isolate(
+    mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
+    after_id text, ids text[], batch_size integer, give_up boolean,
+    OUT good text[], OUT errors bigint, OUT range_end text)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified);
+    one_sql text := format('UPDATE %s t SET %s WHERE t.id::text = $1 AND NOT (%s) AND %s = ANY ($2)',
+                           tbl, m.set_sql, m.deleted_sql, m.state_sql);
+    x record;
+    e_state text;
+    e_msg text;
+BEGIN
+    good := '{}';
+    errors := 0;
+    FOR x IN EXECUTE format(
+        'SELECT t.id::text AS key, t.token::text AS stored, t.provider::text AS prov,
+                CASE WHEN %s THEN NULL ELSE %s END AS st
+           FROM %s t WHERE %s ORDER BY t.id LIMIT $2',
+        m.deleted_sql, m.state_sql, tbl, pke_internal.batch_range(after_id, ids))
+        USING after_id, batch_size, ids
+    LOOP
+        range_end := x.key;
+        IF x.st IS NULL OR NOT x.st = ANY (m.todo) THEN
+            good := good || x.key;  -- nothing to write: counted when the batch runs again
+        ELSIF give_up THEN
+            errors := errors + 1;
+            RAISE WARNING 'Failed to % provider key % for provider %: its write fails only together with other rows; left unchanged',
+                m.verb, x.key, x.prov;
+        ELSE
+            BEGIN
+                EXECUTE one_sql USING x.key, m.todo;
+                RAISE SQLSTATE 'PK000';
+            EXCEPTION
+                WHEN SQLSTATE 'PK000' THEN
+                    good := good || x.key;
+                WHEN OTHERS THEN
+                    GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_msg = MESSAGE_TEXT;
+                    errors := errors + 1;
+                    RAISE WARNING 'Failed to % provider key % for provider % (SQLSTATE %): %',
+                        m.verb, x.key, x.prov, e_state, pke_internal.scrub(e_msg, x.stored, m.needs_decrypt);
+            END;
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+-- The batch's messages: a WARNING per unverified row while the run may still print them, and
+-- a NOTICE per written row when verbose. Returns how many warnings it printed.
+CREATE FUNCTION pke_internal.batch_messages(m pke_internal.mode, r pke_internal.batch_rows, dry_run boolean, warn_left bigint)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    x record;
+    warned bigint := 0;
+BEGIN
+    IF r.unverified > 0 AND warn_left > 0 THEN
+        FOR x IN SELECT * FROM unnest(r.unverified_ids, r.unverified_providers) AS u(key, prov) LIMIT warn_left LOOP
+            warned := warned + 1;
+            IF 'unverified' = ANY (m.todo) THEN
+                RAISE WARNING 'Provider key % for provider % looks like a token but authenticates under no configured key: % it as plaintext',
+                    x.key, x.prov, CASE WHEN dry_run THEN 'would encrypt' ELSE 'encrypted' END
+                    USING HINT = 'If it is a token written under another key, check ENCRYPTION_KEY and the previous keys; decrypt_provider_keys() gives the stored value back unchanged.';
+            ELSE
+                RAISE WARNING 'Provider key % for provider % looks like a token but authenticates under no configured key: left unchanged',
+                    x.key, x.prov;
+            END IF;
+        END LOOP;
+    END IF;
+    IF r.written_ids IS NOT NULL THEN
+        FOR x IN SELECT * FROM unnest(r.written_ids, r.written_providers) AS u(key, prov) LOOP
+            RAISE NOTICE '% provider key % for provider %',
+                CASE WHEN dry_run THEN 'Would ' || m.verb ELSE m.past END, x.key, x.prov;
+        END LOOP;
+    END IF;
+    RETURN warned;
+END
+$fn$;
+
+-- One batch, start to end: apply; if it fails, isolate the failing rows and apply again on
+-- the others (at most three attempts); then the messages.
+CREATE FUNCTION pke_internal.batch(
+    mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
+    after_id text, batch_size integer, dry_run boolean, verbose boolean, may_commit boolean,
+    warn_left bigint)
+RETURNS pke_internal.batch_result
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified);
+    todo pke_internal.token_state[] := m.todo;
+    r pke_internal.batch_rows;
+    iso record;
+    ids text[];
+    range_end text;
+    failed bigint := 0;
+    res pke_internal.batch_result;
+BEGIN
+    FOR attempt IN 1..3 LOOP
+        r := pke_internal.batch_apply(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
+                                      batch_size, todo, dry_run, may_commit, verbose, warn_left > 0);
+        EXIT WHEN r.examined IS NOT NULL;  -- it ran
+        iso := pke_internal.batch_isolate(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
+                                          batch_size, attempt = 3);
+        failed := failed + iso.errors;
+        range_end := COALESCE(range_end, iso.range_end);
+        ids := iso.good;
+        IF attempt = 3 THEN
+            -- count the rows that are left as they are, and write none of them
+            todo := '{}';
+            r := pke_internal.batch_apply(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
+                                          batch_size, todo, true, may_commit, false, false);
+            IF r.examined IS NULL THEN
+                RAISE EXCEPTION 'the provider keys after id % could not be read', after_id
+                    USING ERRCODE = 'object_not_in_prerequisite_state';
+            END IF;
+        END IF;
+    END LOOP;
+
+    res.examined := r.examined + failed;
+    res.written := r.written;  -- in a dry run: what it would write
+    res.previous := r.previous;
+    res.unverified := r.unverified;
+    res.errors := failed;
+    -- rows this batch meant to write that someone else changed or deleted first
+    res.changed := CASE WHEN dry_run THEN 0 ELSE r.todo - r.written END;
+    res.last_id := COALESCE(range_end, r.last_id);
+    res.warned := pke_internal.batch_messages(m, r, dry_run, warn_left);
+    RETURN res;
+END
+$fn$;

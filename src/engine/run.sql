@@ -1,0 +1,186 @@
+-- A run: start (every global check, the banner), steps (one batch each, the progress line),
+-- a durable finish, the summary. The procedure that COMMITs between steps (pke_internal.run)
+-- cannot carry a SET search_path clause, so it does nothing but call these functions, which
+-- do.
+
+-- Everything global is checked here, before any row is read or written: the arguments, the
+-- mode, the table, the privileges, the key. Then the banner and the number of rows to check.
+CREATE FUNCTION pke_internal.run_start(
+    mode_name text, format_name text, tbl regclass, batch_size integer, dry_run boolean,
+    verbose boolean, encrypt_unverified boolean, may_commit boolean)
+RETURNS pke_internal.run
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode;
+    r pke_internal.run;
+    fp text;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 OR batch_size > 100000 THEN
+        RAISE EXCEPTION 'batch_size must be between 1 and 100000'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF dry_run IS NULL OR verbose IS NULL OR encrypt_unverified IS NULL THEN
+        RAISE EXCEPTION 'dry_run, verbose and encrypt_unverified must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    m := pke_internal.mode(mode_name, format_name, encrypt_unverified);
+    PERFORM pke_internal.check_table(tbl, NOT dry_run);
+    fp := @extschema@.provider_keys_encrypt_fingerprint();  -- raises when there is no usable key
+
+    r.mode := mode_name;
+    r.format := format_name;
+    r.tbl := tbl;
+    r.batch_size := batch_size;
+    r.dry_run := dry_run;
+    r.verbose := verbose;
+    r.encrypt_unverified := encrypt_unverified;
+    r.may_commit := may_commit;
+    r.do_commit := may_commit AND NOT dry_run;
+    r.done := false;
+    r.examined := 0; r.written := 0; r.errors := 0; r.previous := 0;
+    r.unverified := 0; r.warned := 0; r.changed := 0;
+    r.started := clock_timestamp();
+    r.last_progress := r.started;
+
+    RAISE NOTICE '%', format('Starting provider key %s on %s (key fingerprint %s, batch size %s%s)',
+        m.job, tbl, fp, batch_size,
+        CASE WHEN dry_run THEN ', dry run: nothing will be written'
+             WHEN NOT may_commit THEN ', inside the caller''s transaction'
+             ELSE '' END);
+    EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s)', tbl, m.deleted_sql) INTO r.found;
+    RAISE NOTICE 'Found % provider keys to check', r.found;
+    RETURN r;
+END
+$fn$;
+
+-- One step: the next batch, its counts added to the run, a progress line every 5 seconds.
+-- When the caller will COMMIT after it, that commit needs no WAL flush (synchronous_commit
+-- off): a crash can only lose batches a re-run redoes, and run_finish_durably flushes them
+-- all before the run says "completed".
+CREATE FUNCTION pke_internal.run_step(r pke_internal.run)
+RETURNS pke_internal.run
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    b pke_internal.batch_result;
+    warn_limit constant bigint := 100;
+    elapsed double precision;
+    rate double precision;
+BEGIN
+    b := pke_internal.batch(r.mode, r.format, r.encrypt_unverified, r.tbl, r.after_id, r.batch_size,
+                            r.dry_run, r.verbose, r.may_commit, warn_limit - r.warned);
+    IF b.last_id IS NULL THEN
+        r.done := true;
+        RETURN r;
+    END IF;
+    r.after_id := b.last_id;
+    r.examined := r.examined + b.examined;
+    r.written := r.written + b.written;
+    r.errors := r.errors + b.errors;
+    r.previous := r.previous + b.previous;
+    r.unverified := r.unverified + b.unverified;
+    r.warned := r.warned + b.warned;
+    r.changed := r.changed + b.changed;
+    IF r.do_commit THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    IF clock_timestamp() - r.last_progress >= interval '5 seconds' THEN
+        r.last_progress := clock_timestamp();
+        elapsed := greatest(extract(epoch FROM r.last_progress - r.started), 0.001);
+        rate := r.examined / elapsed;
+        RAISE NOTICE '%', format('Progress: %s/%s provider keys checked (%s%%), %s rows/s, ETA %s s',
+            r.examined, r.found,
+            CASE WHEN r.found > 0 THEN round(100.0 * r.examined / r.found, 1) ELSE 100 END,
+            round(rate::numeric),
+            CASE WHEN rate > 0 THEN round((greatest(r.found - r.examined, 0) / rate)::numeric) END);
+    END IF;
+    RETURN r;
+END
+$fn$;
+
+-- Before the last COMMIT of a run that committed as it went: make that commit synchronous and
+-- give its transaction an XID, so that it writes a commit record and waits for the WAL flush.
+-- Flushing it flushes every earlier batch's commit too: when the run then says "completed",
+-- everything it counts survives a crash.
+CREATE FUNCTION pke_internal.run_finish_durably(r pke_internal.run)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF r.do_commit AND (r.written > 0 OR r.errors > 0) THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+        PERFORM pg_current_xact_id();
+    END IF;
+END
+$fn$;
+
+-- The summary: total = done + skipped + errors, and what else the operator must know.
+CREATE FUNCTION pke_internal.run_summary(r pke_internal.run)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified);
+    summary text;
+BEGIN
+    IF r.unverified > r.warned THEN
+        RAISE WARNING '% more provider keys look like tokens but authenticate under no configured key (warnings stopped after %)',
+            r.unverified - r.warned, r.warned;
+    END IF;
+    summary := format('total=%s, %s=%s, skipped=%s, errors=%s',
+        r.examined, m.done_word, r.written, r.examined - r.written - r.errors, r.errors);
+    IF r.unverified > 0 THEN
+        summary := summary || ', unverified=' || r.unverified;
+    END IF;
+    IF r.previous > 0 AND r.mode <> 'reencrypt' THEN
+        summary := summary || ', previous_key=' || r.previous;
+    END IF;
+    IF r.changed > 0 THEN
+        summary := summary || ', changed_concurrently=' || r.changed;
+    END IF;
+    summary := format('Provider key %s %s: %s', m.job,
+        CASE WHEN r.dry_run THEN 'dry run completed (nothing was written)' ELSE 'completed' END, summary);
+    IF r.errors > 0 THEN
+        RAISE WARNING '%', summary
+            USING HINT = 'The rows named above were left unchanged; fix them and run the procedure again (it skips what is done).';
+    ELSE
+        RAISE NOTICE '%', summary;
+    END IF;
+END
+$fn$;
+
+-- The run. It COMMITs after every batch when it may (CALLed outside a transaction block), so
+-- it cannot carry a SET search_path clause: it contains no operator and no unqualified name,
+-- and only passes the run's state between the functions above, which pin search_path.
+-- (table_name NULL: provider_key, found through the caller's search_path, on purpose.)
+CREATE PROCEDURE pke_internal.run(
+    mode_name text, format_name text, table_name regclass, batch_size integer, dry_run boolean,
+    verbose boolean, encrypt_unverified boolean)
+LANGUAGE plpgsql
+AS $proc$
+DECLARE
+    r pke_internal.run;
+BEGIN
+    r := pke_internal.run_start(mode_name, format_name,
+                                COALESCE(table_name, pg_catalog.to_regclass('provider_key')),
+                                batch_size, dry_run, verbose, encrypt_unverified,
+                                pke_internal.may_commit());
+    LOOP
+        r := pke_internal.run_step(r);
+        EXIT WHEN r.done;
+        IF r.do_commit THEN
+            COMMIT;
+        END IF;
+    END LOOP;
+    IF r.do_commit THEN
+        PERFORM pke_internal.run_finish_durably(r);
+        COMMIT;
+    END IF;
+    PERFORM pke_internal.run_summary(r);
+END
+$proc$;

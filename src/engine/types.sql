@@ -1,0 +1,100 @@
+-- Runs first (bootstrap). The extension's private schema and the types the engine shares.
+
+-- Tokens carry UTF-8 text, exactly as the gateway's Node code writes it: refuse to install into
+-- a database whose encoding would turn plaintexts into something else.
+DO $$
+BEGIN
+    IF pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.<>) 'UTF8' THEN
+        RAISE EXCEPTION 'provider_keys_encrypt requires a UTF8 database, not %', pg_catalog.getdatabaseencoding()
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Tokens hold UTF-8 text, as the gateway writes them. Create the database with ENCODING ''UTF8''.';
+    END IF;
+END
+$$;
+
+-- The internals live here, out of the user's schemas. Only the extension's owner (a
+-- superuser: the extension is not trusted) can create objects in it, so no role can plant an
+-- overload or an operator where the engine looks. Privileges: see privileges.sql.
+CREATE SCHEMA pke_internal;
+COMMENT ON SCHEMA pke_internal IS
+'provider_keys_encrypt internals: not an API, may change in any release.';
+
+-- The one vocabulary for a stored value's state, shared by the Rust code (engine.rs,
+-- TOKEN_STATE_LABELS), the engine, the report and the messages.
+CREATE TYPE pke_internal.token_state AS ENUM (
+    'plaintext',     -- not a token: to be encrypted
+    'current_key',   -- a token that authenticates under the current key
+    'previous_key',  -- a token that authenticates under a previous key: to be rotated
+    'unverified'     -- shaped like a token, but authenticates under no configured key
+);
+
+-- One engine mode (encrypt, decrypt, re-encrypt) for one token format: everything the engine
+-- needs to know about it, built in one place (modes.sql).
+CREATE TYPE pke_internal.mode AS (
+    name text,                         -- encrypt | decrypt | reencrypt
+    format text,                       -- base64 (the seed guide's format)
+    entry_point text,                  -- the public procedure: its EXECUTE privilege is required
+    job text,                          -- 'encryption migration', for the banner and summary
+    done_word text,                    -- 'encrypted', for the summary
+    past text,                         -- 'Encrypted', for a row's NOTICE
+    verb text,                         -- 'encrypt', for a row's WARNING
+    todo pke_internal.token_state[],   -- the states this mode writes
+    state_sql text,                    -- the state of row t (alias t), an SQL expression
+    set_sql text,                      -- the SET list that moves row t
+    deleted_sql text,                  -- true for rows this mode leaves alone (soft-deleted)
+    needs_decrypt boolean              -- the mode reveals plaintext: EXECUTE on decrypt_token
+);
+
+-- A run between batches: what the committing procedure carries from one step to the next.
+-- The procedure only passes it along (no operator, no unqualified name: it cannot carry a
+-- SET search_path clause); every computation on it happens in run.sql's functions.
+CREATE TYPE pke_internal.run AS (
+    mode text,
+    format text,
+    tbl regclass,
+    batch_size integer,
+    dry_run boolean,
+    verbose boolean,
+    encrypt_unverified boolean,
+    may_commit boolean,
+    do_commit boolean,        -- commit after this step (may_commit and not a dry run)
+    done boolean,
+    after_id text,            -- keyset position: the last id of the last batch
+    found bigint,             -- rows to check, counted at the start
+    examined bigint,
+    written bigint,
+    errors bigint,
+    previous bigint,
+    unverified bigint,
+    warned bigint,
+    changed bigint,           -- rows changed or deleted by someone else first
+    started timestamptz,
+    last_progress timestamptz
+);
+
+-- What one batch did.
+CREATE TYPE pke_internal.batch_result AS (
+    examined bigint,
+    written bigint,
+    previous bigint,
+    unverified bigint,
+    errors bigint,
+    warned bigint,
+    changed bigint,
+    last_id text              -- NULL: no rows were left
+);
+
+-- What the batch statement returns: counts over the batch's rows (read in the statement's
+-- snapshot) and over the rows it wrote, with the ids to name in messages when asked for.
+CREATE TYPE pke_internal.batch_rows AS (
+    examined bigint,
+    todo bigint,
+    previous bigint,
+    unverified bigint,
+    unverified_ids text[],
+    unverified_providers text[],
+    last_id text,
+    written bigint,
+    written_ids text[],
+    written_providers text[]
+);

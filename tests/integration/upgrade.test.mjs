@@ -1,0 +1,58 @@
+// Upgrading from 0.1.0 equals a fresh install of 0.2.0 (every member object: signature,
+// labels, language, body, ACL, comment), and an upgraded database keeps working on the data
+// 0.1.0 wrote.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { Cluster, TEST_KEY } from "./cluster.mjs";
+
+const db = new Cluster("upgrade", { port: 54419, env: { ENCRYPTION_KEY: TEST_KEY } });
+before(() => db.start());
+after(() => db.stop());
+
+const inDb = (name, sql) => db.script(`\\c ${name}\n${sql}`);
+
+// One line per member object of the extension, with everything that must be equal.
+const DESCRIBE = `
+SELECT pg_describe_object(d.classid, d.objid, 0) || ' | ' ||
+       COALESCE(CASE d.classid
+         WHEN 'pg_proc'::regclass THEN (
+           SELECT concat_ws(' | ', p.prokind, pg_get_function_arguments(p.oid), pg_get_function_result(p.oid),
+                            p.provolatile, p.proisstrict, p.proparallel, p.prosecdef, p.procost, p.proconfig::text,
+                            l.lanname, md5(p.prosrc), p.probin, p.proacl::text)
+             FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang WHERE p.oid = d.objid)
+         WHEN 'pg_type'::regclass THEN (
+           SELECT concat_ws(' | ', t.typtype, t.typacl::text,
+                            (SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', ' ORDER BY a.attnum)
+                               FROM pg_attribute a WHERE a.attrelid = t.typrelid AND a.attnum > 0),
+                            (SELECT string_agg(e.enumlabel, ', ' ORDER BY e.enumsortorder) FROM pg_enum e WHERE e.enumtypid = t.oid))
+             FROM pg_type t WHERE t.oid = d.objid)
+         WHEN 'pg_namespace'::regclass THEN (SELECT n.nspacl::text FROM pg_namespace n WHERE n.oid = d.objid)
+       END, '') || ' | ' || COALESCE(obj_description(d.objid, d.classid::regclass::name), '')
+  FROM pg_depend d
+ WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'
+   AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'provider_keys_encrypt')
+ ORDER BY 1;`;
+
+test("ALTER EXTENSION UPDATE from 0.1.0 gives exactly a fresh 0.2.0 install", () => {
+  db.psql("DROP EXTENSION provider_keys_encrypt");
+  db.psql("CREATE DATABASE fresh");
+  db.psql("CREATE DATABASE upgraded");
+  inDb("fresh", "CREATE EXTENSION provider_keys_encrypt;");
+  inDb("upgraded", "CREATE EXTENSION provider_keys_encrypt VERSION '0.1.0';");
+  assert.equal(inDb("upgraded", "SELECT extversion FROM pg_extension WHERE extname = 'provider_keys_encrypt';"), "0.1.0");
+  // data written by 0.1.0's engine
+  inDb("upgraded", `
+    CREATE TABLE provider_key (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
+    INSERT INTO provider_key SELECT 'u' || g, 'sk-upgrade-' || g, 'openai', CASE WHEN g % 5 = 0 THEN 'deleted' END FROM generate_series(1, 50) g;
+    CALL encrypt_provider_keys(verbose => false);`);
+  inDb("upgraded", "ALTER EXTENSION provider_keys_encrypt UPDATE;");
+  const fresh = inDb("fresh", DESCRIBE).split("\n");
+  const upgraded = inDb("upgraded", DESCRIBE).split("\n");
+  assert.ok(fresh.length > 30, `a fresh install has its objects (${fresh.length})`);
+  assert.deepEqual(upgraded, fresh);
+  assert.equal(inDb("upgraded", "SELECT extversion FROM pg_extension WHERE extname = 'provider_keys_encrypt';"), "0.2.0");
+  // 0.2.0 reads and rolls back what 0.1.0 wrote
+  assert.equal(inDb("upgraded", "SELECT keys FROM provider_keys_encryption_report() WHERE state = 'current_key';"), "40");
+  inDb("upgraded", "CALL decrypt_provider_keys(verbose => false);");
+  assert.equal(inDb("upgraded", "SELECT count(*) FROM provider_key WHERE token = 'sk-upgrade-' || substr(id, 2);"), "50");
+});

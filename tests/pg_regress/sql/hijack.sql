@@ -1,0 +1,142 @@
+-- An attacker with CREATE on public plants operators and function overloads for every
+-- operator and argument type the engine uses, then a superuser runs every procedure with
+-- public FIRST on its search_path (the worst case), on text and varchar tables, outside and
+-- inside a transaction block. Whatever is planted must never run: it would run as the
+-- superuser, who can read the key.
+\set VERBOSITY terse
+\set SHOW_CONTEXT never
+SET client_min_messages = warning;
+DROP ROLE IF EXISTS mallory;
+CREATE ROLE mallory LOGIN;
+GRANT CREATE ON SCHEMA public TO mallory;
+
+-- The superuser's tables: text and varchar columns.
+CREATE TABLE hk_text (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
+CREATE TABLE hk_varchar (id varchar(64) PRIMARY KEY, token varchar NOT NULL, provider varchar NOT NULL, status varchar DEFAULT 'active');
+INSERT INTO hk_text SELECT 'k' || g, 'sk-hijack-' || g, 'openai', CASE WHEN g % 7 = 0 THEN 'deleted' ELSE 'active' END
+  FROM generate_series(1, 30) g;
+INSERT INTO hk_varchar SELECT * FROM hk_text;
+CREATE TABLE hk_originals AS SELECT id, token FROM hk_text;
+-- the failing-row path: a trigger (the superuser's own) that refuses one row
+CREATE FUNCTION hk_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.id = 'k3' THEN RAISE EXCEPTION 'row k3 refused'; END IF;
+    RETURN NEW;
+END $$;
+
+-- From here on, every comparison the test itself makes names pg_catalog's operator: the
+-- planted ones would win over a built-in that needs a cast, in the test's own queries too.
+SET ROLE mallory;
+CREATE TABLE public.hijacked (what text, by_role text);
+GRANT INSERT ON public.hijacked TO PUBLIC;
+CREATE FUNCTION public.hijack_note(what text) RETURNS void LANGUAGE sql
+AS $$ INSERT INTO public.hijacked VALUES (what, current_user) $$;
+-- Operators: every pair of these types, for every operator below.
+DO $plant$
+DECLARE
+    types text[] := ARRAY['text', 'varchar', 'name', 'oid', 'regclass', 'regtype', 'regnamespace',
+                          'regrole', 'integer', 'bigint', 'numeric', 'double precision', 'boolean',
+                          'timestamptz', 'interval', 'pke_internal.token_state', 'text[]',
+                          'pke_internal.token_state[]', '"char"', 'smallint'];
+    ops text[] := ARRAY['=', '<>', '<', '>', '<=', '>=', '||', '+', '-', '*', '/'];
+    l text; r text; op text; n integer := 0;
+BEGIN
+    FOREACH l IN ARRAY types LOOP
+        FOREACH r IN ARRAY types LOOP
+            n := n + 1;
+            EXECUTE format('CREATE FUNCTION public.hj_op_%s(a %s, b %s) RETURNS boolean LANGUAGE plpgsql
+                            AS $f$ BEGIN PERFORM public.hijack_note(%L); RETURN NULL; END $f$',
+                           n, l, r, format('operator(%s, %s)', l, r));
+            FOREACH op IN ARRAY ops LOOP
+                EXECUTE format('CREATE OPERATOR public.%s (LEFTARG = %s, RIGHTARG = %s, FUNCTION = public.hj_op_%s)',
+                               op, l, r, n);
+            END LOOP;
+        END LOOP;
+    END LOOP;
+END
+$plant$;
+-- Functions the engine calls, overloaded for varchar and text in public.
+DO $plant$
+DECLARE
+    fns text[] := ARRAY['encrypt_token', 'decrypt_token', 'is_encrypted_token', 'token_state', 'reencrypt',
+                        'to_regclass', 'format', 'replace', 'set_config', 'round', 'has_column_privilege',
+                        'has_function_privilege', 'pg_has_role', 'array_to_string', 'provider_keys_encrypt_fingerprint',
+                        'may_commit', 'pg_current_xact_id', 'clock_timestamp', 'getdatabaseencoding', 'unnest',
+                        'enum_range', 'date_part', 'greatest', 'max', 'count'];
+    f text; t text;
+BEGIN
+    FOREACH f IN ARRAY fns LOOP
+        FOREACH t IN ARRAY ARRAY['varchar', 'text', 'unknown'] LOOP
+            BEGIN
+                EXECUTE format('CREATE FUNCTION public.%I(a %s) RETURNS text LANGUAGE plpgsql
+                                AS $f$ BEGIN PERFORM public.hijack_note(%L); RETURN NULL; END $f$',
+                               f, t, format('%s(%s)', f, t));
+            EXCEPTION WHEN others THEN NULL;  -- exists already (ours, in public): can't be planted
+            END;
+        END LOOP;
+    END LOOP;
+END
+$plant$;
+RESET ROLE;
+SELECT count(*) OPERATOR(pg_catalog.>) 4000 AS planted_operators FROM pg_operator WHERE oprnamespace = 'public'::regnamespace;
+
+
+SET search_path = public, pg_catalog;
+SET client_min_messages = warning;
+-- outside a transaction block (the procedures COMMIT between batches)
+CALL encrypt_provider_keys('hk_text', batch_size => 7, dry_run => true);
+CALL encrypt_provider_keys('hk_text', batch_size => 7);
+CALL encrypt_provider_keys('hk_varchar', batch_size => 7);
+CALL encrypt_provider_keys(batch_size => 7);  -- no provider_key table: the error, not a hijack
+SELECT * FROM provider_keys_encryption_report('hk_varchar');
+CALL reencrypt_provider_keys('hk_varchar', batch_size => 7);
+CALL decrypt_provider_keys('hk_varchar', batch_size => 7);
+-- inside a transaction block
+BEGIN;
+CALL encrypt_provider_keys('hk_varchar', batch_size => 7);
+CALL decrypt_provider_keys('hk_text', batch_size => 7);
+COMMIT;
+CREATE TRIGGER hk_refuse BEFORE UPDATE ON hk_text FOR EACH ROW EXECUTE FUNCTION hk_refuse();
+CALL encrypt_provider_keys('hk_text', batch_size => 7);
+BEGIN;
+CALL decrypt_provider_keys('hk_text', batch_size => 7);
+ROLLBACK;
+RESET search_path;
+RESET client_min_messages;
+
+-- nothing planted ran
+SELECT count(*) AS hijacked_calls FROM public.hijacked;
+-- and the data is right: text table encrypted except k3 (refused) and deleted rows; varchar
+-- table back to plaintext (encrypted, then decrypted)
+SELECT count(*) FILTER (WHERE is_encrypted_token(t.token)) AS text_encrypted,
+       count(*) FILTER (WHERE NOT is_encrypted_token(t.token) AND t.token OPERATOR(pg_catalog.=) o.token) AS text_plain,
+       count(*) FILTER (WHERE is_encrypted_token(t.token) AND decrypt_token(t.token) OPERATOR(pg_catalog.=) o.token) AS text_round_trip
+  FROM hk_text t JOIN hk_originals o ON t.id OPERATOR(pg_catalog.=) o.id;
+SELECT count(*) AS varchar_restored
+  FROM hk_varchar v JOIN hk_originals o ON v.id::text OPERATOR(pg_catalog.=) o.id
+ WHERE v.token::text OPERATOR(pg_catalog.=) o.token;
+
+-- A table owned by the attacker, with a trigger: a superuser's run refuses to execute the
+-- attacker's code with superuser rights; the owner itself may run it.
+SET ROLE mallory;
+CREATE TABLE public.provider_key (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
+INSERT INTO public.provider_key VALUES ('m1', 'sk-mallory', 'openai');
+CREATE FUNCTION public.steal() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.hijack_note('trigger as ' || current_user); RETURN NEW; END $$;
+CREATE TRIGGER steal BEFORE UPDATE ON public.provider_key FOR EACH ROW EXECUTE FUNCTION public.steal();
+RESET ROLE;
+\set VERBOSITY default
+CALL encrypt_provider_keys();
+\set VERBOSITY terse
+SELECT count(*) AS hijacked_calls FROM public.hijacked;
+SET ROLE mallory;
+CALL encrypt_provider_keys(verbose => false);
+RESET ROLE;
+SELECT what, by_role FROM public.hijacked;
+
+-- clean up
+DROP TABLE public.provider_key, hk_text, hk_varchar, hk_originals, public.hijacked CASCADE;
+DROP FUNCTION hk_refuse();
+DROP OWNED BY mallory CASCADE;
+DROP ROLE mallory;
+SELECT count(*) AS operators_left FROM pg_operator WHERE oprnamespace = 'public'::regnamespace;
