@@ -4,8 +4,21 @@
 //!
 //! * `format_base64` — the seed guide's format: base64(nonce ‖ tag ‖ ciphertext) in `token`
 //! * `keys`          — `ENCRYPTION_KEY` parsing, the key ring, fingerprints
+//! * `format_llmgw`  — the gateway's current format: `llmgw:v2:<kid>:<iv>:<ct>:<tag>` (and v1),
+//!   keyed by `GATEWAY_API_KEY_HASH_SECRET`, bound to its row; `token_hash`, `token_masked`
 //!
 //! Nothing here ever formats a key or a plaintext into a message.
 
 pub mod format_base64;
+pub mod format_llmgw;
 pub mod keys;
+
+/// The row a token belongs to. `format_llmgw` binds its tokens to it (associated data);
+/// `format_base64` has no binding and ignores it. Neither field is secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowContext<'a> {
+    /// The row's `id`.
+    pub id: &'a str,
+    /// The row's `organization_id`; `None` for NULL (a platform-managed key).
+    pub organization_id: Option<&'a str>,
+}
