@@ -133,7 +133,7 @@ pub fn pke_may_commit() -> bool {
 /// "suboverflowed". The tests use it to show that a run stays far below the limit.
 #[pg_extern(
     sql = "
-CREATE FUNCTION pke_internal.subxact_status(OUT cached integer, OUT overflowed boolean)
+CREATE FUNCTION pke_internal.subxact_status() RETURNS TABLE (cached integer, overflowed boolean)
     LANGUAGE c VOLATILE PARALLEL UNSAFE
     AS 'MODULE_PATHNAME', 'pke_subxact_status_wrapper';
 ",
@@ -200,8 +200,8 @@ pgrx::extension_sql_file!(
     name = "engine_modes",
     requires = [
         "engine_types",
-        crate::functions::encrypt_token,
-        crate::functions::decrypt_token,
+        functions::encrypt_token,
+        functions::decrypt_token,
         pke_reencrypt,
         pke_token_state
     ]
@@ -222,7 +222,7 @@ pgrx::extension_sql_file!(
     requires = [
         "engine_batch",
         pke_may_commit,
-        crate::functions::provider_keys_encrypt_fingerprint
+        functions::provider_keys_encrypt_fingerprint
     ]
 );
 pgrx::extension_sql_file!(

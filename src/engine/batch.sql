@@ -242,7 +242,7 @@ $fn$;
 -- the others (at most three attempts); then the messages.
 CREATE FUNCTION pke_internal.batch(
     mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
-    after_id text, batch_size integer, dry_run boolean, verbose boolean, may_commit boolean,
+    after_id text, batch_size integer, dry_run boolean, notices boolean, may_commit boolean,
     warn_left bigint)
 RETURNS pke_internal.batch_result
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -260,7 +260,7 @@ DECLARE
 BEGIN
     FOR attempt IN 1..3 LOOP
         r := pke_internal.batch_apply(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
-                                      batch_size, todo, dry_run, may_commit, verbose, warn_left > 0);
+                                      batch_size, todo, dry_run, may_commit, notices, warn_left > 0);
         EXIT WHEN r.examined IS NOT NULL;  -- it ran
         iso := pke_internal.batch_isolate(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
                                           batch_size, attempt = 3);

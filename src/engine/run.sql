@@ -7,7 +7,7 @@
 -- mode, the table, the privileges, the key. Then the banner and the number of rows to check.
 CREATE FUNCTION pke_internal.run_start(
     mode_name text, format_name text, tbl regclass, batch_size integer, dry_run boolean,
-    verbose boolean, encrypt_unverified boolean, may_commit boolean)
+    notices boolean, encrypt_unverified boolean, may_commit boolean)
 RETURNS pke_internal.run
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -21,7 +21,7 @@ BEGIN
         RAISE EXCEPTION 'batch_size must be between 1 and 100000'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF dry_run IS NULL OR verbose IS NULL OR encrypt_unverified IS NULL THEN
+    IF dry_run IS NULL OR notices IS NULL OR encrypt_unverified IS NULL THEN
         RAISE EXCEPTION 'dry_run, verbose and encrypt_unverified must not be NULL'
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
@@ -34,7 +34,7 @@ BEGIN
     r.tbl := tbl;
     r.batch_size := batch_size;
     r.dry_run := dry_run;
-    r.verbose := verbose;
+    r.row_notices := notices;
     r.encrypt_unverified := encrypt_unverified;
     r.may_commit := may_commit;
     r.do_commit := may_commit AND NOT dry_run;
@@ -71,7 +71,7 @@ DECLARE
     rate double precision;
 BEGIN
     b := pke_internal.batch(r.mode, r.format, r.encrypt_unverified, r.tbl, r.after_id, r.batch_size,
-                            r.dry_run, r.verbose, r.may_commit, warn_limit - r.warned);
+                            r.dry_run, r.row_notices, r.may_commit, warn_limit - r.warned);
     IF b.last_id IS NULL THEN
         r.done := true;
         RETURN r;
@@ -160,7 +160,7 @@ $fn$;
 -- (table_name NULL: provider_key, found through the caller's search_path, on purpose.)
 CREATE PROCEDURE pke_internal.run(
     mode_name text, format_name text, table_name regclass, batch_size integer, dry_run boolean,
-    verbose boolean, encrypt_unverified boolean)
+    notices boolean, encrypt_unverified boolean)
 LANGUAGE plpgsql
 AS $proc$
 DECLARE
@@ -168,7 +168,7 @@ DECLARE
 BEGIN
     r := pke_internal.run_start(mode_name, format_name,
                                 COALESCE(table_name, pg_catalog.to_regclass('provider_key')),
-                                batch_size, dry_run, verbose, encrypt_unverified,
+                                batch_size, dry_run, notices, encrypt_unverified,
                                 pke_internal.may_commit());
     LOOP
         r := pke_internal.run_step(r);

@@ -54,7 +54,7 @@ CREATE TYPE pke_internal.run AS (
     tbl regclass,
     batch_size integer,
     dry_run boolean,
-    verbose boolean,
+    row_notices boolean,      -- verbose: a NOTICE per row written
     encrypt_unverified boolean,
     may_commit boolean,
     do_commit boolean,        -- commit after this step (may_commit and not a dry run)
