@@ -180,8 +180,9 @@ fn decode_key(text: &str) -> Option<RawKey> {
 /// that handled key material just ran (see the module documentation: best effort).
 #[inline(never)]
 fn scrub_stack() {
-    let mut area = [0u8; 16 * 1024];
-    // Volatile writes: not optimised away although `area` is never read.
+    // 16 KiB, written as words: volatile writes, not optimised away although `area` is
+    // never read.
+    let mut area = [0u64; 2048];
     area.zeroize();
     std::hint::black_box(&area);
 }
