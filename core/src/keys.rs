@@ -207,6 +207,29 @@ fn fingerprint_bytes(key: &[u8; KEY_LEN]) -> [u8; 8] {
     head
 }
 
+/// The text Node sees for an environment variable's raw bytes (`var_os(..).into_vec()`):
+/// UTF-8, each invalid sequence replaced by U+FFFD, which the key rule then skips like any
+/// other stray character. The gateway accepts a key with such bytes in it, so this must
+/// too; `std::env::var` would refuse the whole value instead. Takes the bytes and wipes
+/// them; the text is built in one buffer reserved up front (no reallocation).
+pub fn env_text(bytes: Vec<u8>) -> Zeroizing<String> {
+    match String::from_utf8(bytes) {
+        Ok(text) => Zeroizing::new(text),
+        Err(e) => {
+            let bytes = Zeroizing::new(e.into_bytes());
+            // U+FFFD is 3 bytes and replaces at least one: 3 × the input is enough.
+            let mut text = Zeroizing::new(String::with_capacity(bytes.len() * 3));
+            for chunk in bytes.utf8_chunks() {
+                text.push_str(chunk.valid());
+                if !chunk.invalid().is_empty() {
+                    text.push(char::REPLACEMENT_CHARACTER);
+                }
+            }
+            text
+        }
+    }
+}
+
 /// Split a list of keys (the `previous_keys` setting, `ENCRYPTION_KEY_PREVIOUS`) into its
 /// entries: comma-separated, surrounding whitespace trimmed, blank entries ignored.
 pub fn split_previous(csv: &str) -> impl Iterator<Item = &str> {
@@ -531,6 +554,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn environment_bytes_that_are_not_utf8_are_skipped_like_node() {
+        // node: ENCRYPTION_KEY=$'AAECAwQFBgcICQoL\xffDA0ODxAREhMUF\xc3RYXGBkaGxwdHh8='
+        //   → Buffer.from(process.env.ENCRYPTION_KEY, "base64").length === 32
+        let mut raw_env = K1.as_bytes().to_vec();
+        raw_env.insert(16, 0xff);
+        raw_env.insert(30, 0xc3);
+        let text = env_text(raw_env);
+        assert_eq!(text.matches('\u{fffd}').count(), 2);
+        assert_eq!(bytes(&text), bytes(K1));
+        assert_eq!(env_text(K1.as_bytes().to_vec()).as_str(), K1);
+        assert_eq!(bytes(&env_text(vec![0xc3; 10])), None);
     }
 
     #[test]

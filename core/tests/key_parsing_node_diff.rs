@@ -6,6 +6,9 @@
 //! characters, `=` in odd places, a lone extra character, trailing bits, Unicode, very long
 //! strings) and requires, for every one: Node accepts it iff we do, with the same 32 bytes.
 //! Every rejection's message must be the fixed text naming the source, never the input.
+//! One category is bytes that are not UTF-8, as an environment variable can hold: Node
+//! decodes them with U+FFFD replacements (the oracle's `toString("utf8")`, like
+//! `process.env`), and we go through `keys::env_text`.
 //!
 //! Needs `node` (the gateway runs Node 20; set `NODE=/path/to/node` to choose another binary).
 //! Run: `cargo test -p provider_keys_encrypt_core --test key_parsing_node_diff -- --nocapture`
@@ -16,7 +19,7 @@ use std::process::{Command, Stdio};
 
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine;
-use provider_keys_encrypt_core::keys::{parse_key, KeySource, KEY_LEN};
+use provider_keys_encrypt_core::keys::{env_text, parse_key, KeySource, KEY_LEN};
 
 const SEED: u64 = 0x7e57_da7a_2025_0001;
 /// Cases per category (the "long" category has fewer: its strings are thousands of
@@ -339,6 +342,36 @@ fn generate(category: &str, rng: &mut Rng) -> String {
     }
 }
 
+/// The bytes of one case: UTF-8 text, except for "invalid_utf8", a key with bytes inserted
+/// that are not UTF-8 (stray continuation and lead bytes, overlong forms, encoded
+/// surrogates, code points past U+10FFFF).
+fn generate_bytes(category: &str, rng: &mut Rng) -> Vec<u8> {
+    if category != "invalid_utf8" {
+        return generate(category, rng).into_bytes();
+    }
+    const BAD: &[&[u8]] = &[
+        b"\x80",
+        b"\xbf",
+        b"\xc3",
+        b"\xe2\x82",
+        b"\xf0\x9f\x98",
+        b"\xff",
+        b"\xfe",
+        b"\xc0\xaf",
+        b"\xed\xa0\x80",
+        b"\xf4\x90\x80\x80",
+        b"\xc3\x28",
+        b"\xe2\x3d",
+    ];
+    let mut bytes = key(rng).into_bytes();
+    for _ in 0..rng.range(1, 4) {
+        let at = rng.below(bytes.len() + 1);
+        let bad = *rng.pick(BAD);
+        bytes.splice(at..at, bad.iter().copied());
+    }
+    bytes
+}
+
 const CATEGORIES: &[&str] = &[
     "canonical",
     "unpadded",
@@ -356,6 +389,7 @@ const CATEGORIES: &[&str] = &[
     "unicode",
     "random",
     "long",
+    "invalid_utf8",
 ];
 
 fn hex(bytes: &[u8]) -> String {
@@ -376,7 +410,7 @@ struct Counts {
 #[test]
 fn parse_key_accepts_exactly_what_node_accepts() {
     let mut rng = Rng(SEED);
-    let mut cases: Vec<(&str, String)> = Vec::new();
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
     for &category in CATEGORIES {
         let n = if category == "long" {
             LONG_CASES
@@ -384,7 +418,7 @@ fn parse_key_accepts_exactly_what_node_accepts() {
             PER_CATEGORY
         };
         for _ in 0..n {
-            cases.push((category, generate(category, &mut rng)));
+            cases.push((category, generate_bytes(category, &mut rng)));
         }
     }
     assert!(cases.len() >= 100_000, "{} cases", cases.len());
@@ -407,7 +441,7 @@ fn parse_key_accepts_exactly_what_node_accepts() {
         .expect("spawn node");
 
     // Write from another thread while this one reads, so neither pipe can fill up and stall.
-    let lines: Vec<String> = cases.iter().map(|(_, s)| hex(s.as_bytes())).collect();
+    let lines: Vec<String> = cases.iter().map(|(_, b)| hex(b)).collect();
     let stdin = child.stdin.take().unwrap();
     let writer = std::thread::spawn(move || {
         let mut w = BufWriter::new(stdin);
@@ -436,7 +470,12 @@ fn parse_key_accepts_exactly_what_node_accepts() {
         let node_key = answer.strip_prefix("ok ").map(str::to_owned);
         assert!(node_key.is_some() || answer.starts_with("no "), "{answer}");
         let source = sources[i % sources.len()];
-        let ours = match parse_key(input, source) {
+        let parsed = match std::str::from_utf8(input) {
+            Ok(text) => parse_key(text, source),
+            Err(_) => parse_key(&env_text(input.clone()), source),
+        };
+        let input = String::from_utf8_lossy(input);
+        let ours = match parsed {
             Ok(k) => Some(hex(&k[..])),
             Err(e) => {
                 // fixed text naming the source; nothing from the input
@@ -447,7 +486,7 @@ fn parse_key_accepts_exactly_what_node_accepts() {
                 );
                 assert_eq!(format!("{e:?}"), format!("Invalid({source:?})"));
                 if input.len() >= 8 {
-                    assert!(!msg.contains(input.as_str()), "message contains the input");
+                    assert!(!msg.contains(&*input), "message contains the input");
                 }
                 None
             }
@@ -490,7 +529,14 @@ fn parse_key_accepts_exactly_what_node_accepts() {
     assert_eq!(mismatches, 0, "parse_key disagrees with Node (see above)");
     // the generator really exercises both sides of the rule
     assert!(accepted >= 20_000 && total - accepted >= 20_000);
-    for category in ["unicode", "equals_sign", "lone_char", "random", "long"] {
+    for category in [
+        "unicode",
+        "equals_sign",
+        "lone_char",
+        "random",
+        "long",
+        "invalid_utf8",
+    ] {
         let c = &counts[category];
         assert!(
             c.node_accepts > 0 && c.node_accepts < c.cases,
