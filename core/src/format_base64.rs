@@ -7,14 +7,24 @@
 //!
 //! This module is pure Rust (no pgrx) so it is tested with plain `cargo test` and fuzzed
 //! without a database. Nothing here ever formats a key or a plaintext into a message.
+//!
+//! # Bounded inputs
+//!
+//! Provider API keys are well under 1 KB, so sizes are capped far above any real use:
+//! a plaintext is at most [`MAX_PLAINTEXT_LEN`] (64 KiB) bytes ([`TokenError::TooLong`]), a
+//! token at most [`MAX_TOKEN_LEN`] characters ([`TokenError::TokenTooLong`]). Both checks
+//! come before any allocation, and every allocation whose size depends on the input goes
+//! through `try_reserve`: memory exhaustion is [`TokenError::OutOfMemory`], never an abort
+//! of the process (a PostgreSQL backend that aborts takes the whole cluster through crash
+//! recovery).
 
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
+use base64::{decoded_len_estimate, encoded_len, Engine};
 use rand::rngs::OsRng;
 use rand::RngCore;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Length of the GCM nonce (IV) at the start of every token.
 pub const NONCE_LEN: usize = 12;
@@ -22,6 +32,11 @@ pub const NONCE_LEN: usize = 12;
 pub const TAG_LEN: usize = 16;
 /// Nonce and tag: the smallest possible token (an empty plaintext) decodes to this many bytes.
 pub const HEADER_LEN: usize = NONCE_LEN + TAG_LEN;
+/// The largest plaintext [`seal`] accepts, in bytes (64 KiB; provider API keys are < 1 KB).
+pub const MAX_PLAINTEXT_LEN: usize = 64 * 1024;
+/// The longest token [`decode`] accepts, in characters: the padded base64 length of a token
+/// sealing [`MAX_PLAINTEXT_LEN`] bytes (87 420). A longer value is refused before any work.
+pub const MAX_TOKEN_LEN: usize = (HEADER_LEN + MAX_PLAINTEXT_LEN).div_ceil(3) * 4;
 
 /// Why a value could not be opened as a token. The messages are fixed strings: they never
 /// carry the value, the key or a plaintext.
@@ -35,10 +50,33 @@ pub enum TokenError {
     Unauthenticated,
     #[error("decrypted token is not valid UTF-8 text")]
     NotText,
-    #[error("value is too long to encrypt")]
+    /// The plaintext is longer than [`MAX_PLAINTEXT_LEN`].
+    #[error("value is too long to encrypt: the limit is 65536 bytes")]
     TooLong,
     #[error("could not obtain random bytes from the operating system")]
     NoRandomness,
+    /// The value is longer than [`MAX_TOKEN_LEN`] characters, or decodes to a ciphertext
+    /// longer than [`MAX_PLAINTEXT_LEN`]: not a token this extension or the gateway writes
+    /// for an API key.
+    #[error("value is too long to be an encrypted token: the limit is 87420 characters")]
+    TokenTooLong,
+    /// A buffer sized by the input could not be allocated.
+    #[error("out of memory")]
+    OutOfMemory,
+}
+
+/// An empty vector with room for exactly `len` bytes, or [`TokenError::OutOfMemory`].
+fn try_vec(len: usize) -> Result<Vec<u8>, TokenError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| TokenError::OutOfMemory)?;
+    Ok(v)
+}
+
+/// A zeroizing buffer with room for the plaintext of the decoded token `raw` (which
+/// [`decode`] bounded), to pass to [`open_raw`].
+pub fn plaintext_buffer(raw: &[u8]) -> Result<Zeroizing<Vec<u8>>, TokenError> {
+    try_vec(raw.len().saturating_sub(HEADER_LEN)).map(Zeroizing::new)
 }
 
 /// Encrypt `plaintext` under `cipher` with a fresh nonce from the operating system's CSPRNG.
@@ -60,9 +98,13 @@ pub fn seal_with_nonce(
     nonce: &[u8; NONCE_LEN],
     plaintext: &[u8],
 ) -> Result<String, TokenError> {
+    if plaintext.len() > MAX_PLAINTEXT_LEN {
+        return Err(TokenError::TooLong);
+    }
     // One buffer laid out as the token: nonce ‖ tag ‖ text, encrypted in place, so the
-    // plaintext is never copied anywhere else.
-    let mut raw = Vec::with_capacity(HEADER_LEN + plaintext.len());
+    // plaintext is never copied anywhere else (the exact capacity is reserved: no
+    // reallocation leaves a copy behind; the buffer is wiped in case encryption fails).
+    let mut raw = Zeroizing::new(try_vec(HEADER_LEN + plaintext.len())?);
     raw.extend_from_slice(nonce);
     raw.extend_from_slice(&[0u8; TAG_LEN]);
     raw.extend_from_slice(plaintext);
@@ -70,22 +112,40 @@ pub fn seal_with_nonce(
         .encrypt_in_place_detached(Nonce::from_slice(nonce), b"", &mut raw[HEADER_LEN..])
         .map_err(|_| TokenError::TooLong)?;
     raw[NONCE_LEN..HEADER_LEN].copy_from_slice(&tag);
-    Ok(STANDARD.encode(&raw))
+    let len = encoded_len(raw.len(), true).ok_or(TokenError::TooLong)?;
+    let mut token = String::new();
+    token
+        .try_reserve_exact(len)
+        .map_err(|_| TokenError::OutOfMemory)?;
+    STANDARD.encode_string(&*raw, &mut token);
+    Ok(token)
 }
 
 /// Decode a token's base64 without checking its authenticity: canonical, padded standard
-/// base64 of at least [`HEADER_LEN`] bytes.
+/// base64 of at least [`HEADER_LEN`] bytes and at most [`MAX_TOKEN_LEN`] characters, whose
+/// ciphertext is at most [`MAX_PLAINTEXT_LEN`] bytes.
 pub fn decode(token: &str) -> Result<Vec<u8>, TokenError> {
+    // The length is known before anything is read or allocated.
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TokenError::TokenTooLong);
+    }
     // Canonical padded base64 always has a length that is a multiple of four; this rejects
     // most plaintext API keys before any decoding work.
     if token.len() % 4 != 0 {
         return Err(TokenError::NotBase64);
     }
-    let raw = STANDARD
-        .decode(token.as_bytes())
+    let mut raw = try_vec(decoded_len_estimate(token.len()))?;
+    raw.resize(raw.capacity(), 0);
+    let n = STANDARD
+        .decode_slice(token.as_bytes(), &mut raw)
         .map_err(|_| TokenError::NotBase64)?;
+    raw.truncate(n);
     if raw.len() < HEADER_LEN {
         return Err(TokenError::TooShort);
+    }
+    // MAX_TOKEN_LEN rounds up to whole base64 groups: one more byte can fit.
+    if raw.len() - HEADER_LEN > MAX_PLAINTEXT_LEN {
+        return Err(TokenError::TokenTooLong);
     }
     Ok(raw)
 }
@@ -97,26 +157,37 @@ pub fn is_token_shaped(token: &str) -> bool {
     decode(token).is_ok()
 }
 
-/// Try to open decoded token bytes under one key. On success `scratch` holds the plaintext.
+/// Try to open decoded token bytes under one key: `Ok(true)` when they authenticate, and then
+/// `scratch` holds the plaintext.
 ///
 /// `scratch` is reused across keys and rows; the caller wipes it (it may hold plaintext).
-pub fn open_raw(cipher: &Aes256Gcm, raw: &[u8], scratch: &mut Vec<u8>) -> bool {
-    debug_assert!(raw.len() >= HEADER_LEN);
+/// Give it the capacity the ciphertext needs ([`plaintext_buffer`]); if it is too small, its
+/// old contents are wiped before it is replaced (a reallocation would leave them behind), and
+/// the only possible error is [`TokenError::OutOfMemory`]. A token whose tag does not verify
+/// is never decrypted: `scratch` then holds ciphertext.
+pub fn open_raw(cipher: &Aes256Gcm, raw: &[u8], scratch: &mut Vec<u8>) -> Result<bool, TokenError> {
+    if raw.len() < HEADER_LEN {
+        return Ok(false);
+    }
     let (nonce, rest) = raw.split_at(NONCE_LEN);
     let (tag, ciphertext) = rest.split_at(TAG_LEN);
+    if scratch.capacity() < ciphertext.len() {
+        scratch.zeroize();
+        *scratch = try_vec(ciphertext.len())?;
+    }
     scratch.clear();
     scratch.extend_from_slice(ciphertext);
-    cipher
+    Ok(cipher
         .decrypt_in_place_detached(Nonce::from_slice(nonce), b"", scratch, Tag::from_slice(tag))
-        .is_ok()
+        .is_ok())
 }
 
 /// Open a token under one key and return its text (test and tooling helper; the SQL layer
 /// goes through [`crate::keys::KeyRing`], which tries every configured key).
 pub fn open(cipher: &Aes256Gcm, token: &str) -> Result<Zeroizing<String>, TokenError> {
     let raw = decode(token)?;
-    let mut scratch = Zeroizing::new(Vec::new());
-    if !open_raw(cipher, &raw, &mut scratch) {
+    let mut scratch = plaintext_buffer(&raw)?;
+    if !open_raw(cipher, &raw, &mut scratch)? {
         return Err(TokenError::Unauthenticated);
     }
     into_text(std::mem::take(&mut *scratch))
@@ -199,7 +270,7 @@ mod tests {
             assert_eq!(&raw[12..28], &hex(c.tag)[..], "then the tag");
             assert_eq!(&raw[28..], &hex(c.ct)[..], "then the ciphertext");
             let mut scratch = Vec::new();
-            assert!(open_raw(&cipher(&hex(c.key)), &raw, &mut scratch));
+            assert!(open_raw(&cipher(&hex(c.key)), &raw, &mut scratch).unwrap());
             assert_eq!(scratch, hex(c.pt));
         }
     }
@@ -296,10 +367,13 @@ mod tests {
             for bit in 0..8 {
                 let mut bad = raw.clone();
                 bad[byte] ^= 1 << bit;
-                assert!(!open_raw(&c, &bad, &mut scratch), "flip at {byte}.{bit}");
+                assert!(
+                    !open_raw(&c, &bad, &mut scratch).unwrap(),
+                    "flip at {byte}.{bit}"
+                );
             }
         }
-        assert!(open_raw(&c, &raw, &mut scratch));
+        assert!(open_raw(&c, &raw, &mut scratch).unwrap());
     }
 
     #[test]
@@ -332,9 +406,69 @@ mod tests {
             TokenError::NotText,
             TokenError::TooLong,
             TokenError::NoRandomness,
+            TokenError::TokenTooLong,
+            TokenError::OutOfMemory,
         ] {
             let m = e.to_string();
             assert!(!m.contains('{') && !m.contains("sk-"), "{m}");
         }
+        // the limits the messages quote are the real ones
+        assert!(TokenError::TooLong
+            .to_string()
+            .contains(&MAX_PLAINTEXT_LEN.to_string()));
+        assert!(TokenError::TokenTooLong
+            .to_string()
+            .contains(&MAX_TOKEN_LEN.to_string()));
+    }
+
+    #[test]
+    fn plaintext_limit_is_exact_and_checked_first() {
+        assert_eq!(MAX_PLAINTEXT_LEN, 65_536);
+        let c = cipher(&[4u8; 32]);
+        let at_limit = vec![b'k'; MAX_PLAINTEXT_LEN];
+        let token = seal(&c, &at_limit).unwrap();
+        assert_eq!(open(&c, &token).unwrap().len(), MAX_PLAINTEXT_LEN);
+        assert_eq!(
+            seal(&c, &vec![b'k'; MAX_PLAINTEXT_LEN + 1]),
+            Err(TokenError::TooLong)
+        );
+    }
+
+    #[test]
+    fn token_limit_matches_the_largest_sealed_plaintext() {
+        assert_eq!(MAX_TOKEN_LEN, 87_420);
+        let c = cipher(&[5u8; 32]);
+        let token = seal(&c, &vec![b'k'; MAX_PLAINTEXT_LEN]).unwrap();
+        assert_eq!(token.len(), MAX_TOKEN_LEN, "the largest token fits exactly");
+        assert!(decode(&token).is_ok());
+        // one character more: refused on length alone, even though it is not base64
+        let longer = "!".repeat(MAX_TOKEN_LEN + 1);
+        assert_eq!(decode(&longer), Err(TokenError::TokenTooLong));
+        assert_eq!(
+            decode(&"A".repeat(MAX_TOKEN_LEN + 4)),
+            Err(TokenError::TokenTooLong)
+        );
+        assert!(!is_token_shaped(&longer));
+        // within the character limit, but the ciphertext is one byte over (the limit rounds
+        // up to whole base64 groups)
+        let over = STANDARD.encode(vec![1u8; HEADER_LEN + MAX_PLAINTEXT_LEN + 1]);
+        assert_eq!(over.len(), MAX_TOKEN_LEN);
+        assert_eq!(decode(&over), Err(TokenError::TokenTooLong));
+    }
+
+    #[test]
+    fn open_raw_replaces_a_small_scratch_and_refuses_short_input() {
+        let c = cipher(&[6u8; 32]);
+        let raw = STANDARD
+            .decode(seal(&c, b"sk-0123456789").unwrap())
+            .unwrap();
+        let mut scratch = Vec::new();
+        assert!(open_raw(&c, &raw, &mut scratch).unwrap());
+        assert_eq!(scratch, b"sk-0123456789");
+        let mut exact = plaintext_buffer(&raw).unwrap();
+        assert_eq!(exact.capacity(), raw.len() - HEADER_LEN);
+        assert!(open_raw(&c, &raw, &mut exact).unwrap());
+        assert_eq!(exact.capacity(), raw.len() - HEADER_LEN, "no reallocation");
+        assert!(!open_raw(&c, &raw[..HEADER_LEN - 1], &mut scratch).unwrap());
     }
 }

@@ -573,7 +573,7 @@ fn into_text(mut bytes: Zeroizing<Vec<u8>>) -> Result<Zeroizing<String>, LlmgwEr
 /// The gateway's `token_hash`: lowercase hex of HMAC-SHA256 keyed with the secret's UTF-8
 /// bytes (the current secret: see [`Keyring::token_hash`]) over the plaintext's UTF-8 bytes.
 pub fn token_hash(current: &Secret, plaintext: &str) -> String {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&current.hmac_key)
+    let mut mac = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&current.hmac_key)
         .expect("HMAC takes any key length");
     mac.update(plaintext.as_bytes());
     mac.finalize()
