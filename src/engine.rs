@@ -91,7 +91,9 @@ COMMENT ON FUNCTION pke_internal.token_state(text) IS
     requires = ["engine_types"]
 )]
 pub fn pke_token_state(token: &str, fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Oid {
-    let state = with_keyring(|ring| ring.classify(token)).or_raise();
+    let state = with_keyring(|ring| ring.classify(token))
+        .or_raise()
+        .or_raise();
     // SAFETY: pgrx hands us this call's fcinfo.
     unsafe { state_oids(fcinfo)[label_index(state)] }
 }
@@ -125,6 +127,28 @@ CREATE FUNCTION pke_internal.may_commit() RETURNS boolean
 pub fn pke_may_commit() -> bool {
     // SAFETY: reads the current SPI stack entry (the calling procedure's); opens nothing.
     unsafe { pg_sys::SPI_inside_nonatomic_context() }
+}
+
+/// `pke_internal.flush_wal()`: write and flush the WAL up to everything inserted so far. A run
+/// commits its batches with `synchronous_commit = off`; this, before it says "completed",
+/// makes every one of those commits durable (a commit that wrote no WAL of its own would not
+/// wait for the flush, whatever synchronous_commit says).
+#[pg_extern(
+    sql = "
+CREATE FUNCTION pke_internal.flush_wal() RETURNS void
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pke_flush_wal_wrapper';
+",
+    requires = ["engine_types"]
+)]
+pub fn pke_flush_wal() {
+    // SAFETY: plain calls into the WAL machinery, allowed in any backend outside recovery
+    // (the procedures write, so they never run during recovery).
+    unsafe {
+        if !pg_sys::RecoveryInProgress() {
+            pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr());
+        }
+    }
 }
 
 /// `pke_internal.subxact_status()`: this backend's subtransaction-XID cache — how many
@@ -165,7 +189,11 @@ pub mod compat_0_1_0 {
 
     #[pg_extern(sql = false)]
     pub fn _pke_token_state(token: &str) -> i16 {
-        label_index(with_keyring(|ring| ring.classify(token)).or_raise()) as i16
+        label_index(
+            with_keyring(|ring| ring.classify(token))
+                .or_raise()
+                .or_raise(),
+        ) as i16
     }
 
     #[pg_extern(sql = false)]
@@ -222,6 +250,7 @@ pgrx::extension_sql_file!(
     requires = [
         "engine_batch",
         pke_may_commit,
+        pke_flush_wal,
         functions::provider_keys_encrypt_fingerprint
     ]
 );

@@ -7,7 +7,8 @@
 //! | value is not a token (base64 / length)  | 22P02    | invalid_text_representation      |
 //! | token authenticates under no key        | 22000    | data_exception                   |
 //! | decrypted bytes are not UTF-8 text      | 22021    | character_not_in_repertoire      |
-//! | value too long to encrypt               | 54000    | program_limit_exceeded           |
+//! | plaintext or token over the size limit  | 54000    | program_limit_exceeded           |
+//! | a buffer sized by the input can't fit   | 53200    | out_of_memory                    |
 //! | OS random generator failed              | 58000    | system_error                     |
 //!
 //! Messages are fixed strings or name a setting: never a key, a token or a plaintext.
@@ -37,7 +38,10 @@ impl Error {
             }
             Error::Token(TokenError::Unauthenticated) => ERRCODE_DATA_EXCEPTION,
             Error::Token(TokenError::NotText) => ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
-            Error::Token(TokenError::TooLong) => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            Error::Token(TokenError::TooLong | TokenError::TokenTooLong) => {
+                ERRCODE_PROGRAM_LIMIT_EXCEEDED
+            }
+            Error::Token(TokenError::OutOfMemory) => ERRCODE_OUT_OF_MEMORY,
             Error::Token(TokenError::NoRandomness) => ERRCODE_SYSTEM_ERROR,
         }
     }

@@ -2,6 +2,8 @@
 //! `ENCRYPTION_KEY` from its environment (scripts/test sets TEST_KEY below), like production.
 //! Each test runs in a transaction that is rolled back, so `SET` changes stay local to it.
 
+use pgrx::prelude::*;
+
 #[pg_schema]
 mod tests {
     use pgrx::prelude::*;

@@ -3,7 +3,7 @@
 -- table_name NULL means provider_key, found through the caller's search_path at call time (a
 -- regclass default would be resolved once, when the procedure is created).
 
-CREATE PROCEDURE @extschema@.encrypt_provider_keys(
+CREATE OR REPLACE PROCEDURE @extschema@.encrypt_provider_keys(
     table_name regclass DEFAULT NULL,
     batch_size integer DEFAULT 5000,    -- rows per batch (and per transaction outside a block)
     dry_run boolean DEFAULT false,
@@ -21,7 +21,7 @@ $proc$;
 COMMENT ON PROCEDURE @extschema@.encrypt_provider_keys(regclass, integer, boolean, boolean, boolean) IS
 'Encrypt, in place, every plaintext token of a provider_key table whose status is not ''deleted''. Idempotent; commits every batch_size rows when called outside a transaction block.';
 
-CREATE PROCEDURE @extschema@.decrypt_provider_keys(
+CREATE OR REPLACE PROCEDURE @extschema@.decrypt_provider_keys(
     table_name regclass DEFAULT NULL,
     batch_size integer DEFAULT 5000,
     dry_run boolean DEFAULT false,
@@ -38,7 +38,7 @@ $proc$;
 COMMENT ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean) IS
 'Rollback of encrypt_provider_keys: turn every token (under the current or a previous key) back into its plaintext.';
 
-CREATE PROCEDURE @extschema@.reencrypt_provider_keys(
+CREATE OR REPLACE PROCEDURE @extschema@.reencrypt_provider_keys(
     table_name regclass DEFAULT NULL,
     batch_size integer DEFAULT 5000,
     dry_run boolean DEFAULT false,
@@ -87,7 +87,7 @@ BEGIN
 END
 $fn$;
 
-CREATE FUNCTION @extschema@.provider_keys_encryption_report(
+CREATE OR REPLACE FUNCTION @extschema@.provider_keys_encryption_report(
     table_name regclass DEFAULT NULL,
     by_provider boolean DEFAULT false)
 RETURNS TABLE (provider text, state text, keys bigint)

@@ -101,10 +101,9 @@ BEGIN
 END
 $fn$;
 
--- Before the last COMMIT of a run that committed as it went: make that commit synchronous and
--- give its transaction an XID, so that it writes a commit record and waits for the WAL flush.
--- Flushing it flushes every earlier batch's commit too: when the run then says "completed",
--- everything it counts survives a crash.
+-- Before a run that committed as it went says "completed": flush the WAL up to now. Every
+-- batch's commit (made with synchronous_commit off) is then on disk, so everything the
+-- summary counts survives a crash.
 CREATE FUNCTION pke_internal.run_finish_durably(r pke_internal.run)
 RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -112,8 +111,7 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
     IF r.do_commit AND (r.written > 0 OR r.errors > 0) THEN
-        PERFORM set_config('synchronous_commit', 'on', true);
-        PERFORM pg_current_xact_id();
+        PERFORM pke_internal.flush_wal();
     END IF;
 END
 $fn$;
@@ -177,10 +175,7 @@ BEGIN
             COMMIT;
         END IF;
     END LOOP;
-    IF r.do_commit THEN
-        PERFORM pke_internal.run_finish_durably(r);
-        COMMIT;
-    END IF;
+    PERFORM pke_internal.run_finish_durably(r);
     PERFORM pke_internal.run_summary(r);
 END
 $proc$;

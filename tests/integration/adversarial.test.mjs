@@ -66,7 +66,8 @@ test(`SQL fuzzing: ${FUZZ_N.toLocaleString("en")} malformed inputs each to decry
   figures.fuzz = seen;
   for (const [k, n] of Object.entries(seen)) {
     const [fn, st] = k.split(":");
-    if (fn === "decrypt_token") assert.ok(["22P02", "22000", "22021", "ok"].includes(st), `${k} ×${n}`);
+    // 54000: the 1 MB values are over the documented token size limit
+    if (fn === "decrypt_token") assert.ok(["22P02", "22000", "22021", "54000", "ok"].includes(st), `${k} ×${n}`);
     else assert.ok(["true", "false"].includes(st), `is_encrypted_token must never raise: ${k} ×${n}`);
   }
   const total = (fn) => Object.entries(seen).filter(([k]) => k.startsWith(fn + ":")).reduce((a, [, n]) => a + n, 0);

@@ -17,6 +17,10 @@ INSERT INTO hk_text SELECT 'k' || g, 'sk-hijack-' || g, 'openai', CASE WHEN g % 
   FROM generate_series(1, 30) g;
 INSERT INTO hk_varchar SELECT * FROM hk_text;
 CREATE TABLE hk_originals AS SELECT id, token FROM hk_text;
+-- and a provider_key table, found through search_path
+CREATE SCHEMA hk;
+CREATE TABLE hk.provider_key (LIKE hk_text INCLUDING ALL);
+INSERT INTO hk.provider_key SELECT * FROM hk_text;
 -- the failing-row path: a trigger (the superuser's own) that refuses one row
 CREATE FUNCTION hk_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -81,13 +85,13 @@ RESET ROLE;
 SELECT count(*) OPERATOR(pg_catalog.>) 4000 AS planted_operators FROM pg_operator WHERE oprnamespace OPERATOR(pg_catalog.=) 'public'::regnamespace;
 
 
-SET search_path = public, pg_catalog;
+SET search_path = hk, public, pg_catalog;
 SET client_min_messages = warning;
 -- outside a transaction block (the procedures COMMIT between batches)
 CALL encrypt_provider_keys('hk_text', batch_size => 7, dry_run => true);
 CALL encrypt_provider_keys('hk_text', batch_size => 7);
 CALL encrypt_provider_keys('hk_varchar', batch_size => 7);
-CALL encrypt_provider_keys(batch_size => 7);  -- no provider_key table: the error, not a hijack
+CALL encrypt_provider_keys(batch_size => 7);  -- hk.provider_key, through search_path
 SELECT * FROM provider_keys_encryption_report('hk_varchar');
 CALL reencrypt_provider_keys('hk_varchar', batch_size => 7);
 CALL decrypt_provider_keys('hk_varchar', batch_size => 7);
@@ -119,26 +123,29 @@ SELECT count(*) FILTER (WHERE is_encrypted_token(v.token::text, true)
        count(*) FILTER (WHERE v.token::text OPERATOR(pg_catalog.=) o.token) AS varchar_plain
   FROM hk_varchar v JOIN hk_originals o ON v.id::text OPERATOR(pg_catalog.=) o.id;
 
+SELECT count(*) AS hk_provider_key_encrypted FROM hk.provider_key WHERE is_encrypted_token(token::text, true);
+
 -- A table owned by the attacker, with a trigger: a superuser's run refuses to execute the
 -- attacker's code with superuser rights; the owner itself may run it.
 SET ROLE mallory;
-CREATE TABLE public.provider_key (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
-INSERT INTO public.provider_key VALUES ('m1', 'sk-mallory', 'openai');
+CREATE TABLE public.mallory_keys (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
+INSERT INTO public.mallory_keys VALUES ('m1', 'sk-mallory', 'openai');
 CREATE FUNCTION public.steal() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN PERFORM public.hijack_note('trigger as ' || current_user); RETURN NEW; END $$;
-CREATE TRIGGER steal BEFORE UPDATE ON public.provider_key FOR EACH ROW EXECUTE FUNCTION public.steal();
+CREATE TRIGGER steal BEFORE UPDATE ON public.mallory_keys FOR EACH ROW EXECUTE FUNCTION public.steal();
 RESET ROLE;
 \set VERBOSITY default
-CALL encrypt_provider_keys();
+CALL encrypt_provider_keys('mallory_keys');
 \set VERBOSITY terse
 SELECT count(*) AS hijacked_calls FROM public.hijacked;
 SET ROLE mallory;
-CALL encrypt_provider_keys(verbose => false);
+CALL encrypt_provider_keys('mallory_keys', verbose => false);
 RESET ROLE;
 SELECT what, by_role FROM public.hijacked;
 
 -- clean up
-DROP TABLE public.provider_key, hk_text, hk_varchar, hk_originals, public.hijacked CASCADE;
+DROP TABLE public.mallory_keys, hk_text, hk_varchar, hk_originals, public.hijacked CASCADE;
+DROP SCHEMA hk CASCADE;
 DROP FUNCTION hk_refuse();
 DROP OWNED BY mallory CASCADE;
 DROP ROLE mallory;

@@ -1,0 +1,943 @@
+-- provider_keys_encrypt 0.1.0 -> 0.2.0, hand-written. An upgrade must equal a fresh 0.2.0
+-- install (tests/integration/upgrade.test.mjs compares every member object).
+\echo Use "ALTER EXTENSION provider_keys_encrypt UPDATE" to load this file. \quit
+
+-- 0.1.0's engine internals lived in the extension's schema, executable by PUBLIC. They go;
+-- the 0.2.0 engine lives in pke_internal. (The public procedures and the report are replaced
+-- in place below, keeping any privileges an administrator granted on them.)
+DROP PROCEDURE @extschema@._pke_run(text, regclass, integer, boolean, boolean, boolean);
+DROP FUNCTION @extschema@._pke_batch(text, regclass, smallint[], text, text[], integer, boolean, boolean, boolean, bigint);
+DROP FUNCTION @extschema@._pke_check_table(regclass, boolean);
+DROP FUNCTION @extschema@._pke_table(regclass);
+DROP FUNCTION @extschema@._pke_scrub(text, text);
+DROP FUNCTION @extschema@._pke_token_state(text);
+DROP FUNCTION @extschema@._pke_reencrypt(text);
+DROP FUNCTION @extschema@._pke_may_commit();
+DROP FUNCTION @extschema@._pke_subxact_status();
+
+-- encrypt_token, decrypt_token, is_encrypted_token, provider_keys_encrypt_fingerprint and
+-- provider_keys_encrypt_keys are unchanged.
+
+-- Runs first (bootstrap). The extension's private schema and the types the engine shares.
+
+-- Tokens carry UTF-8 text, exactly as the gateway's Node code writes it: refuse to install into
+-- a database whose encoding would turn plaintexts into something else.
+DO $$
+BEGIN
+    IF pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.<>) 'UTF8' THEN
+        RAISE EXCEPTION 'provider_keys_encrypt requires a UTF8 database, not %', pg_catalog.getdatabaseencoding()
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Tokens hold UTF-8 text, as the gateway writes them. Create the database with ENCODING ''UTF8''.';
+    END IF;
+END
+$$;
+
+-- The internals live here, out of the user's schemas. Only the extension's owner (a
+-- superuser: the extension is not trusted) can create objects in it, so no role can plant an
+-- overload or an operator where the engine looks. Privileges: see privileges.sql.
+CREATE SCHEMA pke_internal;
+COMMENT ON SCHEMA pke_internal IS
+'provider_keys_encrypt internals: not an API, may change in any release.';
+
+-- The one vocabulary for a stored value's state, shared by the Rust code (engine.rs,
+-- TOKEN_STATE_LABELS), the engine, the report and the messages.
+CREATE TYPE pke_internal.token_state AS ENUM (
+    'plaintext',     -- not a token: to be encrypted
+    'current_key',   -- a token that authenticates under the current key
+    'previous_key',  -- a token that authenticates under a previous key: to be rotated
+    'unverified'     -- shaped like a token, but authenticates under no configured key
+);
+
+-- One engine mode (encrypt, decrypt, re-encrypt) for one token format: everything the engine
+-- needs to know about it, built in one place (modes.sql).
+CREATE TYPE pke_internal.mode AS (
+    name text,                         -- encrypt | decrypt | reencrypt
+    format text,                       -- base64 (the seed guide's format)
+    entry_point text,                  -- the public procedure: its EXECUTE privilege is required
+    job text,                          -- 'encryption migration', for the banner and summary
+    done_word text,                    -- 'encrypted', for the summary
+    past text,                         -- 'Encrypted', for a row's NOTICE
+    verb text,                         -- 'encrypt', for a row's WARNING
+    todo pke_internal.token_state[],   -- the states this mode writes
+    state_sql text,                    -- the state of row t (alias t), an SQL expression
+    set_sql text,                      -- the SET list that moves row t
+    deleted_sql text,                  -- true for rows this mode leaves alone (soft-deleted)
+    needs_decrypt boolean              -- the mode reveals plaintext: EXECUTE on decrypt_token
+);
+
+-- A run between batches: what the committing procedure carries from one step to the next.
+-- The procedure only passes it along (no operator, no unqualified name: it cannot carry a
+-- SET search_path clause); every computation on it happens in run.sql's functions.
+CREATE TYPE pke_internal.run AS (
+    mode text,
+    format text,
+    tbl regclass,
+    batch_size integer,
+    dry_run boolean,
+    row_notices boolean,      -- verbose: a NOTICE per row written
+    encrypt_unverified boolean,
+    may_commit boolean,
+    do_commit boolean,        -- commit after this step (may_commit and not a dry run)
+    done boolean,
+    after_id text,            -- keyset position: the last id of the last batch
+    found bigint,             -- rows to check, counted at the start
+    examined bigint,
+    written bigint,
+    errors bigint,
+    previous bigint,
+    unverified bigint,
+    warned bigint,
+    changed bigint,           -- rows changed or deleted by someone else first
+    started timestamptz,
+    last_progress timestamptz
+);
+
+-- What one batch did.
+CREATE TYPE pke_internal.batch_result AS (
+    examined bigint,
+    written bigint,
+    previous bigint,
+    unverified bigint,
+    errors bigint,
+    warned bigint,
+    changed bigint,
+    last_id text              -- NULL: no rows were left
+);
+
+-- What the batch statement returns: counts over the batch's rows (read in the statement's
+-- snapshot) and over the rows it wrote, with the ids to name in messages when asked for.
+CREATE TYPE pke_internal.batch_rows AS (
+    examined bigint,
+    todo bigint,
+    previous bigint,
+    unverified bigint,
+    unverified_ids text[],
+    unverified_providers text[],
+    last_id text,
+    written bigint,
+    written_ids text[],
+    written_providers text[]
+);
+
+CREATE FUNCTION pke_internal.flush_wal() RETURNS void
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pke_flush_wal_wrapper';
+
+CREATE FUNCTION pke_internal.may_commit() RETURNS boolean
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pke_may_commit_wrapper';
+
+CREATE FUNCTION pke_internal.reencrypt(token text) RETURNS text
+    LANGUAGE c STRICT VOLATILE PARALLEL SAFE
+    AS 'MODULE_PATHNAME', 'pke_reencrypt_wrapper';
+
+CREATE FUNCTION pke_internal.subxact_status() RETURNS TABLE (cached integer, overflowed boolean)
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pke_subxact_status_wrapper';
+
+CREATE FUNCTION pke_internal.token_state(token text) RETURNS pke_internal.token_state
+    LANGUAGE c STRICT STABLE PARALLEL SAFE COST 10
+    AS 'MODULE_PATHNAME', 'pke_token_state_wrapper';
+COMMENT ON FUNCTION pke_internal.token_state(text) IS
+    'Engine internal: plaintext, current_key, previous_key or unverified.';
+
+-- Each mode, described once. Everything that differs between encrypting, decrypting and
+-- re-encrypting is a column of this one VALUES list; nothing else in the engine branches on a
+-- mode's name. An unknown mode or format is an error, never a default.
+--
+-- Every internal that reads or writes rows gets its mode from here, and here the caller's
+-- right to the mode is checked: EXECUTE on its public procedure and, for a mode that reveals
+-- plaintext, on decrypt_token. So calling an internal directly never gets around a REVOKE.
+-- (check_privileges => false only serves the report, which writes nothing.)
+
+CREATE FUNCTION pke_internal.mode(mode_name text, format_name text, encrypt_unverified boolean,
+                                  check_privileges boolean DEFAULT true)
+RETURNS pke_internal.mode
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode;
+BEGIN
+    IF format_name IS DISTINCT FROM 'base64' THEN
+        RAISE EXCEPTION 'unknown token format "%"', format_name
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The format is ''base64'': base64(nonce || tag || ciphertext) in column token, key ENCRYPTION_KEY.';
+    END IF;
+    SELECT v.* INTO m
+      FROM (VALUES
+        ('encrypt', 'base64', 'encrypt_provider_keys', 'encryption migration', 'encrypted', 'Encrypted', 'encrypt',
+         CASE WHEN encrypt_unverified THEN '{plaintext,unverified}' ELSE '{plaintext}' END::pke_internal.token_state[],
+         'pke_internal.token_state(t.token::text)',
+         'token = @extschema@.encrypt_token(t.token::text)',
+         't.status IS NOT DISTINCT FROM ''deleted''',
+         false),
+        ('decrypt', 'base64', 'decrypt_provider_keys', 'decryption', 'decrypted', 'Decrypted', 'decrypt',
+         '{current_key,previous_key}'::pke_internal.token_state[],
+         'pke_internal.token_state(t.token::text)',
+         'token = @extschema@.decrypt_token(t.token::text)',
+         't.status IS NOT DISTINCT FROM ''deleted''',
+         true),
+        ('reencrypt', 'base64', 'reencrypt_provider_keys', 're-encryption', 'reencrypted', 'Re-encrypted', 're-encrypt',
+         '{previous_key}'::pke_internal.token_state[],
+         'pke_internal.token_state(t.token::text)',
+         'token = pke_internal.reencrypt(t.token::text)',
+         't.status IS NOT DISTINCT FROM ''deleted''',
+         false)
+      ) AS v(name, format, entry_point, job, done_word, past, verb, todo, state_sql, set_sql, deleted_sql, needs_decrypt)
+     WHERE v.name = mode_name AND v.format = format_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown mode "%"', mode_name
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The modes are encrypt, decrypt and reencrypt.';
+    END IF;
+    IF check_privileges THEN
+        IF NOT EXISTS (SELECT 1 FROM pg_proc p
+                        WHERE p.pronamespace = '@extschema@'::regnamespace AND p.proname = m.entry_point
+                          AND has_function_privilege(p.oid, 'EXECUTE')) THEN
+            RAISE EXCEPTION 'permission denied for procedure %', m.entry_point
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
+        IF m.needs_decrypt AND NOT has_function_privilege('@extschema@.decrypt_token(text)', 'EXECUTE') THEN
+            RAISE EXCEPTION 'permission denied for function decrypt_token'
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = format('%s writes plaintext: it needs EXECUTE on decrypt_token(text) too.', m.entry_point);
+        END IF;
+    END IF;
+    RETURN m;
+END
+$fn$;
+
+-- Which table a run works on, and everything checked before any row is read or written.
+-- A global problem is one ERROR with its own SQLSTATE here, never a WARNING per row later.
+
+-- The checks, in order: a table; the columns, typed text or varchar, readable; the column a
+-- run writes, updatable; a unique index on id; and no code belonging to another role that
+-- would run with the caller's rights (check_table_code). (The caller's right to the mode
+-- itself is checked by pke_internal.mode.)
+CREATE FUNCTION pke_internal.check_table(tbl regclass, writes boolean)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    col text;
+    typ regtype;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'relation "provider_key" does not exist'
+            USING ERRCODE = 'undefined_table',
+                  HINT = 'Check search_path, or name the table: CALL encrypt_provider_keys(table_name => ''myschema.provider_key'').';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = tbl AND c.relkind IN ('r', 'p')) THEN
+        RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = 'wrong_object_type';
+    END IF;
+    FOREACH col IN ARRAY ARRAY['id', 'token', 'provider', 'status'] LOOP
+        SELECT a.atttypid::regtype INTO typ
+          FROM pg_attribute a
+         WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'column "%" of relation % does not exist', col, tbl
+                USING ERRCODE = 'undefined_column',
+                      HINT = 'The table needs the provider_key columns id, token, provider and status.';
+        END IF;
+        IF typ NOT IN ('text'::regtype, 'character varying'::regtype) THEN
+            RAISE EXCEPTION 'column "%" of relation % must be text or varchar, not %', col, tbl, typ
+                USING ERRCODE = 'datatype_mismatch';
+        END IF;
+        IF NOT has_column_privilege(tbl, col, 'SELECT') THEN
+            RAISE EXCEPTION 'permission denied to read column "%" of table %', col, tbl
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
+    END LOOP;
+    IF writes AND NOT has_column_privilege(tbl, 'token', 'UPDATE') THEN
+        RAISE EXCEPTION 'permission denied to update column "token" of table %', tbl
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF NOT EXISTS (SELECT 1
+                     FROM pg_index i
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                    WHERE i.indrelid = tbl AND i.indisunique AND i.indisvalid AND i.indnkeyatts = 1
+                      AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = 'id') THEN
+        RAISE EXCEPTION 'relation % has no unique index on column "id"', tbl
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('A run walks the table in id order. Add one with: ALTER TABLE %s ADD PRIMARY KEY (id);', tbl);
+    END IF;
+    IF writes THEN
+        PERFORM pke_internal.check_table_code(tbl);
+    END IF;
+END
+$fn$;
+
+-- Code that belongs to the table runs with the rights of whoever UPDATEs it: triggers, rules,
+-- row-level security policies, CHECK constraints, index expressions and operator classes,
+-- generated columns. A run refuses to execute such code when it belongs to a role that could
+-- not already act as the caller (a superuser running the procedures on a table an untrusted
+-- role owns, say): that would hand the owner the caller's rights. Built-in functions and
+-- operators, and this extension's own objects (the guard), are not such code.
+CREATE FUNCTION pke_internal.check_table_code(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    owner regrole;
+    code text[];
+BEGIN
+    SELECT c.relowner::regrole INTO owner FROM pg_class c WHERE c.oid = tbl;
+    IF pg_has_role(owner, current_user, 'USAGE') THEN
+        RETURN;  -- the caller is the owner, or the owner could already act with the caller's rights
+    END IF;
+    WITH attached(kind, name, classid, objid) AS (
+        SELECT 'trigger', tg.tgname::text, 'pg_trigger'::regclass, tg.oid
+          FROM pg_trigger tg WHERE tg.tgrelid = tbl AND NOT tg.tgisinternal AND tg.tgenabled <> 'D'
+        UNION ALL
+        SELECT 'rule', r.rulename::text, 'pg_rewrite'::regclass, r.oid
+          FROM pg_rewrite r WHERE r.ev_class = tbl AND r.rulename <> '_RETURN'
+        UNION ALL
+        SELECT 'policy', po.polname::text, 'pg_policy'::regclass, po.oid
+          FROM pg_policy po JOIN pg_class c ON c.oid = po.polrelid
+         WHERE po.polrelid = tbl AND c.relrowsecurity
+        UNION ALL
+        SELECT 'constraint', co.conname::text, 'pg_constraint'::regclass, co.oid
+          FROM pg_constraint co WHERE co.conrelid = tbl AND co.contype = 'c'
+        UNION ALL
+        SELECT 'index', ic.relname::text, 'pg_class'::regclass, ic.oid
+          FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = tbl
+        UNION ALL
+        SELECT 'generated column', a.attname::text, 'pg_attrdef'::regclass, ad.oid
+          FROM pg_attrdef ad JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
+         WHERE ad.adrelid = tbl AND a.attgenerated <> ''
+    )
+    SELECT array_agg(format('%s %I', x.kind, x.name) ORDER BY x.kind, x.name) INTO code
+      FROM attached x
+     WHERE x.kind = 'rule'
+        OR EXISTS (
+            -- built-in objects are pinned and have no pg_depend rows: any row here names code
+            -- someone created (a function, an operator, an operator class, a type)
+            SELECT 1 FROM pg_depend d
+             WHERE d.classid = x.classid AND d.objid = x.objid
+               AND d.refclassid IN ('pg_proc'::regclass, 'pg_operator'::regclass, 'pg_opclass'::regclass,
+                                    'pg_opfamily'::regclass, 'pg_type'::regclass)
+               AND NOT EXISTS (SELECT 1 FROM pg_depend e
+                                WHERE e.classid = d.refclassid AND e.objid = d.refobjid AND e.deptype = 'e'
+                                  AND e.refclassid = 'pg_extension'::regclass
+                                  AND e.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'provider_keys_encrypt')));
+    IF code IS NOT NULL THEN
+        RAISE EXCEPTION 'table % belongs to role %, and its % would run with your privileges', tbl, owner, array_to_string(code, ', ')
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Triggers, rules, policies, constraints and indexes of a table run with the rights of the role that updates it.',
+                  HINT = format('Run it as the table''s owner: SET ROLE %s; CALL ...; RESET ROLE;', owner);
+    END IF;
+END
+$fn$;
+
+-- One batch. A run walks the table in id order, batch_size rows at a time (keyset pagination
+-- on the unique index on id: memory stays flat, each batch is an index range scan), and each
+-- batch is ONE statement (batch_sql):
+--
+--   c : the batch's rows (after the previous batch's last id, in id order, LIMIT batch_size;
+--       soft-deleted rows included, so the position always advances), each classified ONCE
+--       (pke_internal.token_state, in Rust);
+--   w : the UPDATE of the rows of c whose state the mode writes, found by their ids;
+--   and the counts over c and w, in the statement's one snapshot.
+--
+-- No lost update: if the application changes a row after the statement's snapshot, the UPDATE
+-- waits for it and re-checks its conditions on the new version (EvalPlanQual): the row is
+-- written only if its new version is still in a state the mode writes, and the new token is
+-- computed from that version. A new plaintext is encrypted as the application wrote it; a
+-- token or a soft delete is left alone and counted as changed_concurrently. Rows that were
+-- not to be written in the snapshot are not touched (a concurrent plaintext write there is
+-- the guard's job, or the next run's).
+--
+-- Failures and subtransactions. A row whose write raises (a trigger, a constraint) must be
+-- rolled back alone. Catching an error needs a subtransaction, and more than 64 committed
+-- subtransactions with an XID in one open transaction overflow this backend's cache, which
+-- makes every snapshot on the server "suboverflowed" (slow). Aborted subtransactions leave
+-- the cache, so the engine only ever keeps committed ones it can count (batch_apply):
+--   may commit (outside a transaction block) or dry run: the statement runs in one
+--       savepoint, then the procedure COMMITs: at most one written subtransaction per
+--       transaction;
+--   inside a transaction block: the statement is first tried in a savepoint that is always
+--       rolled back, then run for real at the caller's level: no written subtransaction, at
+--       twice the work per row;
+--   a batch that fails: every row it would write is probed in its own savepoint that is
+--       always rolled back (batch_isolate); failing rows get a WARNING and count as errors;
+--       the statement runs again on exactly the rows that passed.
+
+-- The batch statement for a mode, a table and a range. Parameters: $1 after_id text,
+-- $2 batch_size integer, $3 ids text[], $4 todo token_state[], $5 list the written rows,
+-- $6 list the unverified rows.
+CREATE FUNCTION pke_internal.batch_sql(m pke_internal.mode, tbl regclass, range_sql text, dry_run boolean)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN format($q$
+    WITH c AS MATERIALIZED (
+        SELECT t.id, t.id::text AS key, t.provider::text AS provider,
+               CASE WHEN %3$s THEN NULL ELSE %4$s END AS s
+          FROM %1$s t
+         WHERE %2$s
+         ORDER BY t.id
+         LIMIT $2),
+    w AS (%5$s)
+    SELECT a.examined, a.todo, a.previous, a.unverified, a.unverified_ids, a.unverified_providers, a.last_id,
+           w.written, w.written_ids, w.written_providers
+      FROM (SELECT count(c.s) AS examined,
+                   count(*) FILTER (WHERE c.s = ANY ($4)) AS todo,
+                   count(*) FILTER (WHERE c.s = 'previous_key') AS previous,
+                   count(*) FILTER (WHERE c.s = 'unverified') AS unverified,
+                   array_agg(c.key ORDER BY c.id) FILTER (WHERE c.s = 'unverified' AND $6) AS unverified_ids,
+                   array_agg(c.provider ORDER BY c.id) FILTER (WHERE c.s = 'unverified' AND $6) AS unverified_providers,
+                   max(c.key) AS last_id
+              FROM c) a,
+           (SELECT count(*) AS written,
+                   array_agg(w.key ORDER BY w.key) FILTER (WHERE $5) AS written_ids,
+                   array_agg(w.provider ORDER BY w.key) FILTER (WHERE $5) AS written_providers
+              FROM w) w $q$,
+    tbl, range_sql, m.deleted_sql, m.state_sql,
+    CASE WHEN dry_run
+         -- a dry run reports what the UPDATE would write, and writes nothing
+         THEN 'SELECT c.key, c.provider FROM c WHERE c.s = ANY ($4)'
+         ELSE format($w$
+            UPDATE %1$s t SET %2$s
+             WHERE t.id = ANY (ARRAY(SELECT c.id FROM c WHERE c.s = ANY ($4)))
+               AND NOT (%3$s) AND %4$s = ANY ($4)
+            RETURNING t.id::text AS key, t.provider::text AS provider $w$,
+            tbl, m.set_sql, m.deleted_sql, m.state_sql) END);
+
+-- The rows of a batch: after after_id (NULL: from the start), or exactly the ids given.
+CREATE FUNCTION pke_internal.batch_range(after_id text, ids text[])
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN CASE WHEN ids IS NOT NULL THEN 't.id::text = ANY ($3)'
+            WHEN after_id IS NULL THEN 'true'
+            ELSE 't.id > $1' END;
+
+-- Run the batch statement with the savepoint strategy described at the top. NULL: it raised,
+-- and nothing of it is left.
+CREATE FUNCTION pke_internal.batch_apply(
+    mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
+    after_id text, ids text[], batch_size integer, todo pke_internal.token_state[],
+    dry_run boolean, may_commit boolean, list_written boolean, list_unverified boolean)
+RETURNS pke_internal.batch_rows
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    stmt text := pke_internal.batch_sql(pke_internal.mode(mode_name, format_name, encrypt_unverified),
+                                        tbl, pke_internal.batch_range(after_id, ids), dry_run);
+    r pke_internal.batch_rows;
+    ok boolean;
+BEGIN
+    IF may_commit OR dry_run THEN
+        -- one savepoint around the whole batch; the caller commits
+        BEGIN
+            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified;
+            ok := true;
+        EXCEPTION WHEN OTHERS THEN
+            ok := false;
+        END;
+    ELSE
+        -- inside the caller's transaction: try in a savepoint that is always rolled back,
+        -- then write for real at the caller's level (no written subtransaction is kept)
+        BEGIN
+            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified;
+            RAISE SQLSTATE 'PK000';
+        EXCEPTION
+            WHEN SQLSTATE 'PK000' THEN ok := true;
+            WHEN OTHERS THEN ok := false;
+        END;
+        IF ok THEN
+            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified;
+        END IF;
+    END IF;
+    RETURN CASE WHEN ok THEN r END;
+END
+$fn$;
+
+-- Remove a row's secrets from an error message before it is shown: the stored value (in
+-- encrypt mode, the plaintext itself) and, in a mode that reveals plaintext, the decrypted
+-- value (the caller may run decrypt_token: checked before the run started).
+CREATE FUNCTION pke_internal.scrub(message text, stored text, reveals_plaintext boolean)
+RETURNS text
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    plain text;
+BEGIN
+    IF stored IS NOT NULL AND stored <> '' THEN
+        message := replace(message, stored, '[redacted]');
+    END IF;
+    IF reveals_plaintext AND stored IS NOT NULL THEN
+        BEGIN
+            plain := @extschema@.decrypt_token(stored);
+        EXCEPTION WHEN OTHERS THEN
+            plain := NULL;
+        END;
+        IF plain IS NOT NULL AND plain <> '' THEN
+            message := replace(message, plain, '[redacted]');
+        END IF;
+    END IF;
+    RETURN message;
+END
+$fn$;
+
+-- A batch that failed: probe every row it would write in a savepoint that is always rolled
+-- back; WARN about each failing row (its secrets scrubbed) and return the others. give_up:
+-- rows that pass alone keep failing together (a statement-level trigger, a constraint between
+-- rows): report every row to write as failing, write none.
+CREATE FUNCTION pke_internal.batch_isolate(
+    mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
+    after_id text, ids text[], batch_size integer, give_up boolean,
+    OUT good text[], OUT errors bigint, OUT range_end text)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified);
+    one_sql text := format('UPDATE %s t SET %s WHERE t.id::text = $1 AND NOT (%s) AND %s = ANY ($2)',
+                           tbl, m.set_sql, m.deleted_sql, m.state_sql);
+    x record;
+    e_state text;
+    e_msg text;
+BEGIN
+    good := '{}';
+    errors := 0;
+    FOR x IN EXECUTE format(
+        'SELECT t.id::text AS key, t.token::text AS stored, t.provider::text AS prov,
+                CASE WHEN %s THEN NULL ELSE %s END AS st
+           FROM %s t WHERE %s ORDER BY t.id LIMIT $2',
+        m.deleted_sql, m.state_sql, tbl, pke_internal.batch_range(after_id, ids))
+        USING after_id, batch_size, ids
+    LOOP
+        range_end := x.key;
+        IF x.st IS NULL OR NOT x.st = ANY (m.todo) THEN
+            good := good || x.key;  -- nothing to write: counted when the batch runs again
+        ELSIF give_up THEN
+            errors := errors + 1;
+            RAISE WARNING 'Failed to % provider key % for provider %: its write fails only together with other rows; left unchanged',
+                m.verb, x.key, x.prov;
+        ELSE
+            BEGIN
+                EXECUTE one_sql USING x.key, m.todo;
+                RAISE SQLSTATE 'PK000';
+            EXCEPTION
+                WHEN SQLSTATE 'PK000' THEN
+                    good := good || x.key;
+                WHEN OTHERS THEN
+                    GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_msg = MESSAGE_TEXT;
+                    errors := errors + 1;
+                    RAISE WARNING 'Failed to % provider key % for provider % (SQLSTATE %): %',
+                        m.verb, x.key, x.prov, e_state, pke_internal.scrub(e_msg, x.stored, m.needs_decrypt);
+            END;
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+-- The batch's messages: a WARNING per unverified row while the run may still print them, and
+-- a NOTICE per written row when verbose. Returns how many warnings it printed.
+CREATE FUNCTION pke_internal.batch_messages(m pke_internal.mode, r pke_internal.batch_rows, dry_run boolean, warn_left bigint)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    x record;
+    warned bigint := 0;
+BEGIN
+    IF r.unverified > 0 AND warn_left > 0 THEN
+        FOR x IN SELECT * FROM unnest(r.unverified_ids, r.unverified_providers) AS u(key, prov) LIMIT warn_left LOOP
+            warned := warned + 1;
+            IF 'unverified' = ANY (m.todo) THEN
+                RAISE WARNING 'Provider key % for provider % looks like a token but authenticates under no configured key: % it as plaintext',
+                    x.key, x.prov, CASE WHEN dry_run THEN 'would encrypt' ELSE 'encrypted' END
+                    USING HINT = 'If it is a token written under another key, check ENCRYPTION_KEY and the previous keys; decrypt_provider_keys() gives the stored value back unchanged.';
+            ELSE
+                RAISE WARNING 'Provider key % for provider % looks like a token but authenticates under no configured key: left unchanged',
+                    x.key, x.prov;
+            END IF;
+        END LOOP;
+    END IF;
+    IF r.written_ids IS NOT NULL THEN
+        FOR x IN SELECT * FROM unnest(r.written_ids, r.written_providers) AS u(key, prov) LOOP
+            RAISE NOTICE '% provider key % for provider %',
+                CASE WHEN dry_run THEN 'Would ' || m.verb ELSE m.past END, x.key, x.prov;
+        END LOOP;
+    END IF;
+    RETURN warned;
+END
+$fn$;
+
+-- One batch, start to end: apply; if it fails, isolate the failing rows and apply again on
+-- the others (at most three attempts); then the messages.
+CREATE FUNCTION pke_internal.batch(
+    mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
+    after_id text, batch_size integer, dry_run boolean, notices boolean, may_commit boolean,
+    warn_left bigint)
+RETURNS pke_internal.batch_result
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified);
+    todo pke_internal.token_state[] := m.todo;
+    r pke_internal.batch_rows;
+    iso record;
+    ids text[];
+    range_end text;
+    failed bigint := 0;
+    res pke_internal.batch_result;
+BEGIN
+    FOR attempt IN 1..3 LOOP
+        r := pke_internal.batch_apply(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
+                                      batch_size, todo, dry_run, may_commit, notices, warn_left > 0);
+        EXIT WHEN r.examined IS NOT NULL;  -- it ran
+        iso := pke_internal.batch_isolate(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
+                                          batch_size, attempt = 3);
+        failed := failed + iso.errors;
+        range_end := COALESCE(range_end, iso.range_end);
+        ids := iso.good;
+        IF attempt = 3 THEN
+            -- count the rows that are left as they are, and write none of them
+            todo := '{}';
+            r := pke_internal.batch_apply(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
+                                          batch_size, todo, true, may_commit, false, false);
+            IF r.examined IS NULL THEN
+                RAISE EXCEPTION 'the provider keys after id % could not be read', after_id
+                    USING ERRCODE = 'object_not_in_prerequisite_state';
+            END IF;
+        END IF;
+    END LOOP;
+
+    res.examined := r.examined + failed;
+    res.written := r.written;  -- in a dry run: what it would write
+    res.previous := r.previous;
+    res.unverified := r.unverified;
+    res.errors := failed;
+    -- rows this batch meant to write that someone else changed or deleted first
+    res.changed := CASE WHEN dry_run THEN 0 ELSE r.todo - r.written END;
+    res.last_id := COALESCE(range_end, r.last_id);
+    res.warned := pke_internal.batch_messages(m, r, dry_run, warn_left);
+    RETURN res;
+END
+$fn$;
+
+-- A run: start (every global check, the banner), steps (one batch each, the progress line),
+-- a durable finish, the summary. The procedure that COMMITs between steps (pke_internal.run)
+-- cannot carry a SET search_path clause, so it does nothing but call these functions, which
+-- do.
+
+-- Everything global is checked here, before any row is read or written: the arguments, the
+-- mode, the table, the privileges, the key. Then the banner and the number of rows to check.
+CREATE FUNCTION pke_internal.run_start(
+    mode_name text, format_name text, tbl regclass, batch_size integer, dry_run boolean,
+    notices boolean, encrypt_unverified boolean, may_commit boolean)
+RETURNS pke_internal.run
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode;
+    r pke_internal.run;
+    fp text;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 OR batch_size > 100000 THEN
+        RAISE EXCEPTION 'batch_size must be between 1 and 100000'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF dry_run IS NULL OR notices IS NULL OR encrypt_unverified IS NULL THEN
+        RAISE EXCEPTION 'dry_run, verbose and encrypt_unverified must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    m := pke_internal.mode(mode_name, format_name, encrypt_unverified);
+    PERFORM pke_internal.check_table(tbl, NOT dry_run);
+    fp := @extschema@.provider_keys_encrypt_fingerprint();  -- raises when there is no usable key
+
+    r.mode := mode_name;
+    r.format := format_name;
+    r.tbl := tbl;
+    r.batch_size := batch_size;
+    r.dry_run := dry_run;
+    r.row_notices := notices;
+    r.encrypt_unverified := encrypt_unverified;
+    r.may_commit := may_commit;
+    r.do_commit := may_commit AND NOT dry_run;
+    r.done := false;
+    r.examined := 0; r.written := 0; r.errors := 0; r.previous := 0;
+    r.unverified := 0; r.warned := 0; r.changed := 0;
+    r.started := clock_timestamp();
+    r.last_progress := r.started;
+
+    RAISE NOTICE '%', format('Starting provider key %s on %s (key fingerprint %s, batch size %s%s)',
+        m.job, tbl, fp, batch_size,
+        CASE WHEN dry_run THEN ', dry run: nothing will be written'
+             WHEN NOT may_commit THEN ', inside the caller''s transaction'
+             ELSE '' END);
+    EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s)', tbl, m.deleted_sql) INTO r.found;
+    RAISE NOTICE 'Found % provider keys to check', r.found;
+    RETURN r;
+END
+$fn$;
+
+-- One step: the next batch, its counts added to the run, a progress line every 5 seconds.
+-- When the caller will COMMIT after it, that commit needs no WAL flush (synchronous_commit
+-- off): a crash can only lose batches a re-run redoes, and run_finish_durably flushes them
+-- all before the run says "completed".
+CREATE FUNCTION pke_internal.run_step(r pke_internal.run)
+RETURNS pke_internal.run
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    b pke_internal.batch_result;
+    warn_limit constant bigint := 100;
+    elapsed double precision;
+    rate double precision;
+BEGIN
+    b := pke_internal.batch(r.mode, r.format, r.encrypt_unverified, r.tbl, r.after_id, r.batch_size,
+                            r.dry_run, r.row_notices, r.may_commit, warn_limit - r.warned);
+    IF b.last_id IS NULL THEN
+        r.done := true;
+        RETURN r;
+    END IF;
+    r.after_id := b.last_id;
+    r.examined := r.examined + b.examined;
+    r.written := r.written + b.written;
+    r.errors := r.errors + b.errors;
+    r.previous := r.previous + b.previous;
+    r.unverified := r.unverified + b.unverified;
+    r.warned := r.warned + b.warned;
+    r.changed := r.changed + b.changed;
+    IF r.do_commit THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    IF clock_timestamp() - r.last_progress >= interval '5 seconds' THEN
+        r.last_progress := clock_timestamp();
+        elapsed := greatest(extract(epoch FROM r.last_progress - r.started), 0.001);
+        rate := r.examined / elapsed;
+        RAISE NOTICE '%', format('Progress: %s/%s provider keys checked (%s%%), %s rows/s, ETA %s s',
+            r.examined, r.found,
+            CASE WHEN r.found > 0 THEN round(100.0 * r.examined / r.found, 1) ELSE 100 END,
+            round(rate::numeric),
+            CASE WHEN rate > 0 THEN round((greatest(r.found - r.examined, 0) / rate)::numeric) END);
+    END IF;
+    RETURN r;
+END
+$fn$;
+
+-- Before a run that committed as it went says "completed": flush the WAL up to now. Every
+-- batch's commit (made with synchronous_commit off) is then on disk, so everything the
+-- summary counts survives a crash.
+CREATE FUNCTION pke_internal.run_finish_durably(r pke_internal.run)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF r.do_commit AND (r.written > 0 OR r.errors > 0) THEN
+        PERFORM pke_internal.flush_wal();
+    END IF;
+END
+$fn$;
+
+-- The summary: total = done + skipped + errors, and what else the operator must know.
+CREATE FUNCTION pke_internal.run_summary(r pke_internal.run)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified);
+    summary text;
+BEGIN
+    IF r.unverified > r.warned THEN
+        RAISE WARNING '% more provider keys look like tokens but authenticate under no configured key (warnings stopped after %)',
+            r.unverified - r.warned, r.warned;
+    END IF;
+    summary := format('total=%s, %s=%s, skipped=%s, errors=%s',
+        r.examined, m.done_word, r.written, r.examined - r.written - r.errors, r.errors);
+    IF r.unverified > 0 THEN
+        summary := summary || ', unverified=' || r.unverified;
+    END IF;
+    IF r.previous > 0 AND r.mode <> 'reencrypt' THEN
+        summary := summary || ', previous_key=' || r.previous;
+    END IF;
+    IF r.changed > 0 THEN
+        summary := summary || ', changed_concurrently=' || r.changed;
+    END IF;
+    summary := format('Provider key %s %s: %s', m.job,
+        CASE WHEN r.dry_run THEN 'dry run completed (nothing was written)' ELSE 'completed' END, summary);
+    IF r.errors > 0 THEN
+        RAISE WARNING '%', summary
+            USING HINT = 'The rows named above were left unchanged; fix them and run the procedure again (it skips what is done).';
+    ELSE
+        RAISE NOTICE '%', summary;
+    END IF;
+END
+$fn$;
+
+-- The run. It COMMITs after every batch when it may (CALLed outside a transaction block), so
+-- it cannot carry a SET search_path clause: it contains no operator and no unqualified name,
+-- and only passes the run's state between the functions above, which pin search_path.
+-- (table_name NULL: provider_key, found through the caller's search_path, on purpose.)
+CREATE PROCEDURE pke_internal.run(
+    mode_name text, format_name text, table_name regclass, batch_size integer, dry_run boolean,
+    notices boolean, encrypt_unverified boolean)
+LANGUAGE plpgsql
+AS $proc$
+DECLARE
+    r pke_internal.run;
+BEGIN
+    r := pke_internal.run_start(mode_name, format_name,
+                                COALESCE(table_name, pg_catalog.to_regclass('provider_key')),
+                                batch_size, dry_run, notices, encrypt_unverified,
+                                pke_internal.may_commit());
+    LOOP
+        r := pke_internal.run_step(r);
+        EXIT WHEN r.done;
+        IF r.do_commit THEN
+            COMMIT;
+        END IF;
+    END LOOP;
+    PERFORM pke_internal.run_finish_durably(r);
+    PERFORM pke_internal.run_summary(r);
+END
+$proc$;
+
+-- What users call: three procedures with the same arguments and the same guarantees, and the
+-- report. They hold no logic: each is one call into pke_internal, with its mode named.
+-- table_name NULL means provider_key, found through the caller's search_path at call time (a
+-- regclass default would be resolved once, when the procedure is created).
+
+CREATE OR REPLACE PROCEDURE @extschema@.encrypt_provider_keys(
+    table_name regclass DEFAULT NULL,
+    batch_size integer DEFAULT 5000,    -- rows per batch (and per transaction outside a block)
+    dry_run boolean DEFAULT false,
+    verbose boolean DEFAULT true,
+    encrypt_unverified boolean DEFAULT true)
+LANGUAGE plpgsql
+AS $proc$
+BEGIN
+    CALL pke_internal.run('encrypt', 'base64', encrypt_provider_keys.table_name,
+                          encrypt_provider_keys.batch_size, encrypt_provider_keys.dry_run,
+                          encrypt_provider_keys.verbose, encrypt_provider_keys.encrypt_unverified);
+END
+$proc$;
+
+COMMENT ON PROCEDURE @extschema@.encrypt_provider_keys(regclass, integer, boolean, boolean, boolean) IS
+'Encrypt, in place, every plaintext token of a provider_key table whose status is not ''deleted''. Idempotent; commits every batch_size rows when called outside a transaction block.';
+
+CREATE OR REPLACE PROCEDURE @extschema@.decrypt_provider_keys(
+    table_name regclass DEFAULT NULL,
+    batch_size integer DEFAULT 5000,
+    dry_run boolean DEFAULT false,
+    verbose boolean DEFAULT true)
+LANGUAGE plpgsql
+AS $proc$
+BEGIN
+    CALL pke_internal.run('decrypt', 'base64', decrypt_provider_keys.table_name,
+                          decrypt_provider_keys.batch_size, decrypt_provider_keys.dry_run,
+                          decrypt_provider_keys.verbose, false);
+END
+$proc$;
+
+COMMENT ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean) IS
+'Rollback of encrypt_provider_keys: turn every token (under the current or a previous key) back into its plaintext.';
+
+CREATE OR REPLACE PROCEDURE @extschema@.reencrypt_provider_keys(
+    table_name regclass DEFAULT NULL,
+    batch_size integer DEFAULT 5000,
+    dry_run boolean DEFAULT false,
+    verbose boolean DEFAULT true)
+LANGUAGE plpgsql
+AS $proc$
+BEGIN
+    CALL pke_internal.run('reencrypt', 'base64', reencrypt_provider_keys.table_name,
+                          reencrypt_provider_keys.batch_size, reencrypt_provider_keys.dry_run,
+                          reencrypt_provider_keys.verbose, false);
+END
+$proc$;
+
+COMMENT ON PROCEDURE @extschema@.reencrypt_provider_keys(regclass, integer, boolean, boolean) IS
+'Key rotation: re-encrypt under the current key every token written under a previous key.';
+
+-- The report: rows per state (the token_state labels, plus deleted), optionally per provider.
+CREATE FUNCTION pke_internal.report(tbl regclass, by_provider boolean)
+RETURNS TABLE (provider text, state text, keys bigint)
+LANGUAGE plpgsql STABLE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode('encrypt', 'base64', true, check_privileges => false);
+BEGIN
+    PERFORM pke_internal.check_table(tbl, false);
+    PERFORM @extschema@.provider_keys_encrypt_fingerprint();  -- a clear error when no key
+    RETURN QUERY EXECUTE format($q$
+        WITH classified AS (
+            SELECT CASE WHEN $1 THEN t.provider::text END AS provider,
+                   CASE WHEN %2$s THEN 'deleted' ELSE (%3$s)::text END AS state
+              FROM %1$s t),
+        counted AS (
+            SELECT c.provider, c.state, count(*) AS n FROM classified c GROUP BY 1, 2),
+        states(state, ord) AS (
+            SELECT s::text, o FROM unnest(enum_range(NULL::pke_internal.token_state)) WITH ORDINALITY AS u(s, o)
+            UNION ALL SELECT 'deleted', 100)
+        SELECT p.provider, st.state, COALESCE(c.n, 0)::bigint
+          FROM (SELECT DISTINCT counted.provider FROM counted
+                UNION SELECT NULL::text WHERE NOT $1) p
+         CROSS JOIN states st
+          LEFT JOIN counted c ON c.provider IS NOT DISTINCT FROM p.provider AND c.state = st.state
+         WHERE NOT $1 OR c.n IS NOT NULL
+         ORDER BY p.provider NULLS FIRST, st.ord $q$, tbl, m.deleted_sql, m.state_sql)
+    USING by_provider;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION @extschema@.provider_keys_encryption_report(
+    table_name regclass DEFAULT NULL,
+    by_provider boolean DEFAULT false)
+RETURNS TABLE (provider text, state text, keys bigint)
+LANGUAGE sql STABLE PARALLEL UNSAFE
+AS $fn$
+    SELECT * FROM pke_internal.report(COALESCE(table_name, pg_catalog.to_regclass('provider_key')), by_provider)
+$fn$;
+
+COMMENT ON FUNCTION @extschema@.provider_keys_encryption_report(regclass, boolean) IS
+'Keys per state (plaintext, current_key, previous_key, unverified, deleted), optionally per provider.';
+
+-- Privileges. PostgreSQL grants EXECUTE on new functions and procedures to PUBLIC; this file
+-- takes back what must not be public, and says why for what stays. Runs last.
+
+-- decrypt_token returns plaintext API keys: only roles an administrator names may call it
+-- (GRANT EXECUTE ON FUNCTION decrypt_token(text) TO <gateway role>).
+REVOKE ALL ON FUNCTION @extschema@.decrypt_token(text) FROM PUBLIC;
+
+-- decrypt_provider_keys writes plaintext back into the table: an administrator's rollback,
+-- never a public one. It also needs EXECUTE on decrypt_token and UPDATE on the table.
+REVOKE ALL ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean) FROM PUBLIC;
+
+-- encrypt_token, is_encrypted_token, provider_keys_encrypt_fingerprint and
+-- provider_keys_encrypt_keys stay PUBLIC: encrypting reveals nothing, the verify check only
+-- says whether a value authenticates, and fingerprints are designed to be shown.
+
+-- encrypt_provider_keys, reencrypt_provider_keys and provider_keys_encryption_report stay
+-- PUBLIC: they run with the caller's rights (SELECT/UPDATE on the table) and never return a
+-- plaintext.
+
+-- The internals' schema: USAGE for everyone, because the public procedures run with the
+-- caller's rights and call into it; CREATE for nobody but its owner (the superuser who created
+-- the extension), so no role can plant a function, an operator or a type where the engine
+-- looks.
+REVOKE ALL ON SCHEMA pke_internal FROM PUBLIC;
+GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
+
+-- Functions in pke_internal stay executable by PUBLIC, and none reveals more than the public
+-- surface: token_state and reencrypt say no more than is_encrypted_token and encrypt_token;
+-- scrub decrypts only with the caller's own EXECUTE on decrypt_token; every internal that
+-- reads or writes rows takes a mode by name from pke_internal.mode, which refuses an unknown
+-- mode and a caller without EXECUTE on that mode's public procedure (and on decrypt_token when
+-- the mode reveals plaintext). All of them run with the caller's rights.
