@@ -3,8 +3,13 @@
 \echo Use "ALTER EXTENSION provider_keys_encrypt UPDATE" to load this file. \quit
 
 -- 0.1.0's engine internals lived in the extension's schema, executable by PUBLIC. They go;
--- the 0.2.0 engine lives in pke_internal. (The public procedures and the report are replaced
--- in place below, keeping any privileges an administrator granted on them.)
+-- the 0.2.0 engine lives in pke_internal. The three procedures gained arguments (format, and
+-- guard for encrypting), so their 0.1.0 signatures go too: privileges an administrator granted
+-- on them (EXECUTE on decrypt_provider_keys, say) must be granted again on the new ones. The
+-- report keeps its signature and is replaced in place.
+DROP PROCEDURE @extschema@.encrypt_provider_keys(regclass, integer, boolean, boolean, boolean);
+DROP PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean);
+DROP PROCEDURE @extschema@.reencrypt_provider_keys(regclass, integer, boolean, boolean);
 DROP PROCEDURE @extschema@._pke_run(text, regclass, integer, boolean, boolean, boolean);
 DROP FUNCTION @extschema@._pke_batch(text, regclass, smallint[], text, text[], integer, boolean, boolean, boolean, bigint);
 DROP FUNCTION @extschema@._pke_check_table(regclass, boolean);

@@ -7,7 +7,7 @@ REVOKE ALL ON FUNCTION @extschema@.decrypt_token(text) FROM PUBLIC;
 
 -- decrypt_provider_keys writes plaintext back into the table: an administrator's rollback,
 -- never a public one. It also needs EXECUTE on decrypt_token and UPDATE on the table.
-REVOKE ALL ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean) FROM PUBLIC;
+REVOKE ALL ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean, text) FROM PUBLIC;
 
 -- encrypt_token, is_encrypted_token, provider_keys_encrypt_fingerprint and
 -- provider_keys_encrypt_keys stay PUBLIC: encrypting reveals nothing, the verify check only

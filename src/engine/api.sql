@@ -1,58 +1,64 @@
 -- What users call: three procedures with the same arguments and the same guarantees, and the
 -- report. They hold no logic: each is one call into pke_internal, with its mode named.
+-- (0.2.0 added format and guard: the upgrade script drops 0.1.0's signatures.)
 -- table_name NULL means provider_key, found through the caller's search_path at call time (a
 -- regclass default would be resolved once, when the procedure is created).
 
-CREATE OR REPLACE PROCEDURE @extschema@.encrypt_provider_keys(
+CREATE PROCEDURE @extschema@.encrypt_provider_keys(
     table_name regclass DEFAULT NULL,
     batch_size integer DEFAULT 5000,    -- rows per batch (and per transaction outside a block)
     dry_run boolean DEFAULT false,
     verbose boolean DEFAULT true,
-    encrypt_unverified boolean DEFAULT true)
+    encrypt_unverified boolean DEFAULT true,
+    format text DEFAULT 'base64',       -- the token format: base64 (the seed guide's)
+    guard boolean DEFAULT false)        -- install the guard trigger before the first batch
 LANGUAGE plpgsql
 AS $proc$
 BEGIN
-    CALL pke_internal.run('encrypt', 'base64', encrypt_provider_keys.table_name,
+    CALL pke_internal.run('encrypt', encrypt_provider_keys.format, encrypt_provider_keys.table_name,
                           encrypt_provider_keys.batch_size, encrypt_provider_keys.dry_run,
-                          encrypt_provider_keys.verbose, encrypt_provider_keys.encrypt_unverified);
+                          encrypt_provider_keys.verbose, encrypt_provider_keys.encrypt_unverified,
+                          encrypt_provider_keys.guard);
 END
 $proc$;
 
-COMMENT ON PROCEDURE @extschema@.encrypt_provider_keys(regclass, integer, boolean, boolean, boolean) IS
+COMMENT ON PROCEDURE @extschema@.encrypt_provider_keys(regclass, integer, boolean, boolean, boolean, text, boolean) IS
 'Encrypt, in place, every plaintext token of a provider_key table whose status is not ''deleted''. Idempotent; commits every batch_size rows when called outside a transaction block.';
 
-CREATE OR REPLACE PROCEDURE @extschema@.decrypt_provider_keys(
+CREATE PROCEDURE @extschema@.decrypt_provider_keys(
     table_name regclass DEFAULT NULL,
     batch_size integer DEFAULT 5000,
     dry_run boolean DEFAULT false,
-    verbose boolean DEFAULT true)
+    verbose boolean DEFAULT true,
+    format text DEFAULT 'base64')
 LANGUAGE plpgsql
 AS $proc$
 BEGIN
-    CALL pke_internal.run('decrypt', 'base64', decrypt_provider_keys.table_name,
+    CALL pke_internal.run('decrypt', decrypt_provider_keys.format, decrypt_provider_keys.table_name,
                           decrypt_provider_keys.batch_size, decrypt_provider_keys.dry_run,
-                          decrypt_provider_keys.verbose, false);
+                          decrypt_provider_keys.verbose, false, false);
 END
 $proc$;
 
-COMMENT ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean) IS
+COMMENT ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean, text) IS
 'Rollback of encrypt_provider_keys: turn every token (under the current or a previous key) back into its plaintext.';
 
-CREATE OR REPLACE PROCEDURE @extschema@.reencrypt_provider_keys(
+CREATE PROCEDURE @extschema@.reencrypt_provider_keys(
     table_name regclass DEFAULT NULL,
     batch_size integer DEFAULT 5000,
     dry_run boolean DEFAULT false,
-    verbose boolean DEFAULT true)
+    verbose boolean DEFAULT true,
+    format text DEFAULT 'base64')
 LANGUAGE plpgsql
 AS $proc$
 BEGIN
-    CALL pke_internal.run('reencrypt', 'base64', reencrypt_provider_keys.table_name,
+    CALL pke_internal.run('reencrypt', reencrypt_provider_keys.format, reencrypt_provider_keys.table_name,
                           reencrypt_provider_keys.batch_size, reencrypt_provider_keys.dry_run,
-                          reencrypt_provider_keys.verbose, false);
+                          reencrypt_provider_keys.verbose, false, false);
 END
 $proc$;
 
-COMMENT ON PROCEDURE @extschema@.reencrypt_provider_keys(regclass, integer, boolean, boolean) IS
+COMMENT ON PROCEDURE @extschema@.reencrypt_provider_keys(regclass, integer, boolean, boolean, text) IS
 'Key rotation: re-encrypt under the current key every token written under a previous key.';
 
 -- The report: rows per state (the token_state labels, plus deleted), optionally per provider.

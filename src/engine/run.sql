@@ -7,7 +7,7 @@
 -- mode, the table, the privileges, the key. Then the banner and the number of rows to check.
 CREATE FUNCTION pke_internal.run_start(
     mode_name text, format_name text, tbl regclass, batch_size integer, dry_run boolean,
-    notices boolean, encrypt_unverified boolean, may_commit boolean)
+    notices boolean, encrypt_unverified boolean, guard boolean, may_commit boolean)
 RETURNS pke_internal.run
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -21,9 +21,13 @@ BEGIN
         RAISE EXCEPTION 'batch_size must be between 1 and 100000'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF dry_run IS NULL OR notices IS NULL OR encrypt_unverified IS NULL THEN
-        RAISE EXCEPTION 'dry_run, verbose and encrypt_unverified must not be NULL'
+    IF dry_run IS NULL OR notices IS NULL OR encrypt_unverified IS NULL OR guard IS NULL THEN
+        RAISE EXCEPTION 'dry_run, verbose, encrypt_unverified and guard must not be NULL'
             USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF guard THEN
+        RAISE EXCEPTION 'the guard is not available yet'
+            USING ERRCODE = 'feature_not_supported';
     END IF;
     m := pke_internal.mode(mode_name, format_name, encrypt_unverified);
     PERFORM pke_internal.check_table(tbl, NOT dry_run);
@@ -158,7 +162,7 @@ $fn$;
 -- (table_name NULL: provider_key, found through the caller's search_path, on purpose.)
 CREATE PROCEDURE pke_internal.run(
     mode_name text, format_name text, table_name regclass, batch_size integer, dry_run boolean,
-    notices boolean, encrypt_unverified boolean)
+    notices boolean, encrypt_unverified boolean, guard boolean)
 LANGUAGE plpgsql
 AS $proc$
 DECLARE
@@ -166,7 +170,7 @@ DECLARE
 BEGIN
     r := pke_internal.run_start(mode_name, format_name,
                                 COALESCE(table_name, pg_catalog.to_regclass('provider_key')),
-                                batch_size, dry_run, notices, encrypt_unverified,
+                                batch_size, dry_run, notices, encrypt_unverified, guard,
                                 pke_internal.may_commit());
     LOOP
         r := pke_internal.run_step(r);
