@@ -640,7 +640,7 @@ $fn$;
 -- mode, the table, the privileges, the key. Then the banner and the number of rows to check.
 CREATE FUNCTION pke_internal.run_start(
     mode_name text, format_name text, tbl regclass, batch_size integer, dry_run boolean,
-    notices boolean, encrypt_unverified boolean, may_commit boolean)
+    notices boolean, encrypt_unverified boolean, guard boolean, may_commit boolean)
 RETURNS pke_internal.run
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -654,9 +654,13 @@ BEGIN
         RAISE EXCEPTION 'batch_size must be between 1 and 100000'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF dry_run IS NULL OR notices IS NULL OR encrypt_unverified IS NULL THEN
-        RAISE EXCEPTION 'dry_run, verbose and encrypt_unverified must not be NULL'
+    IF dry_run IS NULL OR notices IS NULL OR encrypt_unverified IS NULL OR guard IS NULL THEN
+        RAISE EXCEPTION 'dry_run, verbose, encrypt_unverified and guard must not be NULL'
             USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF guard THEN
+        RAISE EXCEPTION 'the guard is not available yet'
+            USING ERRCODE = 'feature_not_supported';
     END IF;
     m := pke_internal.mode(mode_name, format_name, encrypt_unverified);
     PERFORM pke_internal.check_table(tbl, NOT dry_run);
@@ -791,7 +795,7 @@ $fn$;
 -- (table_name NULL: provider_key, found through the caller's search_path, on purpose.)
 CREATE PROCEDURE pke_internal.run(
     mode_name text, format_name text, table_name regclass, batch_size integer, dry_run boolean,
-    notices boolean, encrypt_unverified boolean)
+    notices boolean, encrypt_unverified boolean, guard boolean)
 LANGUAGE plpgsql
 AS $proc$
 DECLARE
@@ -799,7 +803,7 @@ DECLARE
 BEGIN
     r := pke_internal.run_start(mode_name, format_name,
                                 COALESCE(table_name, pg_catalog.to_regclass('provider_key')),
-                                batch_size, dry_run, notices, encrypt_unverified,
+                                batch_size, dry_run, notices, encrypt_unverified, guard,
                                 pke_internal.may_commit());
     LOOP
         r := pke_internal.run_step(r);
@@ -815,59 +819,65 @@ $proc$;
 
 -- What users call: three procedures with the same arguments and the same guarantees, and the
 -- report. They hold no logic: each is one call into pke_internal, with its mode named.
+-- (0.2.0 added format and guard: the upgrade script drops 0.1.0's signatures.)
 -- table_name NULL means provider_key, found through the caller's search_path at call time (a
 -- regclass default would be resolved once, when the procedure is created).
 
-CREATE OR REPLACE PROCEDURE @extschema@.encrypt_provider_keys(
+CREATE PROCEDURE @extschema@.encrypt_provider_keys(
     table_name regclass DEFAULT NULL,
     batch_size integer DEFAULT 5000,    -- rows per batch (and per transaction outside a block)
     dry_run boolean DEFAULT false,
     verbose boolean DEFAULT true,
-    encrypt_unverified boolean DEFAULT true)
+    encrypt_unverified boolean DEFAULT true,
+    format text DEFAULT 'base64',       -- the token format: base64 (the seed guide's)
+    guard boolean DEFAULT false)        -- install the guard trigger before the first batch
 LANGUAGE plpgsql
 AS $proc$
 BEGIN
-    CALL pke_internal.run('encrypt', 'base64', encrypt_provider_keys.table_name,
+    CALL pke_internal.run('encrypt', encrypt_provider_keys.format, encrypt_provider_keys.table_name,
                           encrypt_provider_keys.batch_size, encrypt_provider_keys.dry_run,
-                          encrypt_provider_keys.verbose, encrypt_provider_keys.encrypt_unverified);
+                          encrypt_provider_keys.verbose, encrypt_provider_keys.encrypt_unverified,
+                          encrypt_provider_keys.guard);
 END
 $proc$;
 
-COMMENT ON PROCEDURE @extschema@.encrypt_provider_keys(regclass, integer, boolean, boolean, boolean) IS
+COMMENT ON PROCEDURE @extschema@.encrypt_provider_keys(regclass, integer, boolean, boolean, boolean, text, boolean) IS
 'Encrypt, in place, every plaintext token of a provider_key table whose status is not ''deleted''. Idempotent; commits every batch_size rows when called outside a transaction block.';
 
-CREATE OR REPLACE PROCEDURE @extschema@.decrypt_provider_keys(
+CREATE PROCEDURE @extschema@.decrypt_provider_keys(
     table_name regclass DEFAULT NULL,
     batch_size integer DEFAULT 5000,
     dry_run boolean DEFAULT false,
-    verbose boolean DEFAULT true)
+    verbose boolean DEFAULT true,
+    format text DEFAULT 'base64')
 LANGUAGE plpgsql
 AS $proc$
 BEGIN
-    CALL pke_internal.run('decrypt', 'base64', decrypt_provider_keys.table_name,
+    CALL pke_internal.run('decrypt', decrypt_provider_keys.format, decrypt_provider_keys.table_name,
                           decrypt_provider_keys.batch_size, decrypt_provider_keys.dry_run,
-                          decrypt_provider_keys.verbose, false);
+                          decrypt_provider_keys.verbose, false, false);
 END
 $proc$;
 
-COMMENT ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean) IS
+COMMENT ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean, text) IS
 'Rollback of encrypt_provider_keys: turn every token (under the current or a previous key) back into its plaintext.';
 
-CREATE OR REPLACE PROCEDURE @extschema@.reencrypt_provider_keys(
+CREATE PROCEDURE @extschema@.reencrypt_provider_keys(
     table_name regclass DEFAULT NULL,
     batch_size integer DEFAULT 5000,
     dry_run boolean DEFAULT false,
-    verbose boolean DEFAULT true)
+    verbose boolean DEFAULT true,
+    format text DEFAULT 'base64')
 LANGUAGE plpgsql
 AS $proc$
 BEGIN
-    CALL pke_internal.run('reencrypt', 'base64', reencrypt_provider_keys.table_name,
+    CALL pke_internal.run('reencrypt', reencrypt_provider_keys.format, reencrypt_provider_keys.table_name,
                           reencrypt_provider_keys.batch_size, reencrypt_provider_keys.dry_run,
-                          reencrypt_provider_keys.verbose, false);
+                          reencrypt_provider_keys.verbose, false, false);
 END
 $proc$;
 
-COMMENT ON PROCEDURE @extschema@.reencrypt_provider_keys(regclass, integer, boolean, boolean) IS
+COMMENT ON PROCEDURE @extschema@.reencrypt_provider_keys(regclass, integer, boolean, boolean, text) IS
 'Key rotation: re-encrypt under the current key every token written under a previous key.';
 
 -- The report: rows per state (the token_state labels, plus deleted), optionally per provider.
@@ -923,7 +933,7 @@ REVOKE ALL ON FUNCTION @extschema@.decrypt_token(text) FROM PUBLIC;
 
 -- decrypt_provider_keys writes plaintext back into the table: an administrator's rollback,
 -- never a public one. It also needs EXECUTE on decrypt_token and UPDATE on the table.
-REVOKE ALL ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean) FROM PUBLIC;
+REVOKE ALL ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean, text) FROM PUBLIC;
 
 -- encrypt_token, is_encrypted_token, provider_keys_encrypt_fingerprint and
 -- provider_keys_encrypt_keys stay PUBLIC: encrypting reveals nothing, the verify check only
