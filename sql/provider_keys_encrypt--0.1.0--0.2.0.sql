@@ -300,11 +300,6 @@ BEGIN
                 USING ERRCODE = 'insufficient_privilege';
         END IF;
     END LOOP;
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = 'id' AND a.attnotnull) THEN
-        RAISE EXCEPTION 'column "id" of relation % may be NULL', tbl
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = format('A run walks the table in id order and would never reach rows without one. Add: ALTER TABLE %s ALTER COLUMN id SET NOT NULL;', tbl);
-    END IF;
     IF writes AND NOT has_column_privilege(tbl, 'token', 'UPDATE') THEN
         RAISE EXCEPTION 'permission denied to update column "token" of table %', tbl
             USING ERRCODE = 'insufficient_privilege';
@@ -317,6 +312,11 @@ BEGIN
         RAISE EXCEPTION 'relation % has no unique index on column "id"', tbl
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = format('A run walks the table in id order. Add one with: ALTER TABLE %s ADD PRIMARY KEY (id);', tbl);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = 'id' AND a.attnotnull) THEN
+        RAISE EXCEPTION 'column "id" of relation % may be NULL', tbl
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('A run walks the table in id order and would never reach rows without one. Add: ALTER TABLE %s ALTER COLUMN id SET NOT NULL;', tbl);
     END IF;
     PERFORM pke_internal.check_table_trust(tbl, writes);
 END
