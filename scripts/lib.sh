@@ -91,14 +91,15 @@ install_extension() {
 # Which build a shared library is: "release" or "debug" (debug builds carry .debug_info).
 build_kind() { if readelf -S "$1" | grep -q '\.debug_info'; then echo debug; else echo release; fi; }
 
-# One line per file of this extension under the given directories (sha256, size, mtime, ctime,
-# path), sorted: two listings differ when a file was added, removed, modified or rewritten.
+# One line per file of this extension under the given directories (sha256, size, mtime and ctime
+# in nanoseconds, path), sorted: two listings differ when a file was added, removed, modified or
+# rewritten, even with the same bytes.
 ext_file_listing() {
   local d
   for d in "$@"; do
     [ -d "$d" ] || continue
     find "$d" -path "*$EXT*" ! -type d -print0 | while IFS= read -r -d '' f; do
-      printf '%s %s\n' "$(sha256sum <"$f" | cut -c1-64)" "$(stat -c '%s %Y %Z %n' "$f")"
+      printf '%s %s\n' "$(sha256sum <"$f" | cut -c1-64)" "$(stat -c '%s %.9Y %.9Z %n' "$f")"
     done
   done | sort -k5
 }
