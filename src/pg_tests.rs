@@ -294,11 +294,11 @@ mod tests {
         Spi::run("UPDATE pg_proc SET proconfig = NULL WHERE oid = 'pg_temp.leaky(int)'::regprocedure").unwrap();
         assert_eq!(crate::gucs::guard(), Ok(()));
 
-        Spi::run(&format!(
+        Spi::run(
             "INSERT INTO pg_db_role_setting VALUES
                ((SELECT oid FROM pg_database WHERE datname = current_database()), 0,
-                '{{provider_keys_encrypt.gateway_api_key_hash_secret=gw-secret}}')"
-        ))
+                '{provider_keys_encrypt.gateway_api_key_hash_secret=gw-secret}')",
+        )
         .unwrap();
         let e = crate::gucs::guard().unwrap_err();
         let text = format!("{e} {}", e.hint().unwrap());
