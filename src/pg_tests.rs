@@ -131,7 +131,7 @@ mod tests {
         set_config_is_55p02: "SELECT set_config('provider_keys_encrypt.previous_keys', 'b3RoZXIta2V5LXByb3ZpZGVyX2tleXNfZW5jcnlwdC0=', true)" => "55P02";
         set_gateway_secret_is_55p02: "SET provider_keys_encrypt.gateway_api_key_hash_secret = 'a-gateway-secret'" => "55P02";
         role_setting_is_55p02: "ALTER ROLE CURRENT_USER SET provider_keys_encrypt.encryption_key = 'dGVzdC1rZXktcHJvdmlkZXJfa2V5c19lbmNyeXB0LTE='" => "55P02";
-        database_setting_is_55p02: "ALTER DATABASE CURRENT_DATABASE SET provider_keys_encrypt.gateway_api_key_hash_secret = 'a-gateway-secret'" => "55P02";
+        database_setting_is_55p02: "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET provider_keys_encrypt.gateway_api_key_hash_secret = %L', current_database(), 'a-gateway-secret'); END $$" => "55P02";
         function_set_clause_is_55p02: "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql SET provider_keys_encrypt.previous_keys = 'dGVzdC1rZXktcHJvdmlkZXJfa2V5c19lbmNyeXB0LTE=' AS 'SELECT 1'" => "55P02";
         blank_is_harmless: "SET LOCAL provider_keys_encrypt.encryption_key = ''" => "00000";
         reserved_prefix: "SET provider_keys_encrypt.no_such_setting = 1" => "42602";
