@@ -233,6 +233,11 @@ const clusters = [];
 after(() => {
   for (const c of clusters) c.stop();
   for (const [mode, t] of Object.entries(tables)) console.log(`# ${mode}\n${t.replace(/\n/g, "\n# ")}`);
+  // PKE_KEY_SOURCES_OUT=file: write the README blocks there, ready to paste
+  if (process.env.PKE_KEY_SOURCES_OUT) {
+    writeFileSync(process.env.PKE_KEY_SOURCES_OUT, Object.entries(tables)
+      .map(([mode, t]) => `<!-- key-sources:${mode} -->\n${t}\n<!-- /key-sources -->\n`).join("\n"));
+  }
 });
 
 test("preloaded (required): only the environment is accepted, and no observer sees a key", async () => {
