@@ -51,7 +51,8 @@ mod tests {
     fn the_test_server_has_the_test_key() {
         assert_eq!(std::env::var("ENCRYPTION_KEY").as_deref(), Ok(TEST_KEY));
         assert_eq!(
-            one::<String>("SELECT current_setting('provider_keys_encrypt.encryption_key')").unwrap(),
+            one::<String>("SELECT current_setting('provider_keys_encrypt.encryption_key')")
+                .unwrap(),
             format!(
                 "from ENCRYPTION_KEY, fingerprint {}",
                 one::<String>("SELECT provider_keys_encrypt_fingerprint()").unwrap()
@@ -71,9 +72,10 @@ mod tests {
             let token = crate::functions::encrypt_token(plain);
             assert!(crate::functions::is_encrypted_token(&token, true));
             assert!(crate::functions::is_encrypted_token(&token, false));
-            let back = Spi::get_one_with_args::<String>("SELECT decrypt_token($1)", &[token.into()])
-                .unwrap()
-                .unwrap();
+            let back =
+                Spi::get_one_with_args::<String>("SELECT decrypt_token($1)", &[token.into()])
+                    .unwrap()
+                    .unwrap();
             assert_eq!(back, plain);
         }
     }
@@ -81,7 +83,9 @@ mod tests {
     #[pg_test]
     fn encryption_is_randomised() {
         assert_eq!(
-            one::<i64>("SELECT count(DISTINCT encrypt_token('same')) FROM generate_series(1, 1000)"),
+            one::<i64>(
+                "SELECT count(DISTINCT encrypt_token('same')) FROM generate_series(1, 1000)"
+            ),
             Some(1000)
         );
     }
@@ -103,10 +107,28 @@ mod tests {
     fn shape_check_versus_verify() {
         // a 64-hex-character plaintext key looks like a token but does not authenticate
         let hex = "'0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef'";
-        assert_eq!(one::<bool>(&format!("SELECT is_encrypted_token({hex}, verify => false)")), Some(true));
-        assert_eq!(one::<bool>(&format!("SELECT is_encrypted_token({hex})")), Some(false));
-        for odd in ["''", "'sk-proj-1'", "'===='", "repeat('A', 1000000)", "E'\\t'"] {
-            assert_eq!(one::<bool>(&format!("SELECT is_encrypted_token({odd})")), Some(false), "{odd}");
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT is_encrypted_token({hex}, verify => false)"
+            )),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>(&format!("SELECT is_encrypted_token({hex})")),
+            Some(false)
+        );
+        for odd in [
+            "''",
+            "'sk-proj-1'",
+            "'===='",
+            "repeat('A', 1000000)",
+            "E'\\t'",
+        ] {
+            assert_eq!(
+                one::<bool>(&format!("SELECT is_encrypted_token({odd})")),
+                Some(false),
+                "{odd}"
+            );
         }
     }
 
@@ -145,8 +167,14 @@ mod tests {
         // a token whose plaintext is the byte 0xFF, made with the test key by the pure code
         let ring = crate::keys::KeyRing::from_config(Some(TEST_KEY), None, None).unwrap();
         let token = ring.encrypt(b"\xff").unwrap();
-        assert_eq!(sqlstate(&format!("SELECT decrypt_token('{token}')")), "22021");
-        assert_eq!(one::<bool>(&format!("SELECT is_encrypted_token('{token}')")), Some(true));
+        assert_eq!(
+            sqlstate(&format!("SELECT decrypt_token('{token}')")),
+            "22021"
+        );
+        assert_eq!(
+            one::<bool>(&format!("SELECT is_encrypted_token('{token}')")),
+            Some(true)
+        );
     }
 
     #[pg_test]
@@ -163,16 +191,28 @@ mod tests {
         .unwrap();
         for (sql, needle) in [
             (format!("SELECT decrypt_token('{secret}')"), secret),
-            (format!("SET provider_keys_encrypt.encryption_key = '{secret}'"), secret),
-            (format!("SET provider_keys_encrypt.previous_keys = '{secret}'"), secret),
             (
-                format!("SET provider_keys_encrypt.encryption_key = '{}'", &TEST_KEY[..40]),
+                format!("SET provider_keys_encrypt.encryption_key = '{secret}'"),
+                secret,
+            ),
+            (
+                format!("SET provider_keys_encrypt.previous_keys = '{secret}'"),
+                secret,
+            ),
+            (
+                format!(
+                    "SET provider_keys_encrypt.encryption_key = '{}'",
+                    &TEST_KEY[..40]
+                ),
                 &TEST_KEY[..40],
             ),
         ] {
-            let msg = Spi::get_one_with_args::<String>("SELECT pg_temp.message_of($1)", &[sql.clone().into()])
-                .unwrap()
-                .unwrap();
+            let msg = Spi::get_one_with_args::<String>(
+                "SELECT pg_temp.message_of($1)",
+                &[sql.clone().into()],
+            )
+            .unwrap()
+            .unwrap();
             assert!(!msg.is_empty(), "{sql} should fail");
             assert!(!msg.contains(needle), "{msg}");
         }
@@ -187,9 +227,15 @@ mod tests {
             Some(crate::keys::KeyError::Missing)
         );
         let e = crate::errors::Error::from(crate::keys::KeyError::Missing);
-        assert_eq!(e.sqlstate(), PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE);
+        assert_eq!(
+            e.sqlstate(),
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+        );
         let msg = e.to_string();
-        assert!(msg.contains("ENCRYPTION_KEY") && msg.contains("environment"), "{msg}");
+        assert!(
+            msg.contains("ENCRYPTION_KEY") && msg.contains("environment"),
+            "{msg}"
+        );
         assert!(e.hint().unwrap().contains("openssl rand -base64 32"));
     }
 
@@ -220,7 +266,10 @@ mod tests {
         // written under a key the server does not have: unverified, 22000
         let foreign = token_under(OTHER_KEY, "sk-foreign");
         assert_eq!(state(&foreign), "unverified");
-        assert_eq!(sqlstate(&format!("SELECT decrypt_token('{foreign}')")), "22000");
+        assert_eq!(
+            sqlstate(&format!("SELECT decrypt_token('{foreign}')")),
+            "22000"
+        );
         // the key list and the displays
         let prev_fp = crate::keys::fingerprint(
             &crate::keys::parse_key(PREV_KEY, crate::keys::KeySource::Environment).unwrap(),
@@ -234,17 +283,25 @@ mod tests {
         );
         assert_eq!(
             one::<String>("SHOW provider_keys_encrypt.previous_keys"),
-            Some(format!("from ENCRYPTION_KEY_PREVIOUS, fingerprints {prev_fp}"))
+            Some(format!(
+                "from ENCRYPTION_KEY_PREVIOUS, fingerprints {prev_fp}"
+            ))
         );
     }
 
     #[pg_test]
     fn settings_are_hidden_from_pg_settings_and_show_all() {
         assert_eq!(
-            one::<i64>("SELECT count(*) FROM pg_settings WHERE name LIKE 'provider_keys_encrypt.%'"),
+            one::<i64>(
+                "SELECT count(*) FROM pg_settings WHERE name LIKE 'provider_keys_encrypt.%'"
+            ),
             Some(0)
         );
-        for name in ["encryption_key", "previous_keys", "gateway_api_key_hash_secret"] {
+        for name in [
+            "encryption_key",
+            "previous_keys",
+            "gateway_api_key_hash_secret",
+        ] {
             let shown = one::<String>(&format!("SHOW provider_keys_encrypt.{name}")).unwrap();
             for secret in [TEST_KEY, PREV_KEY, "test-gateway-secret"] {
                 assert!(!shown.contains(secret), "{name}: {shown}");
@@ -268,7 +325,10 @@ mod tests {
         assert_eq!(got, expected);
         assert_eq!(
             one::<String>("SHOW provider_keys_encrypt.gateway_api_key_hash_secret"),
-            Some(format!("from GATEWAY_API_KEY_HASH_SECRET, key ids {}", expected.join(", ")))
+            Some(format!(
+                "from GATEWAY_API_KEY_HASH_SECRET, key ids {}",
+                expected.join(", ")
+            ))
         );
     }
 
@@ -279,19 +339,32 @@ mod tests {
     fn a_stored_key_is_found_and_named() {
         assert_eq!(crate::gucs::guard(), Ok(()));
         Spi::run("SET LOCAL allow_system_table_mods = on").unwrap();
-        Spi::run("CREATE FUNCTION pg_temp.leaky(int) RETURNS int LANGUAGE sql AS 'SELECT 1'").unwrap();
+        Spi::run("CREATE FUNCTION pg_temp.leaky(int) RETURNS int LANGUAGE sql AS 'SELECT 1'")
+            .unwrap();
         Spi::run(&format!(
             "UPDATE pg_proc SET proconfig = '{{search_path=public,Provider_Keys_Encrypt.Encryption_Key={OTHER_KEY}}}'
               WHERE oid = 'pg_temp.leaky(int)'::regprocedure"
         ))
         .unwrap();
         let e = crate::gucs::guard().unwrap_err();
-        assert_eq!(e.sqlstate(), PgSqlErrorCode::ERRCODE_CANT_CHANGE_RUNTIME_PARAM);
+        assert_eq!(
+            e.sqlstate(),
+            PgSqlErrorCode::ERRCODE_CANT_CHANGE_RUNTIME_PARAM
+        );
         let text = format!("{e} {}", e.hint().unwrap());
-        assert!(text.contains("SET clause of function pg_temp") && text.contains("leaky(integer)"), "{text}");
-        assert!(text.contains("RESET provider_keys_encrypt.encryption_key"), "{text}");
+        assert!(
+            text.contains("SET clause of function pg_temp") && text.contains("leaky(integer)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("RESET provider_keys_encrypt.encryption_key"),
+            "{text}"
+        );
         assert!(!text.contains(OTHER_KEY));
-        Spi::run("UPDATE pg_proc SET proconfig = NULL WHERE oid = 'pg_temp.leaky(int)'::regprocedure").unwrap();
+        Spi::run(
+            "UPDATE pg_proc SET proconfig = NULL WHERE oid = 'pg_temp.leaky(int)'::regprocedure",
+        )
+        .unwrap();
         assert_eq!(crate::gucs::guard(), Ok(()));
 
         Spi::run(
@@ -302,8 +375,14 @@ mod tests {
         .unwrap();
         let e = crate::gucs::guard().unwrap_err();
         let text = format!("{e} {}", e.hint().unwrap());
-        assert!(text.contains("pg_db_role_setting") && text.contains("ALTER DATABASE"), "{text}");
-        assert!(text.contains("RESET provider_keys_encrypt.gateway_api_key_hash_secret"), "{text}");
+        assert!(
+            text.contains("pg_db_role_setting") && text.contains("ALTER DATABASE"),
+            "{text}"
+        );
+        assert!(
+            text.contains("RESET provider_keys_encrypt.gateway_api_key_hash_secret"),
+            "{text}"
+        );
         assert!(!text.contains("gw-secret"));
     }
 
@@ -344,11 +423,15 @@ mod tests {
             assert_eq!((row.0.as_str(), row.1.as_str(), row.2, row.3.as_str()), e);
         }
         assert_eq!(
-            one::<bool>("SELECT has_function_privilege('public', 'decrypt_token(text)', 'EXECUTE')"),
+            one::<bool>(
+                "SELECT has_function_privilege('public', 'decrypt_token(text)', 'EXECUTE')"
+            ),
             Some(false)
         );
         assert_eq!(
-            one::<bool>("SELECT has_function_privilege('public', 'encrypt_token(text)', 'EXECUTE')"),
+            one::<bool>(
+                "SELECT has_function_privilege('public', 'encrypt_token(text)', 'EXECUTE')"
+            ),
             Some(true)
         );
     }
