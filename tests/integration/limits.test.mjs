@@ -51,20 +51,24 @@ function limitAddressSpace(pid, bytes) {
 
 test("out of memory in the extension's own buffers: 53200, and the backend lives on", async () => {
   const s = db.session();
-  const pid = Number((await s.send("SELECT pg_backend_pid();")).out);
-  await s.send("SELECT encrypt_token(repeat('y', 65536)) AS tok \\gset");
-  await s.send("PREPARE enc AS SELECT length(encrypt_token(repeat('x', 65536)));");
-  await s.send("PREPARE dec AS SELECT length(decrypt_token(:'tok'));");
-  for (const q of ["enc", "dec"]) {
-    assert.deepEqual(await s.send(`EXECUTE ${q};`), { out: q === "enc" ? "87420" : "65536", err: "", closed: false });
-    const vm = Number(/VmSize:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))[1]) * 1024;
-    limitAddressSpace(pid, vm);
-    const r = await s.send(`EXECUTE ${q};`);
-    limitAddressSpace(pid, "unlimited");
-    assert.match(r.err, OOM[q], `${q}: ${r.err}`);
-    // the same backend goes on working once memory is back
-    assert.equal((await s.send(`EXECUTE ${q};`)).out, q === "enc" ? "87420" : "65536");
+  // a failed assertion must not leave the session open: node would wait for it forever
+  try {
+    const pid = Number((await s.send("SELECT pg_backend_pid();")).out);
+    await s.send("SELECT encrypt_token(repeat('y', 65536)) AS tok \\gset");
+    await s.send("PREPARE enc AS SELECT length(encrypt_token(repeat('x', 65536)));");
+    await s.send("PREPARE dec AS SELECT length(decrypt_token(:'tok'));");
+    for (const q of ["enc", "dec"]) {
+      assert.deepEqual(await s.send(`EXECUTE ${q};`), { out: q === "enc" ? "87420" : "65536", err: "", closed: false });
+      const vm = Number(/VmSize:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))[1]) * 1024;
+      limitAddressSpace(pid, vm);
+      const r = await s.send(`EXECUTE ${q};`);
+      limitAddressSpace(pid, "unlimited");
+      assert.match(r.err, OOM[q], `${q}: ${r.err}`);
+      // the same backend goes on working once memory is back
+      assert.equal((await s.send(`EXECUTE ${q};`)).out, q === "enc" ? "87420" : "65536");
+    }
+  } finally {
+    await s.close();
   }
-  await s.close();
   assert.ok(!/terminated by signal|server process .* was terminated/.test(db.log()));
 });
