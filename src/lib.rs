@@ -8,6 +8,7 @@
 //! * `errors.rs`    — one error type, one SQLSTATE per cause
 //! * `functions.rs` — the SQL functions
 //! * `engine.rs` + `engine/*.sql` — the table engine: CALL encrypt_provider_keys() and siblings
+//! * `guard.rs`     — the guard trigger, provider_keys_encrypt_guard()
 //! * `privileges.sql` — GRANT/REVOKE, each with its reason
 
 use pgrx::prelude::*;
@@ -16,6 +17,7 @@ pub mod errors;
 pub mod functions;
 pub mod gucs;
 pub mod engine;
+pub mod guard;
 
 pub use provider_keys_encrypt_core::{format_base64 as token, keys};
 

@@ -17,6 +17,11 @@ REVOKE ALL ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boo
 -- PUBLIC: they run with the caller's rights (SELECT/UPDATE on the table) and never return a
 -- plaintext.
 
+-- provider_keys_encrypt_guard stays PUBLIC: putting it on a table needs the TRIGGER privilege
+-- on that table anyway, and it only encrypts (or refuses) what is being written.
+
+-- provider_keys_guard_status stays PUBLIC: it shows what pg_trigger shows everyone.
+
 -- The internals' schema: USAGE for everyone, because the public procedures run with the
 -- caller's rights and call into it; CREATE for nobody but its owner (the superuser who created
 -- the extension), so no role can plant a function, an operator or a type where the engine
@@ -26,6 +31,8 @@ GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 
 -- Functions in pke_internal stay executable by PUBLIC, and none reveals more than the public
 -- surface: token_state and reencrypt say no more than is_encrypted_token and encrypt_token;
+-- guard_settings only parses trigger arguments; guards and guard_check read catalogs everyone
+-- can read; guard_install creates a trigger only with the caller's own TRIGGER privilege;
 -- scrub decrypts only with the caller's own EXECUTE on decrypt_token; every internal that
 -- reads or writes rows takes a mode by name from pke_internal.mode, which refuses an unknown
 -- mode and a caller without EXECUTE on that mode's public procedure (and on decrypt_token when

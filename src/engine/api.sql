@@ -11,7 +11,7 @@ CREATE PROCEDURE @extschema@.encrypt_provider_keys(
     verbose boolean DEFAULT true,
     encrypt_unverified boolean DEFAULT true,
     format text DEFAULT 'base64',       -- the token format: base64 (the seed guide's)
-    guard boolean DEFAULT false)        -- install the guard trigger before the first batch
+    guard boolean DEFAULT false)        -- install the guard trigger (guard.sql) before the first batch
 LANGUAGE plpgsql
 AS $proc$
 BEGIN
@@ -23,7 +23,7 @@ END
 $proc$;
 
 COMMENT ON PROCEDURE @extschema@.encrypt_provider_keys(regclass, integer, boolean, boolean, boolean, text, boolean) IS
-'Encrypt, in place, every plaintext token of a provider_key table whose status is not ''deleted''. Idempotent; commits every batch_size rows when called outside a transaction block.';
+'Encrypt, in place, every plaintext token of a provider_key table whose status is not ''deleted''. Idempotent; commits every batch_size rows when called outside a transaction block. guard => true first installs the guard trigger, so that no plaintext written meanwhile survives.';
 
 CREATE PROCEDURE @extschema@.decrypt_provider_keys(
     table_name regclass DEFAULT NULL,
@@ -41,7 +41,7 @@ END
 $proc$;
 
 COMMENT ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean, text) IS
-'Rollback of encrypt_provider_keys: turn every token (under the current or a previous key) back into its plaintext.';
+'Rollback of encrypt_provider_keys: turn every token (under the current or a previous key) back into its plaintext. Refuses while a guard trigger is installed on the table.';
 
 CREATE PROCEDURE @extschema@.reencrypt_provider_keys(
     table_name regclass DEFAULT NULL,
@@ -103,4 +103,4 @@ AS $fn$
 $fn$;
 
 COMMENT ON FUNCTION @extschema@.provider_keys_encryption_report(regclass, boolean) IS
-'Keys per state (plaintext, current_key, previous_key, unverified, deleted), optionally per provider.';
+'Keys per state (plaintext, current_key, previous_key, unverified, deleted), optionally per provider. Whether a guard is installed: provider_keys_guard_status().';
