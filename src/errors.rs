@@ -11,6 +11,19 @@
 //! | a buffer sized by the input can't fit   | 53200    | out_of_memory                    |
 //! | OS random generator failed              | 58000    | system_error                     |
 //!
+//! The gateway's llmgw format (`Error::Llmgw`):
+//!
+//! | cause                                          | SQLSTATE | condition name                   |
+//! |------------------------------------------------|----------|----------------------------------|
+//! | GATEWAY_API_KEY_HASH_SECRET missing or empty   | 55000    | object_not_in_prerequisite_state |
+//! | not an llmgw token / malformed token           | 22P02    | invalid_text_representation      |
+//! | unknown llmgw version (not v1/v2)              | 0A000    | feature_not_supported            |
+//! | sealed under a key id not in the keyring       | 22023    | invalid_parameter_value          |
+//! | does not authenticate for this row             | 22000    | data_exception                   |
+//! | decrypted bytes are not UTF-8 text             | 22021    | character_not_in_repertoire      |
+//! | plaintext or token over the size limit         | 54000    | program_limit_exceeded           |
+//! | OS random generator failed                     | 58000    | system_error                     |
+//!
 //! The guard trigger (`Error::Guard`, see `guard.rs`):
 //!
 //! | cause                                              | SQLSTATE | condition name                   |
@@ -30,6 +43,7 @@ use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 use crate::keys::KeyError;
 use crate::token::TokenError;
+use provider_keys_encrypt_core::format_llmgw::LlmgwError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -37,6 +51,9 @@ pub enum Error {
     Key(#[from] KeyError),
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// The gateway's llmgw format and its GATEWAY_API_KEY_HASH_SECRET keyring.
+    #[error(transparent)]
+    Llmgw(#[from] LlmgwError),
     /// The guard trigger: its arguments, its table, and what it refuses.
     #[error(transparent)]
     Guard(#[from] GuardError),
@@ -91,6 +108,19 @@ impl Error {
             }
             Error::Token(TokenError::OutOfMemory) => ERRCODE_OUT_OF_MEMORY,
             Error::Token(TokenError::NoRandomness) => ERRCODE_SYSTEM_ERROR,
+            Error::Llmgw(e) => match e {
+                LlmgwError::MissingSecret => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                LlmgwError::NotAToken | LlmgwError::Malformed(_) => {
+                    ERRCODE_INVALID_TEXT_REPRESENTATION
+                }
+                // A version this extension does not implement (a newer gateway's token).
+                LlmgwError::UnknownVersion => ERRCODE_FEATURE_NOT_SUPPORTED,
+                LlmgwError::UnknownKeyId(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+                LlmgwError::DoesNotAuthenticate => ERRCODE_DATA_EXCEPTION,
+                LlmgwError::NotText => ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+                LlmgwError::TooLong => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                LlmgwError::NoRandomness => ERRCODE_SYSTEM_ERROR,
+            },
             Error::Guard(e) => match e {
                 GuardError::Refused { .. } => ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION,
                 GuardError::Argument(_) => ERRCODE_INVALID_PARAMETER_VALUE,
@@ -130,6 +160,14 @@ impl Error {
             ),
             Error::Token(TokenError::NotBase64 | TokenError::TooShort) => Some(
                 "A token is standard base64 (with padding) of nonce(12) || tag(16) || ciphertext.",
+            ),
+            Error::Llmgw(LlmgwError::MissingSecret) => Some(
+                "Start the server with the gateway's GATEWAY_API_KEY_HASH_SECRET in its \
+                 environment (see the README, \"Configuring the key\").",
+            ),
+            Error::Llmgw(LlmgwError::UnknownKeyId(_)) => Some(
+                "Add the secret that key id belongs to (the gateway's previous secret) after the \
+                 current one in GATEWAY_API_KEY_HASH_SECRET, comma-separated.",
             ),
             Error::Guard(GuardError::Refused { .. }) => Some(
                 "Write the key encrypted (the gateway's ENCRYPTION_KEY, or encrypt_token() in \

@@ -2,11 +2,12 @@
 -- on the unique index on id: memory stays flat, each batch is an index range scan), and each
 -- batch is ONE statement (batch_sql):
 --
---   c : the batch's rows (after the previous batch's last id, in id order, LIMIT batch_size;
+--   a : the batch's rows (after the previous batch's last id, in id order, LIMIT batch_size;
 --       soft-deleted rows included, so the position always advances), each classified ONCE
---       (pke_internal.token_state, in Rust);
---   w : the UPDATE of the rows of c whose state the mode writes, found by their ids;
---   and the counts over c and w, in the statement's one snapshot.
+--       (pke_internal.token_state, in Rust), aggregated in the same pass into the counts and
+--       the ids of the rows whose state the mode writes;
+--   w : the UPDATE of those ids;
+--   and the counts over a and w, in the statement's one snapshot.
 --
 -- No lost update: if the application changes a row after the statement's snapshot, the UPDATE
 -- waits for it and re-checks its conditions on the new version (EvalPlanQual): the row is
@@ -14,7 +15,9 @@
 -- computed from that version. A new plaintext is encrypted as the application wrote it; a
 -- token or a soft delete is left alone and counted as changed_concurrently. Rows that were
 -- not to be written in the snapshot are not touched (a concurrent plaintext write there is
--- the guard's job, or the next run's).
+-- the guard's job, or the next run's). The UPDATE finds its rows by id, not by ctid: on a
+-- concurrent update, PostgreSQL up to 16 re-checks a TID scan as matching while newer releases
+-- re-check the TID itself, so a ctid join would behave differently across versions.
 --
 -- Failures and subtransactions. A row whose write raises (a trigger, a constraint) must be
 -- rolled back alone. Catching an error needs a subtransaction, and more than 64 committed
@@ -33,44 +36,56 @@
 
 -- The batch statement for a mode, a table and a range. Parameters: $1 after_id text,
 -- $2 batch_size integer, $3 ids text[], $4 todo token_state[], $5 list the written rows,
--- $6 list the unverified rows.
-CREATE FUNCTION pke_internal.batch_sql(m pke_internal.mode, tbl regclass, range_sql text, dry_run boolean)
+-- $6 list the unverified rows, $7 the states a written row must end in. verify: the table has
+-- triggers that could store something else than what the run wrote, so each written row's
+-- stored value is classified again (RETURNING) and counted as written only if it is what the
+-- mode promises.
+--   a: one pass over the batch's rows in id order (an index range scan, LIMIT batch_size),
+--      classifying each row once and aggregating at once: the counts, the keyset position,
+--      and the ids of the rows to write (no per-row tuplestore);
+--   w: the UPDATE of exactly those ids, re-checked by PostgreSQL on concurrent change.
+CREATE FUNCTION pke_internal.batch_sql(m pke_internal.mode, tbl regclass, range_sql text, dry_run boolean, verify boolean)
 RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 RETURN format($q$
-    WITH c AS MATERIALIZED (
-        SELECT t.id, t.id::text AS key, t.provider::text AS provider,
-               CASE WHEN %3$s THEN NULL ELSE %4$s END AS s
-          FROM %1$s t
-         WHERE %2$s
-         ORDER BY t.id
-         LIMIT $2),
+    WITH a AS MATERIALIZED (
+        SELECT count(c.s) AS examined,
+               count(*) FILTER (WHERE c.s = ANY ($4)) AS todo,
+               count(*) FILTER (WHERE c.s = 'previous_key') AS previous,
+               count(*) FILTER (WHERE c.s = 'unverified') AS unverified,
+               array_agg(c.key) FILTER (WHERE c.s = 'unverified' AND $6) AS unverified_ids,
+               array_agg(c.provider) FILTER (WHERE c.s = 'unverified' AND $6) AS unverified_providers,
+               max(c.key) AS last_id,
+               array_agg(c.key) FILTER (WHERE c.s = ANY ($4)) AS todo_ids,
+               array_agg(c.provider) FILTER (WHERE c.s = ANY ($4) AND $5) AS todo_providers
+          FROM (SELECT t.id, t.id::text AS key, t.provider::text AS provider,
+                       CASE WHEN %3$s THEN NULL ELSE %4$s END AS s
+                  FROM %1$s t
+                 WHERE %2$s
+                 ORDER BY t.id
+                 LIMIT $2) c),
     w AS (%5$s)
     SELECT a.examined, a.todo, a.previous, a.unverified, a.unverified_ids, a.unverified_providers, a.last_id,
-           w.written, w.written_ids, w.written_providers
-      FROM (SELECT count(c.s) AS examined,
-                   count(*) FILTER (WHERE c.s = ANY ($4)) AS todo,
-                   count(*) FILTER (WHERE c.s = 'previous_key') AS previous,
-                   count(*) FILTER (WHERE c.s = 'unverified') AS unverified,
-                   array_agg(c.key ORDER BY c.id) FILTER (WHERE c.s = 'unverified' AND $6) AS unverified_ids,
-                   array_agg(c.provider ORDER BY c.id) FILTER (WHERE c.s = 'unverified' AND $6) AS unverified_providers,
-                   max(c.key) AS last_id
-              FROM c) a,
-           (SELECT count(*) AS written,
-                   array_agg(w.key ORDER BY w.key) FILTER (WHERE $5) AS written_ids,
-                   array_agg(w.provider ORDER BY w.key) FILTER (WHERE $5) AS written_providers
+           w.written, w.written_ids, w.written_providers, w.overridden_ids, w.overridden_providers
+      FROM a,
+           (SELECT count(*) FILTER (WHERE w.landed) AS written,
+                   array_agg(w.key ORDER BY w.key) FILTER (WHERE w.landed AND $5) AS written_ids,
+                   array_agg(w.provider ORDER BY w.key) FILTER (WHERE w.landed AND $5) AS written_providers,
+                   array_agg(w.key ORDER BY w.key) FILTER (WHERE NOT w.landed) AS overridden_ids,
+                   array_agg(w.provider ORDER BY w.key) FILTER (WHERE NOT w.landed) AS overridden_providers
               FROM w) w $q$,
     tbl, range_sql, m.deleted_sql, m.state_sql,
     CASE WHEN dry_run
          -- a dry run reports what the UPDATE would write, and writes nothing
-         THEN 'SELECT c.key, c.provider FROM c WHERE c.s = ANY ($4)'
+         THEN 'SELECT u.key, u.provider, true AS landed FROM a, unnest(a.todo_ids, a.todo_providers) AS u(key, provider)'
          ELSE format($w$
             UPDATE %1$s t SET %2$s
-             WHERE t.id = ANY (ARRAY(SELECT c.id FROM c WHERE c.s = ANY ($4)))
+             WHERE t.id = ANY ((SELECT a.todo_ids FROM a)::text[])
                AND NOT (%3$s) AND %4$s = ANY ($4)
-            RETURNING t.id::text AS key, t.provider::text AS provider $w$,
-            tbl, m.set_sql, m.deleted_sql, m.state_sql) END);
+            RETURNING t.id::text AS key, t.provider::text AS provider, %5$s AS landed $w$,
+            tbl, m.set_sql, m.deleted_sql, m.state_sql,
+            CASE WHEN verify THEN format('(%s) = ANY ($7)', m.state_sql) ELSE 'true' END) END);
 
 -- The rows of a batch: after after_id (NULL: from the start), or exactly the ids given.
 CREATE FUNCTION pke_internal.batch_range(after_id text, ids text[])
@@ -83,24 +98,43 @@ RETURN CASE WHEN ids IS NOT NULL THEN 't.id::text = ANY ($3)'
 
 -- Run the batch statement with the savepoint strategy described at the top. NULL: it raised,
 -- and nothing of it is left.
+-- Could a trigger of the table store something else than what the run writes? (Enabled
+-- triggers other than the extension's own guard, in the table or a partition.)
+CREATE FUNCTION pke_internal.table_may_rewrite(tbl regclass)
+RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN EXISTS (
+    WITH RECURSIVE tree(oid) AS (
+        SELECT tbl::oid
+        UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)
+    SELECT 1 FROM tree JOIN pg_trigger tg ON tg.tgrelid = tree.oid
+     WHERE NOT tg.tgisinternal AND tg.tgenabled <> 'D'
+       AND NOT EXISTS (SELECT 1 FROM pg_depend e
+                        WHERE e.classid = 'pg_proc'::regclass AND e.objid = tg.tgfoid AND e.deptype = 'e'
+                          AND e.refobjid = (SELECT x.oid FROM pg_extension x WHERE x.extname = 'provider_keys_encrypt')));
+
+-- write_none: only count the rows (the mode's todo emptied), for a batch given up on.
 CREATE FUNCTION pke_internal.batch_apply(
     mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
-    after_id text, ids text[], batch_size integer, todo pke_internal.token_state[],
+    after_id text, ids text[], batch_size integer, write_none boolean,
     dry_run boolean, may_commit boolean, list_written boolean, list_unverified boolean)
 RETURNS pke_internal.batch_rows
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    stmt text := pke_internal.batch_sql(pke_internal.mode(mode_name, format_name, encrypt_unverified),
-                                        tbl, pke_internal.batch_range(after_id, ids), dry_run);
+    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified);
+    todo pke_internal.token_state[] := CASE WHEN write_none THEN '{}' ELSE m.todo END;
+    stmt text := pke_internal.batch_sql(m, tbl, pke_internal.batch_range(after_id, ids), dry_run OR write_none,
+                                        pke_internal.table_may_rewrite(tbl));
     r pke_internal.batch_rows;
     ok boolean;
 BEGIN
     IF may_commit OR dry_run THEN
         -- one savepoint around the whole batch; the caller commits
         BEGIN
-            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified;
+            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
             ok := true;
         EXCEPTION WHEN OTHERS THEN
             ok := false;
@@ -109,14 +143,14 @@ BEGIN
         -- inside the caller's transaction: try in a savepoint that is always rolled back,
         -- then write for real at the caller's level (no written subtransaction is kept)
         BEGIN
-            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified;
+            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
             RAISE SQLSTATE 'PK000';
         EXCEPTION
             WHEN SQLSTATE 'PK000' THEN ok := true;
             WHEN OTHERS THEN ok := false;
         END;
         IF ok THEN
-            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified;
+            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
         END IF;
     END IF;
     RETURN CASE WHEN ok THEN r END;
@@ -228,6 +262,12 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
+    IF r.overridden_ids IS NOT NULL THEN
+        FOR x IN SELECT * FROM unnest(r.overridden_ids, r.overridden_providers) AS u(key, prov) LOOP
+            RAISE WARNING 'Failed to % provider key % for provider %: a trigger stored another value than the one written (its state is not %); counted as an error',
+                m.verb, x.key, x.prov, array_to_string(m.target, ' or ');
+        END LOOP;
+    END IF;
     IF r.written_ids IS NOT NULL THEN
         FOR x IN SELECT * FROM unnest(r.written_ids, r.written_providers) AS u(key, prov) LOOP
             RAISE NOTICE '% provider key % for provider %',
@@ -250,7 +290,6 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified);
-    todo pke_internal.token_state[] := m.todo;
     r pke_internal.batch_rows;
     iso record;
     ids text[];
@@ -260,7 +299,7 @@ DECLARE
 BEGIN
     FOR attempt IN 1..3 LOOP
         r := pke_internal.batch_apply(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
-                                      batch_size, todo, dry_run, may_commit, notices, warn_left > 0);
+                                      batch_size, false, dry_run, may_commit, notices, warn_left > 0);
         EXIT WHEN r.examined IS NOT NULL;  -- it ran
         iso := pke_internal.batch_isolate(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
                                           batch_size, attempt = 3);
@@ -269,9 +308,8 @@ BEGIN
         ids := iso.good;
         IF attempt = 3 THEN
             -- count the rows that are left as they are, and write none of them
-            todo := '{}';
             r := pke_internal.batch_apply(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
-                                          batch_size, todo, true, may_commit, false, false);
+                                          batch_size, true, dry_run, may_commit, false, false);
             IF r.examined IS NULL THEN
                 RAISE EXCEPTION 'the provider keys after id % could not be read', after_id
                     USING ERRCODE = 'object_not_in_prerequisite_state';
@@ -283,9 +321,9 @@ BEGIN
     res.written := r.written;  -- in a dry run: what it would write
     res.previous := r.previous;
     res.unverified := r.unverified;
-    res.errors := failed;
+    res.errors := failed + coalesce(cardinality(r.overridden_ids), 0);
     -- rows this batch meant to write that someone else changed or deleted first
-    res.changed := CASE WHEN dry_run THEN 0 ELSE r.todo - r.written END;
+    res.changed := CASE WHEN dry_run THEN 0 ELSE r.todo - r.written - coalesce(cardinality(r.overridden_ids), 0) END;
     res.last_id := COALESCE(range_end, r.last_id);
     res.warned := pke_internal.batch_messages(m, r, dry_run, warn_left);
     RETURN res;

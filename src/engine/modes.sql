@@ -23,25 +23,28 @@ BEGIN
     END IF;
     SELECT v.* INTO m
       FROM (VALUES
-        ('encrypt', 'base64', 'encrypt_provider_keys', 'encryption migration', 'encrypted', 'Encrypted', 'encrypt',
+        ('encrypt', 'base64', 'encrypt_provider_keys(regclass,integer,boolean,boolean,boolean,text,boolean)', 'encryption migration', 'encrypted', 'Encrypted', 'encrypt',
          CASE WHEN encrypt_unverified THEN '{plaintext,unverified}' ELSE '{plaintext}' END::pke_internal.token_state[],
+         '{current_key}'::pke_internal.token_state[],
          'pke_internal.token_state(t.token::text)',
          'token = @extschema@.encrypt_token(t.token::text)',
          't.status IS NOT DISTINCT FROM ''deleted''',
          false),
-        ('decrypt', 'base64', 'decrypt_provider_keys', 'decryption', 'decrypted', 'Decrypted', 'decrypt',
+        ('decrypt', 'base64', 'decrypt_provider_keys(regclass,integer,boolean,boolean,text)', 'decryption', 'decrypted', 'Decrypted', 'decrypt',
          '{current_key,previous_key}'::pke_internal.token_state[],
+         '{plaintext,unverified}'::pke_internal.token_state[],
          'pke_internal.token_state(t.token::text)',
          'token = @extschema@.decrypt_token(t.token::text)',
          't.status IS NOT DISTINCT FROM ''deleted''',
          true),
-        ('reencrypt', 'base64', 'reencrypt_provider_keys', 're-encryption', 'reencrypted', 'Re-encrypted', 're-encrypt',
+        ('reencrypt', 'base64', 'reencrypt_provider_keys(regclass,integer,boolean,boolean,text)', 're-encryption', 'reencrypted', 'Re-encrypted', 're-encrypt',
          '{previous_key}'::pke_internal.token_state[],
+         '{current_key}'::pke_internal.token_state[],
          'pke_internal.token_state(t.token::text)',
          'token = pke_internal.reencrypt(t.token::text)',
          't.status IS NOT DISTINCT FROM ''deleted''',
          false)
-      ) AS v(name, format, entry_point, job, done_word, past, verb, todo, state_sql, set_sql, deleted_sql, needs_decrypt)
+      ) AS v(name, format, entry_point, job, done_word, past, verb, todo, target, state_sql, set_sql, deleted_sql, needs_decrypt)
      WHERE v.name = mode_name AND v.format = format_name;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown mode "%"', mode_name
@@ -49,16 +52,15 @@ BEGIN
                   HINT = 'The modes are encrypt, decrypt and reencrypt.';
     END IF;
     IF check_privileges THEN
-        IF NOT EXISTS (SELECT 1 FROM pg_proc p
-                        WHERE p.pronamespace = '@extschema@'::regnamespace AND p.proname = m.entry_point
-                          AND has_function_privilege(p.oid, 'EXECUTE')) THEN
-            RAISE EXCEPTION 'permission denied for procedure %', m.entry_point
+        -- the exact procedure (an overload someone else created has another signature)
+        IF NOT has_function_privilege(format('@extschema@.%s', m.entry_point), 'EXECUTE') THEN
+            RAISE EXCEPTION 'permission denied for procedure %', split_part(m.entry_point, '(', 1)
                 USING ERRCODE = 'insufficient_privilege';
         END IF;
         IF m.needs_decrypt AND NOT has_function_privilege('@extschema@.decrypt_token(text)', 'EXECUTE') THEN
             RAISE EXCEPTION 'permission denied for function decrypt_token'
                 USING ERRCODE = 'insufficient_privilege',
-                      HINT = format('%s writes plaintext: it needs EXECUTE on decrypt_token(text) too.', m.entry_point);
+                      HINT = format('%s writes plaintext: it needs EXECUTE on decrypt_token(text) too.', split_part(m.entry_point, '(', 1));
         END IF;
     END IF;
     RETURN m;
