@@ -1115,7 +1115,7 @@ AS $fn$
       FROM pg_trigger tg
      CROSS JOIN LATERAL pke_internal.guard_settings(tg.tgnargs, tg.tgargs) s
      WHERE tg.tgfoid = '@extschema@.provider_keys_encrypt_guard()'::regprocedure
-       AND (tbl IS NULL OR tg.tgrelid IN (SELECT p.relid FROM pg_partition_tree(tbl) p))
+       AND (tbl IS NULL OR tg.tgrelid = tbl OR tg.tgrelid IN (SELECT p.relid FROM pg_partition_tree(tbl) p))
      ORDER BY tg.tgrelid::regclass::text, tg.tgname
 $fn$;
 
@@ -1205,7 +1205,7 @@ DECLARE
 BEGIN
     SELECT * INTO g FROM pke_internal.guards(tbl) x WHERE x.enabled LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'table % has the guard installed (trigger % on %): it would encrypt again every key this writes in plaintext',
+        RAISE EXCEPTION 'table % has the guard installed (trigger % on %): it would encrypt again every key written back in plaintext',
                 tbl, quote_ident(g.trigger_name), g.relation
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = format('Remove the guard first, then run again: DROP TRIGGER %I ON %s;', g.trigger_name, g.relation);

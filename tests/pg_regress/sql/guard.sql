@@ -1,6 +1,8 @@
 -- The guard: provider_keys_encrypt_guard() keeps plaintext out of a provider_key table while
 -- something still writes it (old gateway code, an admin script, a restored row).
+\set VERBOSITY default
 \set SHOW_CONTEXT never
+SET client_min_messages = notice;
 CREATE TABLE gk (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active',
                  base_url text);
 -- The plain form: one trigger, no arguments (mode=encrypt, unverified=plaintext, format=base64).
@@ -118,6 +120,8 @@ SELECT sqlstate_of($$INSERT INTO gk_shape VALUES ('s1', 'sk-shape', 'openai', NU
 DROP TABLE gk_null, gk_varchar, gk_v40, gk_bad, gk_shape, gk_shape2;
 
 -- One call installs the guard before the first batch, idempotently, with a NOTICE.
+CREATE SCHEMA guard_demo;
+SET search_path = guard_demo, public;
 CREATE TABLE provider_key (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
 INSERT INTO provider_key SELECT 'pk' || g, 'sk-guard-call-' || g, 'openai', CASE WHEN g = 3 THEN 'deleted' END FROM generate_series(1, 5) g;
 CALL encrypt_provider_keys(dry_run => true, guard => true);
@@ -135,6 +139,7 @@ DROP TABLE pk_keep;
 
 -- Installing a trigger needs the TRIGGER privilege (the owner's): one ERROR before any row.
 CREATE ROLE guard_writer;
+GRANT USAGE ON SCHEMA guard_demo TO guard_writer;
 GRANT SELECT, UPDATE ON provider_key TO guard_writer;
 CREATE TABLE pk_other (LIKE provider_key INCLUDING ALL);
 INSERT INTO pk_other VALUES ('o1', 'sk-guard-other-1', 'openai');
@@ -154,30 +159,31 @@ CALL encrypt_provider_keys('pk_other', guard => true);
 DROP TABLE pk_other;
 DROP FUNCTION not_the_guard();
 
--- The guard is the extension's own: a superuser may run the procedures on a table another
--- role owns whose only trigger is the guard (pke_internal.check_table_code trusts it).
+-- The guard is the extension's own code and runs no SQL: a table whose only trigger is the
+-- guard is a plain table to the run (pke_internal.check_table_trust asks who may change the
+-- table, not what code it has). Its owner, not a superuser, installs it and runs as usual; a
+-- superuser's run on it is refused for the owner's sake, guard or not.
 CREATE TABLE pk_owned (LIKE provider_key INCLUDING ALL);
 INSERT INTO pk_owned VALUES ('w1', 'sk-guard-owned-1', 'openai');
 ALTER TABLE pk_owned OWNER TO guard_writer;
 SET ROLE guard_writer;
-CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON pk_owned
-    FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard();
-RESET ROLE;
-SELECT pg_has_role(relowner, current_user, 'USAGE') AS owner_could_act_as_me FROM pg_class WHERE oid = 'pk_owned'::regclass;
-CALL encrypt_provider_keys('pk_owned');
+CALL encrypt_provider_keys('pk_owned', guard => true);
 CALL reencrypt_provider_keys('pk_owned', verbose => false);
--- ... but a WHEN clause calling the owner's code is that role's code: refused.
-CREATE FUNCTION guard_writer_check(t text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
-ALTER FUNCTION guard_writer_check(text) OWNER TO guard_writer;
-SET ROLE guard_writer;
+INSERT INTO pk_owned VALUES ('w2', 'sk-guard-owned-2', 'openai');
+RESET ROLE;
+SELECT id, pke_internal.token_state(token), decrypt_token(token) FROM pk_owned ORDER BY id;
+\set VERBOSITY terse
+CALL encrypt_provider_keys('pk_owned');
+\set VERBOSITY default
+ALTER TABLE pk_owned OWNER TO CURRENT_USER;
+CALL encrypt_provider_keys('pk_owned', verbose => false);
+-- A guard with a WHEN clause may skip rows: it is not taken for one that protects the table.
 DROP TRIGGER provider_keys_encrypt_guard ON pk_owned;
 CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON pk_owned
-    FOR EACH ROW WHEN (guard_writer_check(NEW.token)) EXECUTE FUNCTION provider_keys_encrypt_guard();
-RESET ROLE;
-CALL encrypt_provider_keys('pk_owned');
+    FOR EACH ROW WHEN (NEW.provider <> 'test') EXECUTE FUNCTION provider_keys_encrypt_guard();
 SELECT relation, covers_writes FROM provider_keys_guard_status('pk_owned');
+CALL encrypt_provider_keys('pk_owned', guard => true);
 DROP TABLE pk_owned;
-DROP FUNCTION guard_writer_check(text);
 
 -- The rollback does not fight the guard: decrypt_provider_keys refuses while it is installed,
 -- before touching anything, and says how to remove it.
@@ -187,5 +193,7 @@ DROP TRIGGER provider_keys_encrypt_guard ON provider_key;
 CALL decrypt_provider_keys(verbose => false);
 SELECT id, status, token FROM provider_key ORDER BY id;
 
-DROP TABLE provider_key, gk;
+RESET search_path;
+DROP SCHEMA guard_demo CASCADE;
+DROP TABLE gk;
 DROP ROLE guard_writer;
