@@ -281,17 +281,67 @@ mod tests {
         let insert = "INSERT INTO g_t VALUES ('a', 'sk-guard-sqlstate', 'openai', NULL)";
         let hex = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
         for (when, args, sql, state) in [
-            ("BEFORE INSERT OR UPDATE", "'mode=reject'", insert.to_owned(), "23000"),
-            ("BEFORE INSERT OR UPDATE", "'mode=reject'", format!("INSERT INTO g_t VALUES ('a', '{hex}', 'openai', NULL)"), "23000"),
-            ("BEFORE INSERT OR UPDATE", "'mode=reject', 'unverified=keep'", format!("INSERT INTO g_t VALUES ('a', '{hex}', 'openai', NULL)"), "00000"),
-            ("BEFORE INSERT OR UPDATE", "'mode=reject'", "INSERT INTO g_t VALUES ('a', 'sk-deleted', 'openai', 'deleted')".to_owned(), "00000"),
-            ("BEFORE INSERT OR UPDATE", "'mode=reject'", "INSERT INTO g_t VALUES ('a', encrypt_token('sk'), 'openai', NULL)".to_owned(), "00000"),
-            ("BEFORE INSERT OR UPDATE", "'mode=reject'", "INSERT INTO g_t VALUES ('a', NULL, 'openai', NULL)".to_owned(), "00000"),
-            ("BEFORE INSERT OR UPDATE", "'mode=nope'", insert.to_owned(), "22023"),
-            ("BEFORE INSERT OR UPDATE", "'unverified=keep', 'unverified=keep'", insert.to_owned(), "22023"),
-            ("BEFORE INSERT OR UPDATE", "'format=llmgw'", insert.to_owned(), "22023"),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'mode=reject'",
+                insert.to_owned(),
+                "23000",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'mode=reject'",
+                format!("INSERT INTO g_t VALUES ('a', '{hex}', 'openai', NULL)"),
+                "23000",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'mode=reject', 'unverified=keep'",
+                format!("INSERT INTO g_t VALUES ('a', '{hex}', 'openai', NULL)"),
+                "00000",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'mode=reject'",
+                "INSERT INTO g_t VALUES ('a', 'sk-deleted', 'openai', 'deleted')".to_owned(),
+                "00000",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'mode=reject'",
+                "INSERT INTO g_t VALUES ('a', encrypt_token('sk'), 'openai', NULL)".to_owned(),
+                "00000",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'mode=reject'",
+                "INSERT INTO g_t VALUES ('a', NULL, 'openai', NULL)".to_owned(),
+                "00000",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'mode=nope'",
+                insert.to_owned(),
+                "22023",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'unverified=keep', 'unverified=keep'",
+                insert.to_owned(),
+                "22023",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'format=llmgw'",
+                insert.to_owned(),
+                "22023",
+            ),
             ("AFTER INSERT", "", insert.to_owned(), "39P01"),
-            ("BEFORE INSERT", "", "INSERT INTO g_t VALUES ('a', repeat('x', 70000), 'openai', NULL)".to_owned(), "54000"),
+            (
+                "BEFORE INSERT",
+                "",
+                "INSERT INTO g_t VALUES ('a', repeat('x', 70000), 'openai', NULL)".to_owned(),
+                "54000",
+            ),
         ] {
             guarded_table("g_t", when, args);
             assert_eq!(sqlstate(&sql), state, "{when} ({args}): {sql}");
@@ -356,9 +406,14 @@ mod tests {
              SET LOCAL provider_keys_encrypt.previous_keys = '{TEST_KEY}'"
         ))
         .unwrap();
-        assert_eq!(delta("UPDATE g_f SET token = pke_internal.reencrypt(token)"), (100, 0));
         assert_eq!(
-            one::<i64>("SELECT count(*) FROM g_f WHERE pke_internal.token_state(token) = 'current_key'"),
+            delta("UPDATE g_f SET token = pke_internal.reencrypt(token)"),
+            (100, 0)
+        );
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM g_f WHERE pke_internal.token_state(token) = 'current_key'"
+            ),
             Some(100)
         );
         // a token sealed under a key that is no longer current is opened in full, and what it
@@ -369,10 +424,16 @@ mod tests {
              SET LOCAL provider_keys_encrypt.previous_keys = ''"
         ))
         .unwrap();
-        guarded_table("g_r", "BEFORE INSERT OR UPDATE OF token, status", "'mode=reject'");
+        guarded_table(
+            "g_r",
+            "BEFORE INSERT OR UPDATE OF token, status",
+            "'mode=reject'",
+        );
         let (fast0, full0) = counts();
         assert_eq!(
-            sqlstate(&format!("INSERT INTO g_r VALUES ('k', '{token}', 'openai', NULL)")),
+            sqlstate(&format!(
+                "INSERT INTO g_r VALUES ('k', '{token}', 'openai', NULL)"
+            )),
             "23000"
         );
         let (fast1, full1) = counts();
