@@ -16,8 +16,8 @@ use pgrx::prelude::*;
 pub mod engine;
 pub mod errors;
 pub mod functions;
-pub mod gucs;
 pub mod guard;
+pub mod gucs;
 
 pub use provider_keys_encrypt_core::{format_base64 as token, keys};
 
