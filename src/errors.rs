@@ -144,21 +144,6 @@ impl Error {
         }
     }
 
-    pub fn detail(&self) -> Option<String> {
-        match self {
-            Error::Guard(GuardError::Refused { .. }) => Some(
-                "Its guard (mode=reject) accepts only tokens that authenticate under the current \
-                 or a previous key."
-                    .into(),
-            ),
-            Error::Guard(GuardError::TooLong { id, .. }) => Some(format!(
-                "The guard encrypted the token of provider key {id}; the encrypted token does not \
-                 fit the column."
-            )),
-            _ => None,
-        }
-    }
-
     pub fn hint(&self) -> Option<Cow<'static, str>> {
         Some(Cow::Borrowed(match self {
             Error::Setup(SetupError::NotPreloaded) => {
@@ -180,6 +165,15 @@ impl Error {
             Error::Setup(SetupError::KeyGiven { more, .. }) if *more > 0 => {
                 Some(format!("{more} more such setting(s) found."))
             }
+            Error::Guard(GuardError::Refused { .. }) => Some(
+                "Its guard (mode=reject) accepts only tokens that authenticate under the current \
+                 or a previous key."
+                    .into(),
+            ),
+            Error::Guard(GuardError::TooLong { id, .. }) => Some(format!(
+                "The guard encrypted the token of provider key {id}; the encrypted token does not \
+                 fit the column."
+            )),
             _ => None,
         }
     }
@@ -232,9 +226,6 @@ impl Error {
     pub fn raise(self) -> ! {
         let mut report =
             ErrorReport::new(self.sqlstate(), self.to_string(), "provider_keys_encrypt");
-        if let Some(d) = self.detail() {
-            report = report.set_detail(d);
-        }
         if let Some(h) = self.hint() {
             report = report.set_hint(h);
         }

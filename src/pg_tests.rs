@@ -573,12 +573,10 @@ mod tests {
         // the same tokens written again, not just sealed: opened in full
         Spi::run("SELECT encrypt_token('something else sealed last')").unwrap();
         assert_eq!(delta("UPDATE g_f SET token = token || ''"), (0, 100));
-        // rotation: reencrypt's output too
-        Spi::run(&format!(
-            "SET LOCAL provider_keys_encrypt.encryption_key = '{OTHER_KEY}';
-             SET LOCAL provider_keys_encrypt.previous_keys = '{TEST_KEY}'"
-        ))
-        .unwrap();
+        // rotation: tokens under the previous key are opened (and pass); what reencrypt writes
+        // is not opened again
+        let old = token_under(PREV_KEY, "sk-rotate-through-the-guard");
+        assert_eq!(delta(&format!("UPDATE g_f SET token = '{old}'")), (0, 100));
         assert_eq!(
             delta("UPDATE g_f SET token = pke_internal.reencrypt(token)"),
             (100, 0)
@@ -589,14 +587,12 @@ mod tests {
             ),
             Some(100)
         );
-        // a token sealed under a key that is no longer current is opened in full, and what it
-        // is then decides: in mode=reject, a token under no configured key is refused
-        let token = one::<String>("SELECT encrypt_token('sk-sealed-then-key-changed')").unwrap();
-        Spi::run(&format!(
-            "SET LOCAL provider_keys_encrypt.encryption_key = '{TEST_KEY}';
-             SET LOCAL provider_keys_encrypt.previous_keys = ''"
-        ))
-        .unwrap();
+        // the record counts only for the key that is current: a token noted as sealed under
+        // another key is opened in full, and what it is then decides (mode=reject refuses a
+        // token under no configured key)
+        let other = crate::keys::KeyRing::from_config(None, Some(OTHER_KEY), None).unwrap();
+        let token = other.encrypt(b"sk-sealed-under-another-key").unwrap();
+        crate::guard::note_sealed(&other, &token);
         guarded_table(
             "g_r",
             "BEFORE INSERT OR UPDATE OF token, status",

@@ -30,15 +30,13 @@ SELECT token = :'t2' AS unchanged FROM gk WHERE id = 'g2';
 -- A token-shaped value no key opens: the engine's treatment, a WARNING, encrypted as plaintext.
 INSERT INTO gk (id, token, provider) VALUES ('g4', '0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef', 'together.ai');
 SELECT id, pke_internal.token_state(token), decrypt_token(token) FROM gk WHERE id = 'g4';
--- A token under a previous key (rotation pending) passes unchanged, as for reencrypt_provider_keys.
-BEGIN;
-SET LOCAL provider_keys_encrypt.encryption_key = 'b3RoZXIta2V5LXByb3ZpZGVyX2tleXNfZW5jcnlwdC0=';
-SET LOCAL provider_keys_encrypt.previous_keys = 'dGVzdC1rZXktcHJvdmlkZXJfa2V5c19lbmNyeXB0LTE=';
-UPDATE gk SET token = :'t2' WHERE id = 'g1';
-SELECT id, token = :'t2' AS unchanged, pke_internal.token_state(token) FROM gk WHERE id = 'g1';
+-- A token under a previous key (rotation pending: the server has it in ENCRYPTION_KEY_PREVIOUS;
+-- this one the gateway's Node code wrote) passes unchanged, as for the engine, and
+-- reencrypt_provider_keys then moves it to the current key through the guard.
+UPDATE gk SET token = 'QtLXRd2IzkY5AQROp3JvnJEDXArMs0EGx845gOMpUjLR9sr+' WHERE id = 'g1';
+SELECT id, token = 'QtLXRd2IzkY5AQROp3JvnJEDXArMs0EGx845gOMpUjLR9sr+' AS unchanged, pke_internal.token_state(token) FROM gk WHERE id = 'g1';
 CALL reencrypt_provider_keys('gk', verbose => false);
 SELECT id, pke_internal.token_state(token), decrypt_token(token) FROM gk ORDER BY id;
-ROLLBACK;
 SELECT count(*) AS rows, count(*) FILTER (WHERE pke_internal.token_state(token) = 'current_key') AS encrypted FROM gk;
 
 -- The run says the table is clean, and a run with guard => true finds the guard installed.
