@@ -10,6 +10,7 @@
 //! | plaintext or token over the size limit  | 54000    | program_limit_exceeded           |
 //! | a buffer sized by the input can't fit   | 53200    | out_of_memory                    |
 //! | OS random generator failed              | 58000    | system_error                     |
+//! | NULL row id given to an llmgw function  | 22004    | null_value_not_allowed           |
 //!
 //! Messages are fixed strings or name a setting: never a key, a token or a plaintext.
 
@@ -25,6 +26,9 @@ pub enum Error {
     Key(#[from] KeyError),
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// An llmgw token is bound to its row's id: there is no token for a NULL id.
+    #[error("id must not be NULL: an llmgw token is bound to its row's id")]
+    NullRowId,
 }
 
 impl Error {
@@ -43,6 +47,7 @@ impl Error {
             }
             Error::Token(TokenError::OutOfMemory) => ERRCODE_OUT_OF_MEMORY,
             Error::Token(TokenError::NoRandomness) => ERRCODE_SYSTEM_ERROR,
+            Error::NullRowId => ERRCODE_NULL_VALUE_NOT_ALLOWED,
         }
     }
 
