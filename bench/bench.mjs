@@ -95,7 +95,11 @@ const bare = timeCall("UPDATE provider_key SET token = encrypt_token(token) WHER
 add(2, "bare UPDATE … SET token = encrypt_token(token)", active, bare);
 add(2, "CALL encrypt_provider_keys(verbose => false)", active, timeCall("CALL encrypt_provider_keys(verbose => false)", fresh), "bare UPDATE … SET token = encrypt_token(token)");
 add(2, "CALL encrypt_provider_keys() — verbose", active, timeCall("CALL encrypt_provider_keys()", fresh), "bare UPDATE … SET token = encrypt_token(token)");
-add(2, "CALL encrypt_provider_keys() — 2nd run (all skipped)", active, timeCall("CALL encrypt_provider_keys(verbose => false)", () => {}), "bare UPDATE … SET token = encrypt_token(token)");
+// the all-skipped re-run against a plain classification scan of the same (encrypted) rows
+add(2, "classification scan: count(*) FILTER (WHERE is_encrypted_token(token))", active,
+  timeSql("SELECT count(*) FILTER (WHERE is_encrypted_token(token)) FROM provider_key WHERE status IS DISTINCT FROM 'deleted'"));
+add(2, "CALL encrypt_provider_keys() — 2nd run (all skipped)", active, timeCall("CALL encrypt_provider_keys(verbose => false)", () => {}),
+  "classification scan: count(*) FILTER (WHERE is_encrypted_token(token))");
 
 // 3. the gateway's way: a Node script with the pg client, row by row (its guide's method)
 {

@@ -10,7 +10,20 @@
 //! | plaintext or token over the size limit  | 54000    | program_limit_exceeded           |
 //! | a buffer sized by the input can't fit   | 53200    | out_of_memory                    |
 //! | OS random generator failed              | 58000    | system_error                     |
-//! | NULL row id given to an llmgw function  | 22004    | null_value_not_allowed           |
+//!
+//! The gateway's llmgw format (`Error::Llmgw`):
+//!
+//! | cause                                          | SQLSTATE | condition name                   |
+//! |------------------------------------------------|----------|----------------------------------|
+//! | GATEWAY_API_KEY_HASH_SECRET missing or empty   | 55000    | object_not_in_prerequisite_state |
+//! | not an llmgw token / malformed token           | 22P02    | invalid_text_representation      |
+//! | unknown llmgw version (not v1/v2)              | 0A000    | feature_not_supported            |
+//! | sealed under a key id not in the keyring       | 22023    | invalid_parameter_value          |
+//! | does not authenticate for this row             | 22000    | data_exception                   |
+//! | decrypted bytes are not UTF-8 text             | 22021    | character_not_in_repertoire      |
+//! | plaintext or token over the size limit         | 54000    | program_limit_exceeded           |
+//! | OS random generator failed                     | 58000    | system_error                     |
+//! | NULL row id given to an llmgw function         | 22004    | null_value_not_allowed           |
 //!
 //! Messages are fixed strings or name a setting: never a key, a token or a plaintext.
 
@@ -19,6 +32,7 @@ use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 use crate::keys::KeyError;
 use crate::token::TokenError;
+use provider_keys_encrypt_core::format_llmgw::LlmgwError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -26,6 +40,9 @@ pub enum Error {
     Key(#[from] KeyError),
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// The gateway's llmgw format and its GATEWAY_API_KEY_HASH_SECRET keyring.
+    #[error(transparent)]
+    Llmgw(#[from] LlmgwError),
     /// An llmgw token is bound to its row's id: there is no token for a NULL id.
     #[error("id must not be NULL: an llmgw token is bound to its row's id")]
     NullRowId,
@@ -47,6 +64,19 @@ impl Error {
             }
             Error::Token(TokenError::OutOfMemory) => ERRCODE_OUT_OF_MEMORY,
             Error::Token(TokenError::NoRandomness) => ERRCODE_SYSTEM_ERROR,
+            Error::Llmgw(e) => match e {
+                LlmgwError::MissingSecret => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                LlmgwError::NotAToken | LlmgwError::Malformed(_) => {
+                    ERRCODE_INVALID_TEXT_REPRESENTATION
+                }
+                // A version this extension does not implement (a newer gateway's token).
+                LlmgwError::UnknownVersion => ERRCODE_FEATURE_NOT_SUPPORTED,
+                LlmgwError::UnknownKeyId(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+                LlmgwError::DoesNotAuthenticate => ERRCODE_DATA_EXCEPTION,
+                LlmgwError::NotText => ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+                LlmgwError::TooLong => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                LlmgwError::NoRandomness => ERRCODE_SYSTEM_ERROR,
+            },
             Error::NullRowId => ERRCODE_NULL_VALUE_NOT_ALLOWED,
         }
     }
@@ -64,6 +94,14 @@ impl Error {
             ),
             Error::Token(TokenError::NotBase64 | TokenError::TooShort) => Some(
                 "A token is standard base64 (with padding) of nonce(12) || tag(16) || ciphertext.",
+            ),
+            Error::Llmgw(LlmgwError::MissingSecret) => Some(
+                "Start the server with the gateway's GATEWAY_API_KEY_HASH_SECRET in its \
+                 environment (see the README, \"Configuring the key\").",
+            ),
+            Error::Llmgw(LlmgwError::UnknownKeyId(_)) => Some(
+                "Add the secret that key id belongs to (the gateway's previous secret) after the \
+                 current one in GATEWAY_API_KEY_HASH_SECRET, comma-separated.",
             ),
             _ => None,
         }

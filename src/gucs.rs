@@ -24,6 +24,7 @@ use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 use crate::keys::{self, KeyError, KeyRing, KeySource};
+use provider_keys_encrypt_core::format_llmgw;
 
 /// Raw value of `provider_keys_encrypt.encryption_key` (blank: use `ENCRYPTION_KEY`).
 pub static ENCRYPTION_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -37,6 +38,10 @@ thread_local! {
     /// The key ring, built on first use and rebuilt after any assignment to either setting.
     /// `None` = stale. Errors are cached too, so a bad key costs one parse, not one per row.
     static RING: RefCell<Option<Result<Rc<KeyRing>, KeyError>>> = const { RefCell::new(None) };
+    /// The gateway's keyring (GATEWAY_API_KEY_HASH_SECRET), built on first use. The
+    /// environment does not change while the backend runs, so it is never rebuilt.
+    static GATEWAY_RING: RefCell<Option<Result<Rc<format_llmgw::Keyring>, format_llmgw::LlmgwError>>> =
+        const { RefCell::new(None) };
 }
 
 pub fn init() {
@@ -82,6 +87,28 @@ pub fn with_keyring<T>(f: impl FnOnce(&KeyRing) -> T) -> Result<T, KeyError> {
             .clone()
     })?;
     Ok(f(&ring))
+}
+
+/// Run `f` with the gateway's keyring, read from the server's `GATEWAY_API_KEY_HASH_SECRET`
+/// environment variable (comma-separated secrets, current first) on first use and cached for
+/// the life of the backend. Missing or empty: `LlmgwError::MissingSecret` (SQLSTATE 55000).
+pub fn with_gateway_keyring<T>(
+    f: impl FnOnce(&format_llmgw::Keyring) -> T,
+) -> Result<T, crate::errors::Error> {
+    let ring = GATEWAY_RING.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        slot.get_or_insert_with(|| build_gateway_ring().map(Rc::new))
+            .clone()
+    })?;
+    Ok(f(&ring))
+}
+
+fn build_gateway_ring() -> Result<format_llmgw::Keyring, format_llmgw::LlmgwError> {
+    // Node decodes the environment as UTF-8 with U+FFFD for invalid bytes: env_text does too.
+    let text = std::env::var_os(format_llmgw::ENV_VAR)
+        .map(|v| keys::env_text(std::os::unix::ffi::OsStringExt::into_vec(v)))
+        .ok_or(format_llmgw::LlmgwError::MissingSecret)?;
+    format_llmgw::Keyring::parse(&text)
 }
 
 fn build_ring() -> Result<KeyRing, KeyError> {

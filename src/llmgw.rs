@@ -32,70 +32,10 @@ use provider_keys_encrypt_core::format_llmgw::{self as llmgw, Keyring, LlmgwErro
 use provider_keys_encrypt_core::RowContext;
 use zeroize::Zeroizing;
 
-use crate::errors::Error;
+use crate::errors::{Error, OrRaise};
 use crate::functions::SecretText;
+use crate::gucs::with_gateway_keyring;
 
-// ---------------------------------------------------------------------------------------------
-// TEMPORARY SHIM: `with_gateway_keyring` and the LlmgwError -> SQLSTATE mapping, until branch
-// keys-env (crate::gucs::with_gateway_keyring, errors.rs's Error::Llmgw) is merged into main.
-// Delete this module and import crate::gucs::with_gateway_keyring instead; the call sites stay
-// as they are.
-mod shim {
-    use std::cell::RefCell;
-    use std::rc::Rc;
-
-    use pgrx::pg_sys::panic::ErrorReport;
-    use pgrx::{PgLogLevel, PgSqlErrorCode};
-    use provider_keys_encrypt_core::format_llmgw::{Keyring, LlmgwError, ENV_VAR};
-
-    thread_local! {
-        static RING: RefCell<Option<Result<Rc<Keyring>, LlmgwError>>> = const { RefCell::new(None) };
-    }
-
-    pub fn with_gateway_keyring<T>(f: impl FnOnce(&Keyring) -> T) -> Result<T, LlmgwError> {
-        let ring = RING.with(|cell| {
-            cell.borrow_mut()
-                .get_or_insert_with(|| {
-                    let text = std::env::var(ENV_VAR).map_err(|_| LlmgwError::MissingSecret)?;
-                    Keyring::parse(&zeroize::Zeroizing::new(text)).map(Rc::new)
-                })
-                .clone()
-        })?;
-        Ok(f(&ring))
-    }
-
-    pub trait OrRaiseLlmgw<T> {
-        fn or_raise(self) -> T;
-    }
-
-    impl<T> OrRaiseLlmgw<T> for Result<T, LlmgwError> {
-        fn or_raise(self) -> T {
-            use PgSqlErrorCode::*;
-            match self {
-                Ok(v) => v,
-                Err(e) => {
-                    let code = match e {
-                        LlmgwError::MissingSecret => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                        LlmgwError::NotAToken | LlmgwError::Malformed(_) => {
-                            ERRCODE_INVALID_TEXT_REPRESENTATION
-                        }
-                        LlmgwError::UnknownVersion => ERRCODE_FEATURE_NOT_SUPPORTED,
-                        LlmgwError::UnknownKeyId(_) => ERRCODE_INVALID_PARAMETER_VALUE,
-                        LlmgwError::DoesNotAuthenticate => ERRCODE_DATA_EXCEPTION,
-                        LlmgwError::NotText => ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
-                        LlmgwError::TooLong => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-                        LlmgwError::NoRandomness => ERRCODE_SYSTEM_ERROR,
-                    };
-                    ErrorReport::new(code, e.to_string(), "provider_keys_encrypt")
-                        .report(PgLogLevel::ERROR);
-                    unreachable!("ERROR does not return")
-                }
-            }
-        }
-    }
-}
-use shim::{with_gateway_keyring, OrRaiseLlmgw as _};
-// ---------------------------------------------------------------------------------------------
 
 /// The row a token belongs to. A NULL id is refused (22004): see the module doc.
 fn row<'a>(id: Option<&'a str>, organization_id: Option<&'a str>) -> RowContext<'a> {

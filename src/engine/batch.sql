@@ -2,11 +2,13 @@
 -- on the unique index on id: memory stays flat, each batch is an index range scan), and each
 -- batch is ONE statement (batch_sql):
 --
---   c : the batch's rows (after the previous batch's last id, in id order, LIMIT batch_size;
+--   a : the batch's rows (after the previous batch's last id, in id order, LIMIT batch_size;
 --       soft-deleted rows included, so the position always advances), each classified ONCE
---       (the format's state_sql: pke_internal.token_state or pke_internal.llmgw_state, in Rust);
---   w : the UPDATE of the rows of c whose state the mode writes, found by their ids;
---   and the counts over c and w, in the statement's one snapshot.
+--       (the format's state_sql: pke_internal.token_state or pke_internal.llmgw_state, in
+--       Rust), aggregated in the same pass into the counts and
+--       the ids of the rows whose state the mode writes;
+--   w : the UPDATE of those ids;
+--   and the counts over a and w, in the statement's one snapshot.
 --
 -- No lost update: if the application changes a row after the statement's snapshot, the UPDATE
 -- waits for it and re-checks its conditions on the new version (EvalPlanQual): the row is
@@ -14,7 +16,9 @@
 -- computed from that version. A new plaintext is encrypted as the application wrote it; a
 -- token or a soft delete is left alone and counted as changed_concurrently. Rows that were
 -- not to be written in the snapshot are not touched (a concurrent plaintext write there is
--- the guard's job, or the next run's).
+-- the guard's job, or the next run's). The UPDATE finds its rows by id, not by ctid: on a
+-- concurrent update, PostgreSQL up to 16 re-checks a TID scan as matching while newer releases
+-- re-check the TID itself, so a ctid join would behave differently across versions.
 --
 -- Failures and subtransactions. A row whose write raises (a trigger, a constraint) must be
 -- rolled back alone. Catching an error needs a subtransaction, and more than 64 committed
@@ -34,29 +38,35 @@
 -- The batch statement for a mode, a table and a range. Parameters: $1 after_id text,
 -- $2 batch_size integer, $3 ids text[], $4 todo token_state[], $5 list the written rows,
 -- $6 list the unverified rows.
+--   a: one pass over the batch's rows in id order (an index range scan, LIMIT batch_size),
+--      classifying each row once and aggregating at once: the counts, the keyset position,
+--      and the ids of the rows to write (no per-row tuplestore);
+--   w: the UPDATE of exactly those ids, re-checked by PostgreSQL on concurrent change.
 CREATE FUNCTION pke_internal.batch_sql(m pke_internal.mode, tbl regclass, range_sql text, dry_run boolean)
 RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 RETURN format($q$
-    WITH c AS MATERIALIZED (
-        SELECT t.id, t.id::text AS key, t.provider::text AS provider,
-               CASE WHEN %3$s THEN NULL ELSE %4$s END AS s
-          FROM %1$s t
-         WHERE %2$s
-         ORDER BY t.id
-         LIMIT $2),
+    WITH a AS MATERIALIZED (
+        SELECT count(c.s) AS examined,
+               count(*) FILTER (WHERE c.s = ANY ($4)) AS todo,
+               count(*) FILTER (WHERE c.s = 'previous_key') AS previous,
+               count(*) FILTER (WHERE c.s = 'unverified') AS unverified,
+               array_agg(c.key) FILTER (WHERE c.s = 'unverified' AND $6) AS unverified_ids,
+               array_agg(c.provider) FILTER (WHERE c.s = 'unverified' AND $6) AS unverified_providers,
+               max(c.key) AS last_id,
+               array_agg(c.key) FILTER (WHERE c.s = ANY ($4)) AS todo_ids,
+               array_agg(c.provider) FILTER (WHERE c.s = ANY ($4) AND $5) AS todo_providers
+          FROM (SELECT t.id, t.id::text AS key, t.provider::text AS provider,
+                       CASE WHEN %3$s THEN NULL ELSE %4$s END AS s
+                  FROM %1$s t
+                 WHERE %2$s
+                 ORDER BY t.id
+                 LIMIT $2) c),
     w AS (%5$s)
     SELECT a.examined, a.todo, a.previous, a.unverified, a.unverified_ids, a.unverified_providers, a.last_id,
            w.written, w.written_ids, w.written_providers
-      FROM (SELECT count(c.s) AS examined,
-                   count(*) FILTER (WHERE c.s = ANY ($4)) AS todo,
-                   count(*) FILTER (WHERE c.s = 'previous_key') AS previous,
-                   count(*) FILTER (WHERE c.s = 'unverified') AS unverified,
-                   array_agg(c.key ORDER BY c.id) FILTER (WHERE c.s = 'unverified' AND $6) AS unverified_ids,
-                   array_agg(c.provider ORDER BY c.id) FILTER (WHERE c.s = 'unverified' AND $6) AS unverified_providers,
-                   max(c.key) AS last_id
-              FROM c) a,
+      FROM a,
            (SELECT count(*) AS written,
                    array_agg(w.key ORDER BY w.key) FILTER (WHERE $5) AS written_ids,
                    array_agg(w.provider ORDER BY w.key) FILTER (WHERE $5) AS written_providers
@@ -64,10 +74,10 @@ RETURN format($q$
     tbl, range_sql, m.deleted_sql, m.state_sql,
     CASE WHEN dry_run
          -- a dry run reports what the UPDATE would write, and writes nothing
-         THEN 'SELECT c.key, c.provider FROM c WHERE c.s = ANY ($4)'
+         THEN 'SELECT u.key, u.provider FROM a, unnest(a.todo_ids, a.todo_providers) AS u(key, provider)'
          ELSE format($w$
             UPDATE %1$s t SET %2$s
-             WHERE t.id = ANY (ARRAY(SELECT c.id FROM c WHERE c.s = ANY ($4)))
+             WHERE t.id = ANY ((SELECT a.todo_ids FROM a)::text[])
                AND NOT (%3$s) AND %4$s = ANY ($4)
             RETURNING t.id::text AS key, t.provider::text AS provider $w$,
             tbl, m.set_sql, m.deleted_sql, m.state_sql) END);
