@@ -37,6 +37,39 @@ BEGIN
 END
 $$;
 
+-- The schema the public functions go to must be one where nobody but superusers can create
+-- objects: a role that can create there can create an overload (encrypt_provider_keys(text),
+-- say) that a superuser's `CALL encrypt_provider_keys('t')` would pick over ours, before any of
+-- our code runs. (PostgreSQL 15's default public schema qualifies when the database owner is a
+-- superuser.) Every operator here is pg_catalog's, named: this runs as the installing superuser
+-- with the target schema on the search_path.
+DO $$
+DECLARE
+    writers text;
+BEGIN
+    SELECT pg_catalog.string_agg(DISTINCT CASE WHEN w.grantee OPERATOR(pg_catalog.=) '0'::oid THEN 'PUBLIC'
+                                               ELSE pg_catalog.quote_ident(r.rolname::text) END, ', ')
+      INTO writers
+      FROM (SELECT CASE WHEN g.grantee OPERATOR(pg_catalog.=) 'pg_database_owner'::regrole::oid THEN d.datdba ELSE g.grantee END AS grantee
+              FROM (SELECT n.nspowner AS grantee FROM pg_catalog.pg_namespace n
+                     WHERE n.oid OPERATOR(pg_catalog.=) '@extschema@'::regnamespace::oid
+                    UNION
+                    SELECT a.grantee FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+                     WHERE n.oid OPERATOR(pg_catalog.=) '@extschema@'::regnamespace::oid
+                       AND a.privilege_type OPERATOR(pg_catalog.=) 'CREATE'::text) g,
+                   pg_catalog.pg_database d
+             WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()) w
+      LEFT JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) w.grantee
+     WHERE w.grantee OPERATOR(pg_catalog.=) '0'::oid OR NOT r.rolsuper;
+    IF writers IS NOT NULL THEN
+        RAISE WARNING 'schema @extschema@ is writable by roles that are not superusers: %', writers
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'A role that can create objects in the extension''s schema can plant an overload that a superuser''s call would run.',
+                  HINT = 'Install it into a schema of its own: CREATE SCHEMA pke; CREATE EXTENSION provider_keys_encrypt SCHEMA pke; (and add pke to search_path), or REVOKE CREATE ON SCHEMA @extschema@ from those roles.';
+    END IF;
+END
+$$;
+
 -- The internals live here, out of the user's schemas. Only the extension's owner (a
 -- superuser: the extension is not trusted) can create objects in it, so no role can plant an
 -- overload or an operator where the engine looks. Privileges: see privileges.sql.
@@ -58,12 +91,13 @@ CREATE TYPE pke_internal.token_state AS ENUM (
 CREATE TYPE pke_internal.mode AS (
     name text,                         -- encrypt | decrypt | reencrypt
     format text,                       -- base64 (the seed guide's format)
-    entry_point text,                  -- the public procedure: its EXECUTE privilege is required
+    entry_point text,                  -- the public procedure's signature: EXECUTE on it is required
     job text,                          -- 'encryption migration', for the banner and summary
     done_word text,                    -- 'encrypted', for the summary
     past text,                         -- 'Encrypted', for a row's NOTICE
     verb text,                         -- 'encrypt', for a row's WARNING
     todo pke_internal.token_state[],   -- the states this mode writes
+    target pke_internal.token_state[], -- the states a written row must end in
     state_sql text,                    -- the state of row t (alias t), an SQL expression
     set_sql text,                      -- the SET list that moves row t
     deleted_sql text,                  -- true for rows this mode leaves alone (soft-deleted)
@@ -121,7 +155,9 @@ CREATE TYPE pke_internal.batch_rows AS (
     last_id text,
     written bigint,
     written_ids text[],
-    written_providers text[]
+    written_providers text[],
+    overridden_ids text[],    -- written, but a trigger stored something else than the mode's target
+    overridden_providers text[]
 );
 
 CREATE FUNCTION pke_internal.flush_wal() RETURNS void
@@ -171,25 +207,28 @@ BEGIN
     END IF;
     SELECT v.* INTO m
       FROM (VALUES
-        ('encrypt', 'base64', 'encrypt_provider_keys', 'encryption migration', 'encrypted', 'Encrypted', 'encrypt',
+        ('encrypt', 'base64', 'encrypt_provider_keys(regclass,integer,boolean,boolean,boolean,text,boolean)', 'encryption migration', 'encrypted', 'Encrypted', 'encrypt',
          CASE WHEN encrypt_unverified THEN '{plaintext,unverified}' ELSE '{plaintext}' END::pke_internal.token_state[],
+         '{current_key}'::pke_internal.token_state[],
          'pke_internal.token_state(t.token::text)',
          'token = @extschema@.encrypt_token(t.token::text)',
          't.status IS NOT DISTINCT FROM ''deleted''',
          false),
-        ('decrypt', 'base64', 'decrypt_provider_keys', 'decryption', 'decrypted', 'Decrypted', 'decrypt',
+        ('decrypt', 'base64', 'decrypt_provider_keys(regclass,integer,boolean,boolean,text)', 'decryption', 'decrypted', 'Decrypted', 'decrypt',
          '{current_key,previous_key}'::pke_internal.token_state[],
+         '{plaintext,unverified}'::pke_internal.token_state[],
          'pke_internal.token_state(t.token::text)',
          'token = @extschema@.decrypt_token(t.token::text)',
          't.status IS NOT DISTINCT FROM ''deleted''',
          true),
-        ('reencrypt', 'base64', 'reencrypt_provider_keys', 're-encryption', 'reencrypted', 'Re-encrypted', 're-encrypt',
+        ('reencrypt', 'base64', 'reencrypt_provider_keys(regclass,integer,boolean,boolean,text)', 're-encryption', 'reencrypted', 'Re-encrypted', 're-encrypt',
          '{previous_key}'::pke_internal.token_state[],
+         '{current_key}'::pke_internal.token_state[],
          'pke_internal.token_state(t.token::text)',
          'token = pke_internal.reencrypt(t.token::text)',
          't.status IS NOT DISTINCT FROM ''deleted''',
          false)
-      ) AS v(name, format, entry_point, job, done_word, past, verb, todo, state_sql, set_sql, deleted_sql, needs_decrypt)
+      ) AS v(name, format, entry_point, job, done_word, past, verb, todo, target, state_sql, set_sql, deleted_sql, needs_decrypt)
      WHERE v.name = mode_name AND v.format = format_name;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown mode "%"', mode_name
@@ -197,16 +236,15 @@ BEGIN
                   HINT = 'The modes are encrypt, decrypt and reencrypt.';
     END IF;
     IF check_privileges THEN
-        IF NOT EXISTS (SELECT 1 FROM pg_proc p
-                        WHERE p.pronamespace = '@extschema@'::regnamespace AND p.proname = m.entry_point
-                          AND has_function_privilege(p.oid, 'EXECUTE')) THEN
-            RAISE EXCEPTION 'permission denied for procedure %', m.entry_point
+        -- the exact procedure (an overload someone else created has another signature)
+        IF NOT has_function_privilege(format('@extschema@.%s', m.entry_point), 'EXECUTE') THEN
+            RAISE EXCEPTION 'permission denied for procedure %', split_part(m.entry_point, '(', 1)
                 USING ERRCODE = 'insufficient_privilege';
         END IF;
         IF m.needs_decrypt AND NOT has_function_privilege('@extschema@.decrypt_token(text)', 'EXECUTE') THEN
             RAISE EXCEPTION 'permission denied for function decrypt_token'
                 USING ERRCODE = 'insufficient_privilege',
-                      HINT = format('%s writes plaintext: it needs EXECUTE on decrypt_token(text) too.', m.entry_point);
+                      HINT = format('%s writes plaintext: it needs EXECUTE on decrypt_token(text) too.', split_part(m.entry_point, '(', 1));
         END IF;
     END IF;
     RETURN m;
@@ -216,9 +254,10 @@ $fn$;
 -- Which table a run works on, and everything checked before any row is read or written.
 -- A global problem is one ERROR with its own SQLSTATE here, never a WARNING per row later.
 
--- The checks, in order: a table; the columns, typed text or varchar, readable; the column a
--- run writes, updatable; a unique index on id; and no code belonging to another role that
--- would run with the caller's rights (check_table_code). (The caller's right to the mode
+-- The checks, in order: a table without inheritance children (a unique index on the parent
+-- does not cover them; partitions are fine); the columns, typed text or varchar, readable; id
+-- NOT NULL; the column a run writes, updatable; a unique index on id; and nobody who could
+-- make the table run code with the caller's rights (check_table_trust). (The caller's right to the mode
 -- itself is checked by pke_internal.mode.)
 CREATE FUNCTION pke_internal.check_table(tbl regclass, writes boolean)
 RETURNS void
@@ -236,6 +275,12 @@ BEGIN
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = tbl AND c.relkind IN ('r', 'p')) THEN
         RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_class c JOIN pg_inherits i ON i.inhparent = c.oid
+                WHERE c.oid = tbl AND c.relkind = 'r') THEN
+        RAISE EXCEPTION 'table % has inheritance children', tbl
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Its unique index on id does not cover the children. Run the procedure on each table of the hierarchy, or use declarative partitioning.';
     END IF;
     FOREACH col IN ARRAY ARRAY['id', 'token', 'provider', 'status'] LOOP
         SELECT a.atttypid::regtype INTO typ
@@ -255,6 +300,11 @@ BEGIN
                 USING ERRCODE = 'insufficient_privilege';
         END IF;
     END LOOP;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = 'id' AND a.attnotnull) THEN
+        RAISE EXCEPTION 'column "id" of relation % may be NULL', tbl
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('A run walks the table in id order and would never reach rows without one. Add: ALTER TABLE %s ALTER COLUMN id SET NOT NULL;', tbl);
+    END IF;
     IF writes AND NOT has_column_privilege(tbl, 'token', 'UPDATE') THEN
         RAISE EXCEPTION 'permission denied to update column "token" of table %', tbl
             USING ERRCODE = 'insufficient_privilege';
@@ -268,71 +318,61 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = format('A run walks the table in id order. Add one with: ALTER TABLE %s ADD PRIMARY KEY (id);', tbl);
     END IF;
-    IF writes THEN
-        PERFORM pke_internal.check_table_code(tbl);
-    END IF;
+    PERFORM pke_internal.check_table_trust(tbl, writes);
 END
 $fn$;
 
--- Code that belongs to the table runs with the rights of whoever UPDATEs it: triggers, rules,
--- row-level security policies, CHECK constraints, index expressions and operator classes,
--- generated columns. A run refuses to execute such code when it belongs to a role that could
--- not already act as the caller (a superuser running the procedures on a table an untrusted
--- role owns, say): that would hand the owner the caller's rights. Built-in functions and
--- operators, and this extension's own objects (the guard), are not such code.
-CREATE FUNCTION pke_internal.check_table_code(tbl regclass)
+-- Who may put code in the table's way. Everything that runs while a run reads or writes the
+-- table runs with the caller's rights: triggers (even a built-in trigger function's WHEN clause
+-- can call query_to_xml), rules, row-level security policies, CHECK constraints, index
+-- expressions and the support functions of the column types' operator classes, generated
+-- columns — in the table and in every partition. Listing "code" is a losing game, so the rule
+-- is about people: every role that can change any of that — the owner of each relation of the
+-- tree, and each role granted TRIGGER on one — must be a role that could already act as the
+-- caller (pg_has_role(role, current_user, 'USAGE'): the caller itself, a role the caller's
+-- rights already include, or a superuser). Otherwise the run refuses before touching a row,
+-- and the HINT says to run it as the owner. Reads (the report, a dry run) only meet row-level
+-- security policies, so they are held to the rule only where a policy applies to the caller.
+CREATE FUNCTION pke_internal.check_table_trust(tbl regclass, writes boolean)
 RETURNS void
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    owner regrole;
-    code text[];
+    untrusted text;
+    owner_name text;
 BEGIN
-    SELECT c.relowner::regrole INTO owner FROM pg_class c WHERE c.oid = tbl;
-    IF pg_has_role(owner, current_user, 'USAGE') THEN
-        RETURN;  -- the caller is the owner, or the owner could already act with the caller's rights
+    IF NOT writes AND NOT EXISTS (
+        WITH RECURSIVE tree(oid) AS (
+            SELECT tbl::oid
+            UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)
+        SELECT 1 FROM tree JOIN pg_class c ON c.oid = tree.oid
+         WHERE c.relrowsecurity
+           AND NOT EXISTS (SELECT 1 FROM pg_roles r
+                            WHERE r.rolname = current_user AND (r.rolsuper OR r.rolbypassrls))) THEN
+        RETURN;  -- a read that no policy applies to runs no table code
     END IF;
-    WITH attached(kind, name, classid, objid) AS (
-        SELECT 'trigger', tg.tgname::text, 'pg_trigger'::regclass, tg.oid
-          FROM pg_trigger tg WHERE tg.tgrelid = tbl AND NOT tg.tgisinternal AND tg.tgenabled <> 'D'
+    WITH RECURSIVE tree(oid) AS (
+        SELECT tbl::oid
+        UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid),
+    who(rel, role_oid, what) AS (
+        SELECT c.oid, c.relowner, 'owner'
+          FROM tree JOIN pg_class c ON c.oid = tree.oid
         UNION ALL
-        SELECT 'rule', r.rulename::text, 'pg_rewrite'::regclass, r.oid
-          FROM pg_rewrite r WHERE r.ev_class = tbl AND r.rulename <> '_RETURN'
-        UNION ALL
-        SELECT 'policy', po.polname::text, 'pg_policy'::regclass, po.oid
-          FROM pg_policy po JOIN pg_class c ON c.oid = po.polrelid
-         WHERE po.polrelid = tbl AND c.relrowsecurity
-        UNION ALL
-        SELECT 'constraint', co.conname::text, 'pg_constraint'::regclass, co.oid
-          FROM pg_constraint co WHERE co.conrelid = tbl AND co.contype = 'c'
-        UNION ALL
-        SELECT 'index', ic.relname::text, 'pg_class'::regclass, ic.oid
-          FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = tbl
-        UNION ALL
-        SELECT 'generated column', a.attname::text, 'pg_attrdef'::regclass, ad.oid
-          FROM pg_attrdef ad JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
-         WHERE ad.adrelid = tbl AND a.attgenerated <> ''
-    )
-    SELECT array_agg(format('%s %I', x.kind, x.name) ORDER BY x.kind, x.name) INTO code
-      FROM attached x
-     WHERE x.kind = 'rule'
-        OR EXISTS (
-            -- built-in objects are pinned and have no pg_depend rows: any row here names code
-            -- someone created (a function, an operator, an operator class, a type)
-            SELECT 1 FROM pg_depend d
-             WHERE d.classid = x.classid AND d.objid = x.objid
-               AND d.refclassid IN ('pg_proc'::regclass, 'pg_operator'::regclass, 'pg_opclass'::regclass,
-                                    'pg_opfamily'::regclass, 'pg_type'::regclass)
-               AND NOT EXISTS (SELECT 1 FROM pg_depend e
-                                WHERE e.classid = d.refclassid AND e.objid = d.refobjid AND e.deptype = 'e'
-                                  AND e.refclassid = 'pg_extension'::regclass
-                                  AND e.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'provider_keys_encrypt')));
-    IF code IS NOT NULL THEN
-        RAISE EXCEPTION 'table % belongs to role %, and its % would run with your privileges', tbl, owner, array_to_string(code, ', ')
+        SELECT c.oid, a.grantee, 'TRIGGER privilege'
+          FROM tree JOIN pg_class c ON c.oid = tree.oid, aclexplode(c.relacl) a
+         WHERE a.privilege_type = 'TRIGGER')
+    SELECT string_agg(format('%s (%s of %s)', CASE WHEN w.role_oid = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END,
+                             w.what, w.rel::regclass), ', ' ORDER BY w.rel, w.what)
+      INTO untrusted
+      FROM who w LEFT JOIN pg_roles r ON r.oid = w.role_oid
+     WHERE w.role_oid = 0 OR NOT pg_has_role(w.role_oid, current_user, 'USAGE');
+    IF untrusted IS NOT NULL THEN
+        SELECT r.rolname INTO owner_name FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE c.oid = tbl;
+        RAISE EXCEPTION 'table % can be changed by roles that cannot act as you: %', tbl, untrusted
             USING ERRCODE = 'insufficient_privilege',
-                  DETAIL = 'Triggers, rules, policies, constraints and indexes of a table run with the rights of the role that updates it.',
-                  HINT = format('Run it as the table''s owner: SET ROLE %s; CALL ...; RESET ROLE;', owner);
+                  DETAIL = 'Its triggers, rules, policies, constraints and indexes would run with your privileges, and those roles control them.',
+                  HINT = format('Run it as the table''s owner: SET ROLE %I; CALL ...; RESET ROLE;', owner_name);
     END IF;
 END
 $fn$;
@@ -375,12 +415,15 @@ $fn$;
 
 -- The batch statement for a mode, a table and a range. Parameters: $1 after_id text,
 -- $2 batch_size integer, $3 ids text[], $4 todo token_state[], $5 list the written rows,
--- $6 list the unverified rows.
+-- $6 list the unverified rows, $7 the states a written row must end in. verify: the table has
+-- triggers that could store something else than what the run wrote, so each written row's
+-- stored value is classified again (RETURNING) and counted as written only if it is what the
+-- mode promises.
 --   a: one pass over the batch's rows in id order (an index range scan, LIMIT batch_size),
 --      classifying each row once and aggregating at once: the counts, the keyset position,
 --      and the ids of the rows to write (no per-row tuplestore);
 --   w: the UPDATE of exactly those ids, re-checked by PostgreSQL on concurrent change.
-CREATE FUNCTION pke_internal.batch_sql(m pke_internal.mode, tbl regclass, range_sql text, dry_run boolean)
+CREATE FUNCTION pke_internal.batch_sql(m pke_internal.mode, tbl regclass, range_sql text, dry_run boolean, verify boolean)
 RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
@@ -403,22 +446,25 @@ RETURN format($q$
                  LIMIT $2) c),
     w AS (%5$s)
     SELECT a.examined, a.todo, a.previous, a.unverified, a.unverified_ids, a.unverified_providers, a.last_id,
-           w.written, w.written_ids, w.written_providers
+           w.written, w.written_ids, w.written_providers, w.overridden_ids, w.overridden_providers
       FROM a,
-           (SELECT count(*) AS written,
-                   array_agg(w.key ORDER BY w.key) FILTER (WHERE $5) AS written_ids,
-                   array_agg(w.provider ORDER BY w.key) FILTER (WHERE $5) AS written_providers
+           (SELECT count(*) FILTER (WHERE w.landed) AS written,
+                   array_agg(w.key ORDER BY w.key) FILTER (WHERE w.landed AND $5) AS written_ids,
+                   array_agg(w.provider ORDER BY w.key) FILTER (WHERE w.landed AND $5) AS written_providers,
+                   array_agg(w.key ORDER BY w.key) FILTER (WHERE NOT w.landed) AS overridden_ids,
+                   array_agg(w.provider ORDER BY w.key) FILTER (WHERE NOT w.landed) AS overridden_providers
               FROM w) w $q$,
     tbl, range_sql, m.deleted_sql, m.state_sql,
     CASE WHEN dry_run
          -- a dry run reports what the UPDATE would write, and writes nothing
-         THEN 'SELECT u.key, u.provider FROM a, unnest(a.todo_ids, a.todo_providers) AS u(key, provider)'
+         THEN 'SELECT u.key, u.provider, true AS landed FROM a, unnest(a.todo_ids, a.todo_providers) AS u(key, provider)'
          ELSE format($w$
             UPDATE %1$s t SET %2$s
              WHERE t.id = ANY ((SELECT a.todo_ids FROM a)::text[])
                AND NOT (%3$s) AND %4$s = ANY ($4)
-            RETURNING t.id::text AS key, t.provider::text AS provider $w$,
-            tbl, m.set_sql, m.deleted_sql, m.state_sql) END);
+            RETURNING t.id::text AS key, t.provider::text AS provider, %5$s AS landed $w$,
+            tbl, m.set_sql, m.deleted_sql, m.state_sql,
+            CASE WHEN verify THEN format('(%s) = ANY ($7)', m.state_sql) ELSE 'true' END) END);
 
 -- The rows of a batch: after after_id (NULL: from the start), or exactly the ids given.
 CREATE FUNCTION pke_internal.batch_range(after_id text, ids text[])
@@ -431,24 +477,43 @@ RETURN CASE WHEN ids IS NOT NULL THEN 't.id::text = ANY ($3)'
 
 -- Run the batch statement with the savepoint strategy described at the top. NULL: it raised,
 -- and nothing of it is left.
+-- Could a trigger of the table store something else than what the run writes? (Enabled
+-- triggers other than the extension's own guard, in the table or a partition.)
+CREATE FUNCTION pke_internal.table_may_rewrite(tbl regclass)
+RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN EXISTS (
+    WITH RECURSIVE tree(oid) AS (
+        SELECT tbl::oid
+        UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)
+    SELECT 1 FROM tree JOIN pg_trigger tg ON tg.tgrelid = tree.oid
+     WHERE NOT tg.tgisinternal AND tg.tgenabled <> 'D'
+       AND NOT EXISTS (SELECT 1 FROM pg_depend e
+                        WHERE e.classid = 'pg_proc'::regclass AND e.objid = tg.tgfoid AND e.deptype = 'e'
+                          AND e.refobjid = (SELECT x.oid FROM pg_extension x WHERE x.extname = 'provider_keys_encrypt')));
+
+-- write_none: only count the rows (the mode's todo emptied), for a batch given up on.
 CREATE FUNCTION pke_internal.batch_apply(
     mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
-    after_id text, ids text[], batch_size integer, todo pke_internal.token_state[],
+    after_id text, ids text[], batch_size integer, write_none boolean,
     dry_run boolean, may_commit boolean, list_written boolean, list_unverified boolean)
 RETURNS pke_internal.batch_rows
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    stmt text := pke_internal.batch_sql(pke_internal.mode(mode_name, format_name, encrypt_unverified),
-                                        tbl, pke_internal.batch_range(after_id, ids), dry_run);
+    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified);
+    todo pke_internal.token_state[] := CASE WHEN write_none THEN '{}' ELSE m.todo END;
+    stmt text := pke_internal.batch_sql(m, tbl, pke_internal.batch_range(after_id, ids), dry_run OR write_none,
+                                        pke_internal.table_may_rewrite(tbl));
     r pke_internal.batch_rows;
     ok boolean;
 BEGIN
     IF may_commit OR dry_run THEN
         -- one savepoint around the whole batch; the caller commits
         BEGIN
-            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified;
+            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
             ok := true;
         EXCEPTION WHEN OTHERS THEN
             ok := false;
@@ -457,14 +522,14 @@ BEGIN
         -- inside the caller's transaction: try in a savepoint that is always rolled back,
         -- then write for real at the caller's level (no written subtransaction is kept)
         BEGIN
-            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified;
+            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
             RAISE SQLSTATE 'PK000';
         EXCEPTION
             WHEN SQLSTATE 'PK000' THEN ok := true;
             WHEN OTHERS THEN ok := false;
         END;
         IF ok THEN
-            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified;
+            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
         END IF;
     END IF;
     RETURN CASE WHEN ok THEN r END;
@@ -576,6 +641,12 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
+    IF r.overridden_ids IS NOT NULL THEN
+        FOR x IN SELECT * FROM unnest(r.overridden_ids, r.overridden_providers) AS u(key, prov) LOOP
+            RAISE WARNING 'Failed to % provider key % for provider %: a trigger stored another value than the one written (its state is not %); counted as an error',
+                m.verb, x.key, x.prov, array_to_string(m.target, ' or ');
+        END LOOP;
+    END IF;
     IF r.written_ids IS NOT NULL THEN
         FOR x IN SELECT * FROM unnest(r.written_ids, r.written_providers) AS u(key, prov) LOOP
             RAISE NOTICE '% provider key % for provider %',
@@ -598,7 +669,6 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified);
-    todo pke_internal.token_state[] := m.todo;
     r pke_internal.batch_rows;
     iso record;
     ids text[];
@@ -608,7 +678,7 @@ DECLARE
 BEGIN
     FOR attempt IN 1..3 LOOP
         r := pke_internal.batch_apply(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
-                                      batch_size, todo, dry_run, may_commit, notices, warn_left > 0);
+                                      batch_size, false, dry_run, may_commit, notices, warn_left > 0);
         EXIT WHEN r.examined IS NOT NULL;  -- it ran
         iso := pke_internal.batch_isolate(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
                                           batch_size, attempt = 3);
@@ -617,9 +687,8 @@ BEGIN
         ids := iso.good;
         IF attempt = 3 THEN
             -- count the rows that are left as they are, and write none of them
-            todo := '{}';
             r := pke_internal.batch_apply(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
-                                          batch_size, todo, true, may_commit, false, false);
+                                          batch_size, true, dry_run, may_commit, false, false);
             IF r.examined IS NULL THEN
                 RAISE EXCEPTION 'the provider keys after id % could not be read', after_id
                     USING ERRCODE = 'object_not_in_prerequisite_state';
@@ -631,9 +700,9 @@ BEGIN
     res.written := r.written;  -- in a dry run: what it would write
     res.previous := r.previous;
     res.unverified := r.unverified;
-    res.errors := failed;
+    res.errors := failed + coalesce(cardinality(r.overridden_ids), 0);
     -- rows this batch meant to write that someone else changed or deleted first
-    res.changed := CASE WHEN dry_run THEN 0 ELSE r.todo - r.written END;
+    res.changed := CASE WHEN dry_run THEN 0 ELSE r.todo - r.written - coalesce(cardinality(r.overridden_ids), 0) END;
     res.last_id := COALESCE(range_end, r.last_id);
     res.warned := pke_internal.batch_messages(m, r, dry_run, warn_left);
     RETURN res;

@@ -37,12 +37,15 @@
 
 -- The batch statement for a mode, a table and a range. Parameters: $1 after_id text,
 -- $2 batch_size integer, $3 ids text[], $4 todo token_state[], $5 list the written rows,
--- $6 list the unverified rows.
+-- $6 list the unverified rows, $7 the states a written row must end in. verify: the table has
+-- triggers that could store something else than what the run wrote, so each written row's
+-- stored value is classified again (RETURNING) and counted as written only if it is what the
+-- mode promises.
 --   a: one pass over the batch's rows in id order (an index range scan, LIMIT batch_size),
 --      classifying each row once and aggregating at once: the counts, the keyset position,
 --      and the ids of the rows to write (no per-row tuplestore);
 --   w: the UPDATE of exactly those ids, re-checked by PostgreSQL on concurrent change.
-CREATE FUNCTION pke_internal.batch_sql(m pke_internal.mode, tbl regclass, range_sql text, dry_run boolean)
+CREATE FUNCTION pke_internal.batch_sql(m pke_internal.mode, tbl regclass, range_sql text, dry_run boolean, verify boolean)
 RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
@@ -65,22 +68,25 @@ RETURN format($q$
                  LIMIT $2) c),
     w AS (%5$s)
     SELECT a.examined, a.todo, a.previous, a.unverified, a.unverified_ids, a.unverified_providers, a.last_id,
-           w.written, w.written_ids, w.written_providers
+           w.written, w.written_ids, w.written_providers, w.overridden_ids, w.overridden_providers
       FROM a,
-           (SELECT count(*) AS written,
-                   array_agg(w.key ORDER BY w.key) FILTER (WHERE $5) AS written_ids,
-                   array_agg(w.provider ORDER BY w.key) FILTER (WHERE $5) AS written_providers
+           (SELECT count(*) FILTER (WHERE w.landed) AS written,
+                   array_agg(w.key ORDER BY w.key) FILTER (WHERE w.landed AND $5) AS written_ids,
+                   array_agg(w.provider ORDER BY w.key) FILTER (WHERE w.landed AND $5) AS written_providers,
+                   array_agg(w.key ORDER BY w.key) FILTER (WHERE NOT w.landed) AS overridden_ids,
+                   array_agg(w.provider ORDER BY w.key) FILTER (WHERE NOT w.landed) AS overridden_providers
               FROM w) w $q$,
     tbl, range_sql, m.deleted_sql, m.state_sql,
     CASE WHEN dry_run
          -- a dry run reports what the UPDATE would write, and writes nothing
-         THEN 'SELECT u.key, u.provider FROM a, unnest(a.todo_ids, a.todo_providers) AS u(key, provider)'
+         THEN 'SELECT u.key, u.provider, true AS landed FROM a, unnest(a.todo_ids, a.todo_providers) AS u(key, provider)'
          ELSE format($w$
             UPDATE %1$s t SET %2$s
              WHERE t.id = ANY ((SELECT a.todo_ids FROM a)::text[])
                AND NOT (%3$s) AND %4$s = ANY ($4)
-            RETURNING t.id::text AS key, t.provider::text AS provider $w$,
-            tbl, m.set_sql, m.deleted_sql, m.state_sql) END);
+            RETURNING t.id::text AS key, t.provider::text AS provider, %5$s AS landed $w$,
+            tbl, m.set_sql, m.deleted_sql, m.state_sql,
+            CASE WHEN verify THEN format('(%s) = ANY ($7)', m.state_sql) ELSE 'true' END) END);
 
 -- The rows of a batch: after after_id (NULL: from the start), or exactly the ids given.
 CREATE FUNCTION pke_internal.batch_range(after_id text, ids text[])
@@ -93,24 +99,43 @@ RETURN CASE WHEN ids IS NOT NULL THEN 't.id::text = ANY ($3)'
 
 -- Run the batch statement with the savepoint strategy described at the top. NULL: it raised,
 -- and nothing of it is left.
+-- Could a trigger of the table store something else than what the run writes? (Enabled
+-- triggers other than the extension's own guard, in the table or a partition.)
+CREATE FUNCTION pke_internal.table_may_rewrite(tbl regclass)
+RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN EXISTS (
+    WITH RECURSIVE tree(oid) AS (
+        SELECT tbl::oid
+        UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)
+    SELECT 1 FROM tree JOIN pg_trigger tg ON tg.tgrelid = tree.oid
+     WHERE NOT tg.tgisinternal AND tg.tgenabled <> 'D'
+       AND NOT EXISTS (SELECT 1 FROM pg_depend e
+                        WHERE e.classid = 'pg_proc'::regclass AND e.objid = tg.tgfoid AND e.deptype = 'e'
+                          AND e.refobjid = (SELECT x.oid FROM pg_extension x WHERE x.extname = 'provider_keys_encrypt')));
+
+-- write_none: only count the rows (the mode's todo emptied), for a batch given up on.
 CREATE FUNCTION pke_internal.batch_apply(
     mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
-    after_id text, ids text[], batch_size integer, todo pke_internal.token_state[],
+    after_id text, ids text[], batch_size integer, write_none boolean,
     dry_run boolean, may_commit boolean, list_written boolean, list_unverified boolean)
 RETURNS pke_internal.batch_rows
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    stmt text := pke_internal.batch_sql(pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl),
-                                        tbl, pke_internal.batch_range(after_id, ids), dry_run);
+    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
+    todo pke_internal.token_state[] := CASE WHEN write_none THEN '{}' ELSE m.todo END;
+    stmt text := pke_internal.batch_sql(m, tbl, pke_internal.batch_range(after_id, ids), dry_run OR write_none,
+                                        pke_internal.table_may_rewrite(tbl));
     r pke_internal.batch_rows;
     ok boolean;
 BEGIN
     IF may_commit OR dry_run THEN
         -- one savepoint around the whole batch; the caller commits
         BEGIN
-            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified;
+            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
             ok := true;
         EXCEPTION WHEN OTHERS THEN
             ok := false;
@@ -119,14 +144,14 @@ BEGIN
         -- inside the caller's transaction: try in a savepoint that is always rolled back,
         -- then write for real at the caller's level (no written subtransaction is kept)
         BEGIN
-            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified;
+            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
             RAISE SQLSTATE 'PK000';
         EXCEPTION
             WHEN SQLSTATE 'PK000' THEN ok := true;
             WHEN OTHERS THEN ok := false;
         END;
         IF ok THEN
-            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified;
+            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
         END IF;
     END IF;
     RETURN CASE WHEN ok THEN r END;
@@ -240,6 +265,12 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
+    IF r.overridden_ids IS NOT NULL THEN
+        FOR x IN SELECT * FROM unnest(r.overridden_ids, r.overridden_providers) AS u(key, prov) LOOP
+            RAISE WARNING 'Failed to % provider key % for provider %: a trigger stored another value than the one written (its state is not %); counted as an error',
+                m.verb, x.key, x.prov, array_to_string(m.target, ' or ');
+        END LOOP;
+    END IF;
     IF r.written_ids IS NOT NULL THEN
         FOR x IN SELECT * FROM unnest(r.written_ids, r.written_providers) AS u(key, prov) LOOP
             RAISE NOTICE '% provider key % for provider %',
@@ -262,7 +293,6 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
-    todo pke_internal.token_state[] := m.todo;
     r pke_internal.batch_rows;
     iso record;
     ids text[];
@@ -272,7 +302,7 @@ DECLARE
 BEGIN
     FOR attempt IN 1..3 LOOP
         r := pke_internal.batch_apply(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
-                                      batch_size, todo, dry_run, may_commit, notices, warn_left > 0);
+                                      batch_size, false, dry_run, may_commit, notices, warn_left > 0);
         EXIT WHEN r.examined IS NOT NULL;  -- it ran
         iso := pke_internal.batch_isolate(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
                                           batch_size, attempt = 3);
@@ -281,9 +311,8 @@ BEGIN
         ids := iso.good;
         IF attempt = 3 THEN
             -- count the rows that are left as they are, and write none of them
-            todo := '{}';
             r := pke_internal.batch_apply(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
-                                          batch_size, todo, true, may_commit, false, false);
+                                          batch_size, true, dry_run, may_commit, false, false);
             IF r.examined IS NULL THEN
                 RAISE EXCEPTION 'the provider keys after id % could not be read', after_id
                     USING ERRCODE = 'object_not_in_prerequisite_state';
@@ -295,9 +324,9 @@ BEGIN
     res.written := r.written;  -- in a dry run: what it would write
     res.previous := r.previous;
     res.unverified := r.unverified;
-    res.errors := failed;
+    res.errors := failed + coalesce(cardinality(r.overridden_ids), 0);
     -- rows this batch meant to write that someone else changed or deleted first
-    res.changed := CASE WHEN dry_run THEN 0 ELSE r.todo - r.written END;
+    res.changed := CASE WHEN dry_run THEN 0 ELSE r.todo - r.written - coalesce(cardinality(r.overridden_ids), 0) END;
     res.last_id := COALESCE(range_end, r.last_id);
     res.warned := pke_internal.batch_messages(m, r, dry_run, warn_left);
     RETURN res;

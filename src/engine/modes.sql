@@ -41,8 +41,9 @@ BEGIN
       SELECT v.*
       FROM (VALUES
         -- base64 ---------------------------------------------------------------------------
-        ('encrypt', 'base64', 'encrypt_provider_keys', 'encryption migration', 'encrypted', 'Encrypted', 'encrypt',
+        ('encrypt', 'base64', 'encrypt_provider_keys(regclass,integer,boolean,boolean,boolean,text,boolean)', 'encryption migration', 'encrypted', 'Encrypted', 'encrypt',
          CASE WHEN encrypt_unverified THEN '{plaintext,unverified}' ELSE '{plaintext}' END::pke_internal.token_state[],
+         '{current_key}'::pke_internal.token_state[],
          'pke_internal.token_state(t.token::text)',
          'token = @extschema@.encrypt_token(t.token::text)',
          't.status IS NOT DISTINCT FROM ''deleted''',
@@ -53,8 +54,9 @@ BEGIN
          '',
          'looks like a token but authenticates under no configured key',
          NULL),
-        ('decrypt', 'base64', 'decrypt_provider_keys', 'decryption', 'decrypted', 'Decrypted', 'decrypt',
+        ('decrypt', 'base64', 'decrypt_provider_keys(regclass,integer,boolean,boolean,text)', 'decryption', 'decrypted', 'Decrypted', 'decrypt',
          '{current_key,previous_key}'::pke_internal.token_state[],
+         '{plaintext,unverified}'::pke_internal.token_state[],
          'pke_internal.token_state(t.token::text)',
          'token = @extschema@.decrypt_token(t.token::text)',
          't.status IS NOT DISTINCT FROM ''deleted''',
@@ -65,8 +67,9 @@ BEGIN
          '',
          'looks like a token but authenticates under no configured key',
          NULL),
-        ('reencrypt', 'base64', 'reencrypt_provider_keys', 're-encryption', 'reencrypted', 'Re-encrypted', 're-encrypt',
+        ('reencrypt', 'base64', 'reencrypt_provider_keys(regclass,integer,boolean,boolean,text)', 're-encryption', 'reencrypted', 'Re-encrypted', 're-encrypt',
          '{previous_key}'::pke_internal.token_state[],
+         '{current_key}'::pke_internal.token_state[],
          'pke_internal.token_state(t.token::text)',
          'token = pke_internal.reencrypt(t.token::text)',
          't.status IS NOT DISTINCT FROM ''deleted''',
@@ -78,8 +81,9 @@ BEGIN
          'looks like a token but authenticates under no configured key',
          'No provider key needs a previous key any more: provider_keys_encrypt.previous_keys can be emptied.'),
         -- llmgw ----------------------------------------------------------------------------
-        ('encrypt', 'llmgw', 'encrypt_provider_keys', 'backfill (llmgw)', 'encrypted', 'Encrypted', 'encrypt',
+        ('encrypt', 'llmgw', 'encrypt_provider_keys(regclass,integer,boolean,boolean,boolean,text,boolean)', 'backfill (llmgw)', 'encrypted', 'Encrypted', 'encrypt',
          '{plaintext}'::pke_internal.token_state[],
+         '{current_key}'::pke_internal.token_state[],
          'pke_internal.llmgw_state({token}, t.token_ciphertext::text, t.id::text, t.organization_id::text)',
          'token = NULL, '
          'token_ciphertext = @extschema@.llmgw_encrypt_token(t.token::text, t.id::text, t.organization_id::text), '
@@ -98,8 +102,9 @@ BEGIN
          'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
          '(llmgw_decrypt_token names the cause), or column token holds an llmgw token, or the row has no token at all',
          NULL),
-        ('decrypt', 'llmgw', 'decrypt_provider_keys', 'decryption (llmgw)', 'decrypted', 'Decrypted', 'decrypt',
+        ('decrypt', 'llmgw', 'decrypt_provider_keys(regclass,integer,boolean,boolean,text)', 'decryption (llmgw)', 'decrypted', 'Decrypted', 'decrypt',
          '{current_key,previous_key}'::pke_internal.token_state[],
+         '{plaintext,unverified}'::pke_internal.token_state[],
          'pke_internal.llmgw_state({token}, t.token_ciphertext::text, t.id::text, t.organization_id::text)',
          'token = @extschema@.llmgw_decrypt_token(t.token_ciphertext::text, t.id::text, t.organization_id::text), '
          'token_ciphertext = NULL',
@@ -117,8 +122,9 @@ BEGIN
          'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
          '(llmgw_decrypt_token names the cause), or column token holds an llmgw token, or the row has no token at all',
          NULL),
-        ('reencrypt', 'llmgw', 'reencrypt_provider_keys', 're-encryption (llmgw)', 'reencrypted', 'Re-encrypted', 're-encrypt',
+        ('reencrypt', 'llmgw', 'reencrypt_provider_keys(regclass,integer,boolean,boolean,text)', 're-encryption (llmgw)', 'reencrypted', 'Re-encrypted', 're-encrypt',
          '{previous_key}'::pke_internal.token_state[],
+         '{current_key}'::pke_internal.token_state[],
          'pke_internal.llmgw_state({token}, t.token_ciphertext::text, t.id::text, t.organization_id::text)',
          '(token_ciphertext, token_hash) = (SELECT r.token_ciphertext, r.token_hash '
          'FROM pke_internal.llmgw_reencrypt(t.token_ciphertext::text, t.id::text, t.organization_id::text) r)',
@@ -134,7 +140,7 @@ BEGIN
          '(llmgw_decrypt_token names the cause), or column token holds an llmgw token, or the row has no token at all',
          'No provider key needs an older secret any more: GATEWAY_API_KEY_HASH_SECRET can be cut down to its first '
          '(current) secret, on the gateway and on this server.')
-      ) AS v(name, format, entry_point, job, done_word, past, verb, todo, state_sql, set_sql, deleted_sql,
+      ) AS v(name, format, entry_point, job, done_word, past, verb, todo, target, state_sql, set_sql, deleted_sql,
              reveals, plain_sql, stored_sql, key_id_sql, key_sql, key_word, reads, optional, writes, sets_null,
              table_hint, found_note, unverified_text, retire_note)
      WHERE v.format = format_name
@@ -160,16 +166,15 @@ BEGIN
                                             AND NOT a.attisdropped)
              THEN 't.token::text' ELSE 'NULL::text' END);
     IF check_privileges THEN
-        IF NOT EXISTS (SELECT 1 FROM pg_proc p
-                        WHERE p.pronamespace = '@extschema@'::regnamespace AND p.proname = m.entry_point
-                          AND has_function_privilege(p.oid, 'EXECUTE')) THEN
-            RAISE EXCEPTION 'permission denied for procedure %', m.entry_point
+        -- the exact procedure (an overload someone else created has another signature)
+        IF NOT has_function_privilege(format('@extschema@.%s', m.entry_point), 'EXECUTE') THEN
+            RAISE EXCEPTION 'permission denied for procedure %', split_part(m.entry_point, '(', 1)
                 USING ERRCODE = 'insufficient_privilege';
         END IF;
-        IF m.reveals IS NOT NULL AND NOT has_function_privilege('@extschema@.' || m.reveals, 'EXECUTE') THEN
+        IF m.reveals IS NOT NULL AND NOT has_function_privilege(format('@extschema@.%s', m.reveals), 'EXECUTE') THEN
             RAISE EXCEPTION 'permission denied for function %', split_part(m.reveals, '(', 1)
                 USING ERRCODE = 'insufficient_privilege',
-                      HINT = format('%s writes plaintext: it needs EXECUTE on %s too.', m.entry_point, m.reveals);
+                      HINT = format('%s writes plaintext: it needs EXECUTE on %s too.', split_part(m.entry_point, '(', 1), m.reveals);
         END IF;
     END IF;
     RETURN m;

@@ -1,11 +1,13 @@
 -- Which table a run works on, and everything checked before any row is read or written.
 -- A global problem is one ERROR with its own SQLSTATE here, never a WARNING per row later.
 
--- The checks, in order: a table; the columns the mode reads (its format says which), typed
--- text or varchar, readable; the columns it sets to NULL, nullable; the columns it writes,
--- updatable; a unique index on id; and no code belonging to another role that would run with
--- the caller's rights (check_table_code). (The caller's right to the mode itself is checked by
--- pke_internal.mode.) writes => false (a dry run, the report) skips the write privileges.
+-- The checks, in order: a table without inheritance children (a unique index on the parent
+-- does not cover them; partitions are fine); the columns the mode reads (its format says
+-- which), typed text or varchar, readable; the columns it sets to NULL, nullable; the columns
+-- it writes, updatable; a unique index on id; id NOT NULL; and nobody who could make the table
+-- run code with the caller's rights (check_table_trust). (The caller's right to the mode
+-- itself is checked by pke_internal.mode.) writes => false (a dry run, the report) skips the
+-- write privileges.
 CREATE FUNCTION pke_internal.check_table(tbl regclass, m pke_internal.mode, writes boolean)
 RETURNS void
 LANGUAGE plpgsql STABLE PARALLEL SAFE
@@ -24,6 +26,12 @@ BEGIN
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = tbl AND c.relkind IN ('r', 'p')) THEN
         RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_class c JOIN pg_inherits i ON i.inhparent = c.oid
+                WHERE c.oid = tbl AND c.relkind = 'r') THEN
+        RAISE EXCEPTION 'table % has inheritance children', tbl
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Its unique index on id does not cover the children. Run the procedure on each table of the hierarchy, or use declarative partitioning.';
     END IF;
     FOR col, required IN
         SELECT x.c, x.req
@@ -67,71 +75,66 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = format('A run walks the table in id order. Add one with: ALTER TABLE %s ADD PRIMARY KEY (id);', tbl);
     END IF;
-    IF writes THEN
-        PERFORM pke_internal.check_table_code(tbl);
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = 'id' AND a.attnotnull) THEN
+        RAISE EXCEPTION 'column "id" of relation % may be NULL', tbl
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('A run walks the table in id order and would never reach rows without one. Add: ALTER TABLE %s ALTER COLUMN id SET NOT NULL;', tbl);
     END IF;
+    PERFORM pke_internal.check_table_trust(tbl, writes);
 END
 $fn$;
 
--- Code that belongs to the table runs with the rights of whoever UPDATEs it: triggers, rules,
--- row-level security policies, CHECK constraints, index expressions and operator classes,
--- generated columns. A run refuses to execute such code when it belongs to a role that could
--- not already act as the caller (a superuser running the procedures on a table an untrusted
--- role owns, say): that would hand the owner the caller's rights. Built-in functions and
--- operators, and this extension's own objects (the guard), are not such code.
-CREATE FUNCTION pke_internal.check_table_code(tbl regclass)
+-- Who may put code in the table's way. Everything that runs while a run reads or writes the
+-- table runs with the caller's rights: triggers (even a built-in trigger function's WHEN clause
+-- can call query_to_xml), rules, row-level security policies, CHECK constraints, index
+-- expressions and the support functions of the column types' operator classes, generated
+-- columns — in the table and in every partition. Listing "code" is a losing game, so the rule
+-- is about people: every role that can change any of that — the owner of each relation of the
+-- tree, and each role granted TRIGGER on one — must be a role that could already act as the
+-- caller (pg_has_role(role, current_user, 'USAGE'): the caller itself, a role the caller's
+-- rights already include, or a superuser). Otherwise the run refuses before touching a row,
+-- and the HINT says to run it as the owner. Reads (the report, a dry run) only meet row-level
+-- security policies, so they are held to the rule only where a policy applies to the caller.
+CREATE FUNCTION pke_internal.check_table_trust(tbl regclass, writes boolean)
 RETURNS void
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    owner regrole;
-    code text[];
+    untrusted text;
+    owner_name text;
 BEGIN
-    SELECT c.relowner::regrole INTO owner FROM pg_class c WHERE c.oid = tbl;
-    IF pg_has_role(owner, current_user, 'USAGE') THEN
-        RETURN;  -- the caller is the owner, or the owner could already act with the caller's rights
+    IF NOT writes AND NOT EXISTS (
+        WITH RECURSIVE tree(oid) AS (
+            SELECT tbl::oid
+            UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)
+        SELECT 1 FROM tree JOIN pg_class c ON c.oid = tree.oid
+         WHERE c.relrowsecurity
+           AND NOT EXISTS (SELECT 1 FROM pg_roles r
+                            WHERE r.rolname = current_user AND (r.rolsuper OR r.rolbypassrls))) THEN
+        RETURN;  -- a read that no policy applies to runs no table code
     END IF;
-    WITH attached(kind, name, classid, objid) AS (
-        SELECT 'trigger', tg.tgname::text, 'pg_trigger'::regclass, tg.oid
-          FROM pg_trigger tg WHERE tg.tgrelid = tbl AND NOT tg.tgisinternal AND tg.tgenabled <> 'D'
+    WITH RECURSIVE tree(oid) AS (
+        SELECT tbl::oid
+        UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid),
+    who(rel, role_oid, what) AS (
+        SELECT c.oid, c.relowner, 'owner'
+          FROM tree JOIN pg_class c ON c.oid = tree.oid
         UNION ALL
-        SELECT 'rule', r.rulename::text, 'pg_rewrite'::regclass, r.oid
-          FROM pg_rewrite r WHERE r.ev_class = tbl AND r.rulename <> '_RETURN'
-        UNION ALL
-        SELECT 'policy', po.polname::text, 'pg_policy'::regclass, po.oid
-          FROM pg_policy po JOIN pg_class c ON c.oid = po.polrelid
-         WHERE po.polrelid = tbl AND c.relrowsecurity
-        UNION ALL
-        SELECT 'constraint', co.conname::text, 'pg_constraint'::regclass, co.oid
-          FROM pg_constraint co WHERE co.conrelid = tbl AND co.contype = 'c'
-        UNION ALL
-        SELECT 'index', ic.relname::text, 'pg_class'::regclass, ic.oid
-          FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = tbl
-        UNION ALL
-        SELECT 'generated column', a.attname::text, 'pg_attrdef'::regclass, ad.oid
-          FROM pg_attrdef ad JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
-         WHERE ad.adrelid = tbl AND a.attgenerated <> ''
-    )
-    SELECT array_agg(format('%s %I', x.kind, x.name) ORDER BY x.kind, x.name) INTO code
-      FROM attached x
-     WHERE x.kind = 'rule'
-        OR EXISTS (
-            -- built-in objects are pinned and have no pg_depend rows: any row here names code
-            -- someone created (a function, an operator, an operator class, a type)
-            SELECT 1 FROM pg_depend d
-             WHERE d.classid = x.classid AND d.objid = x.objid
-               AND d.refclassid IN ('pg_proc'::regclass, 'pg_operator'::regclass, 'pg_opclass'::regclass,
-                                    'pg_opfamily'::regclass, 'pg_type'::regclass)
-               AND NOT EXISTS (SELECT 1 FROM pg_depend e
-                                WHERE e.classid = d.refclassid AND e.objid = d.refobjid AND e.deptype = 'e'
-                                  AND e.refclassid = 'pg_extension'::regclass
-                                  AND e.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'provider_keys_encrypt')));
-    IF code IS NOT NULL THEN
-        RAISE EXCEPTION 'table % belongs to role %, and its % would run with your privileges', tbl, owner, array_to_string(code, ', ')
+        SELECT c.oid, a.grantee, 'TRIGGER privilege'
+          FROM tree JOIN pg_class c ON c.oid = tree.oid, aclexplode(c.relacl) a
+         WHERE a.privilege_type = 'TRIGGER')
+    SELECT string_agg(format('%s (%s of %s)', CASE WHEN w.role_oid = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END,
+                             w.what, w.rel::regclass), ', ' ORDER BY w.rel, w.what)
+      INTO untrusted
+      FROM who w LEFT JOIN pg_roles r ON r.oid = w.role_oid
+     WHERE w.role_oid = 0 OR NOT pg_has_role(w.role_oid, current_user, 'USAGE');
+    IF untrusted IS NOT NULL THEN
+        SELECT r.rolname INTO owner_name FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE c.oid = tbl;
+        RAISE EXCEPTION 'table % can be changed by roles that cannot act as you: %', tbl, untrusted
             USING ERRCODE = 'insufficient_privilege',
-                  DETAIL = 'Triggers, rules, policies, constraints and indexes of a table run with the rights of the role that updates it.',
-                  HINT = format('Run it as the table''s owner: SET ROLE %s; CALL ...; RESET ROLE;', owner);
+                  DETAIL = 'Its triggers, rules, policies, constraints and indexes would run with your privileges, and those roles control them.',
+                  HINT = format('Run it as the table''s owner: SET ROLE %I; CALL ...; RESET ROLE;', owner_name);
     END IF;
 END
 $fn$;

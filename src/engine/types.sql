@@ -12,6 +12,39 @@ BEGIN
 END
 $$;
 
+-- The schema the public functions go to must be one where nobody but superusers can create
+-- objects: a role that can create there can create an overload (encrypt_provider_keys(text),
+-- say) that a superuser's `CALL encrypt_provider_keys('t')` would pick over ours, before any of
+-- our code runs. (PostgreSQL 15's default public schema qualifies when the database owner is a
+-- superuser.) Every operator here is pg_catalog's, named: this runs as the installing superuser
+-- with the target schema on the search_path.
+DO $$
+DECLARE
+    writers text;
+BEGIN
+    SELECT pg_catalog.string_agg(DISTINCT CASE WHEN w.grantee OPERATOR(pg_catalog.=) '0'::oid THEN 'PUBLIC'
+                                               ELSE pg_catalog.quote_ident(r.rolname::text) END, ', ')
+      INTO writers
+      FROM (SELECT CASE WHEN g.grantee OPERATOR(pg_catalog.=) 'pg_database_owner'::regrole::oid THEN d.datdba ELSE g.grantee END AS grantee
+              FROM (SELECT n.nspowner AS grantee FROM pg_catalog.pg_namespace n
+                     WHERE n.oid OPERATOR(pg_catalog.=) '@extschema@'::regnamespace::oid
+                    UNION
+                    SELECT a.grantee FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+                     WHERE n.oid OPERATOR(pg_catalog.=) '@extschema@'::regnamespace::oid
+                       AND a.privilege_type OPERATOR(pg_catalog.=) 'CREATE'::text) g,
+                   pg_catalog.pg_database d
+             WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()) w
+      LEFT JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) w.grantee
+     WHERE w.grantee OPERATOR(pg_catalog.=) '0'::oid OR NOT r.rolsuper;
+    IF writers IS NOT NULL THEN
+        RAISE EXCEPTION 'schema @extschema@ is writable by roles that are not superusers: %', writers
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'A role that can create objects in the extension''s schema can plant an overload that a superuser''s call would run.',
+                  HINT = 'Install it into a schema of its own: CREATE SCHEMA pke; CREATE EXTENSION provider_keys_encrypt SCHEMA pke; (and add pke to search_path), or REVOKE CREATE ON SCHEMA @extschema@ from those roles.';
+    END IF;
+END
+$$;
+
 -- The internals live here, out of the user's schemas. Only the extension's owner (a
 -- superuser: the extension is not trusted) can create objects in it, so no role can plant an
 -- overload or an operator where the engine looks. Privileges: see privileges.sql.
@@ -33,12 +66,13 @@ CREATE TYPE pke_internal.token_state AS ENUM (
 CREATE TYPE pke_internal.mode AS (
     name text,                         -- encrypt | decrypt | reencrypt
     format text,                       -- base64 (the seed guide's) | llmgw (the gateway's current)
-    entry_point text,                  -- the public procedure: its EXECUTE privilege is required
+    entry_point text,                  -- the public procedure's signature: EXECUTE on it is required
     job text,                          -- 'encryption migration', for the banner and summary
     done_word text,                    -- 'encrypted', for the summary
     past text,                         -- 'Encrypted', for a row's NOTICE
     verb text,                         -- 'encrypt', for a row's WARNING
     todo pke_internal.token_state[],   -- the states this mode writes
+    target pke_internal.token_state[], -- the states a written row must end in
     state_sql text,                    -- the state of row t, an SQL expression
     set_sql text,                      -- the SET list that moves row t
     deleted_sql text,                  -- true for rows this mode leaves alone (soft-deleted)
@@ -110,5 +144,7 @@ CREATE TYPE pke_internal.batch_rows AS (
     last_id text,
     written bigint,
     written_ids text[],
-    written_providers text[]
+    written_providers text[],
+    overridden_ids text[],    -- written, but a trigger stored something else than the mode's target
+    overridden_providers text[]
 );

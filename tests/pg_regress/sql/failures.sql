@@ -33,3 +33,13 @@ SELECT * FROM pke_internal.subxact_status();
 SELECT count(*) FILTER (WHERE is_encrypted_token(token)) AS encrypted FROM pk_fail;
 ROLLBACK;
 SELECT count(*) FILTER (WHERE is_encrypted_token(token)) AS encrypted_after_rollback FROM pk_fail;
+
+-- A trigger of the table's own owner that quietly stores something else than what the run
+-- wrote: the row is not counted as encrypted, but as an error, by id.
+CREATE TABLE pk_undo (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
+INSERT INTO pk_undo VALUES ('u1', 'sk-undo-1', 'openai'), ('u2', 'sk-undo-2', 'openai');
+CREATE FUNCTION pk_undo_u2() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN IF NEW.id = 'u2' THEN NEW.token := OLD.token; END IF; RETURN NEW; END $$;
+CREATE TRIGGER undo BEFORE UPDATE ON pk_undo FOR EACH ROW EXECUTE FUNCTION pk_undo_u2();
+CALL encrypt_provider_keys('pk_undo', verbose => false);
+SELECT id, is_encrypted_token(token) AS encrypted FROM pk_undo ORDER BY id;

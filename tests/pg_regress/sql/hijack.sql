@@ -142,9 +142,57 @@ SET ROLE mallory;
 CALL encrypt_provider_keys('mallory_keys', verbose => false);
 RESET ROLE;
 SELECT what, by_role FROM public.hijacked;
+TRUNCATE public.hijacked;
+
+-- The same holds for every relation of the tree, and for whoever holds TRIGGER on it: the
+-- superuser's partitioned table with a partition mallory owns, and a superuser's table on which
+-- mallory was granted TRIGGER, are refused before a row is touched.
+CREATE TABLE hk_parted (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text) PARTITION BY RANGE (id);
+CREATE TABLE hk_part_a PARTITION OF hk_parted FOR VALUES FROM ('a') TO ('m');
+CREATE TABLE hk_part_m PARTITION OF hk_parted FOR VALUES FROM ('m') TO ('z');
+ALTER TABLE hk_part_m OWNER TO mallory;
+INSERT INTO hk_parted VALUES ('b1', 'sk-part-b1', 'openai', 'active'), ('m1', 'sk-part-m1', 'openai', 'active');
+SET ROLE mallory;
+CREATE TRIGGER steal BEFORE UPDATE ON hk_part_m FOR EACH ROW EXECUTE FUNCTION public.steal();
+RESET ROLE;
+CALL encrypt_provider_keys('hk_parted');
+ALTER TABLE hk_part_m OWNER TO CURRENT_USER;
+DROP TRIGGER steal ON hk_part_m;
+CALL encrypt_provider_keys('hk_parted', verbose => false);  -- now every relation is the superuser's
+CREATE TABLE hk_granted (LIKE hk_text INCLUDING ALL);
+GRANT TRIGGER ON hk_granted TO mallory;
+CALL encrypt_provider_keys('hk_granted');
+SELECT count(*) AS hijacked_calls FROM public.hijacked;
+
+-- Internals never get around a REVOKE, even with an overload of the public procedure planted
+-- next to it: mallory may decrypt tokens, but not run decrypt_provider_keys.
+GRANT EXECUTE ON FUNCTION decrypt_token(text) TO mallory;
+SET ROLE mallory;
+CREATE PROCEDURE public.decrypt_provider_keys(x integer) LANGUAGE sql AS 'SELECT 1';
+CREATE TABLE public.mallory_enc (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text);
+INSERT INTO public.mallory_enc VALUES ('e1', encrypt_token('sk-mallory-enc'), 'openai', 'active');
+CALL pke_internal.run('decrypt', 'base64', 'public.mallory_enc', 100, false, false, false, false);
+SELECT pke_internal.batch_apply('decrypt', 'base64', false, 'public.mallory_enc', NULL, NULL, 100, false, false, false, false, false);
+SELECT pke_internal.batch_apply('encrypt', 'base64', true, 'public.mallory_enc', NULL, NULL, 100, false, false, false, false, false);
+SELECT count(*) AS still_one_token_deep FROM public.mallory_enc WHERE decrypt_token(token) OPERATOR(pg_catalog.=) 'sk-mallory-enc';
+RESET ROLE;
+REVOKE EXECUTE ON FUNCTION decrypt_token(text) FROM mallory;
+
+-- An extension schema anyone can create in is refused at CREATE EXTENSION.
+CREATE DATABASE pke_writable_public;
+\c pke_writable_public
+GRANT CREATE ON SCHEMA public TO mallory;
+\set VERBOSITY default
+CREATE EXTENSION provider_keys_encrypt;
+\set VERBOSITY terse
+CREATE SCHEMA pke;
+CREATE EXTENSION provider_keys_encrypt SCHEMA pke;
+SELECT extnamespace::regnamespace AS installed_in FROM pg_extension WHERE extname = 'provider_keys_encrypt';
+\c provider_keys_encrypt_regress
+DROP DATABASE pke_writable_public;
 
 -- clean up
-DROP TABLE public.mallory_keys, hk_text, hk_varchar, hk_originals, public.hijacked CASCADE;
+DROP TABLE public.mallory_keys, public.mallory_enc, hk_text, hk_varchar, hk_originals, hk_parted, hk_granted, public.hijacked CASCADE;
 DROP SCHEMA hk CASCADE;
 DROP FUNCTION hk_refuse();
 DROP OWNED BY mallory CASCADE;
