@@ -31,7 +31,7 @@ pub const TOKEN_STATE_LABELS: [&std::ffi::CStr; 4] =
 
 /// A `pke_internal.token_state` label, by its position in [`TOKEN_STATE_LABELS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StateLabel {
+pub(crate) enum StateLabel {
     Plaintext = 0,
     CurrentKey = 1,
     PreviousKey = 2,
@@ -58,7 +58,7 @@ fn label_index(state: TokenState) -> usize {
 /// # Safety
 /// `fcinfo` must be the call's own, valid `FunctionCallInfo`, of a function declared to
 /// return `pke_internal.token_state`.
-pub unsafe fn state_oid(fcinfo: pg_sys::FunctionCallInfo, label: StateLabel) -> pg_sys::Oid {
+pub(crate) unsafe fn state_oid(fcinfo: pg_sys::FunctionCallInfo, label: StateLabel) -> pg_sys::Oid {
     // SAFETY: guaranteed by the caller.
     unsafe { state_oids(fcinfo)[label as usize] }
 }
@@ -116,12 +116,12 @@ COMMENT ON FUNCTION pke_internal.token_state(text) IS
 ",
     requires = ["engine_types"]
 )]
-pub fn pke_token_state(token: &str, fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Oid {
+pub(crate) fn pke_token_state(token: &str, fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Oid {
     let state = with_keyring(|ring| ring.classify(token))
         .or_raise()
         .or_raise();
     // SAFETY: pgrx hands us this call's fcinfo.
-    unsafe { state_oid(fcinfo, state.into()) }
+    unsafe { state_oids(fcinfo)[label_index(state)] }
 }
 
 /// `pke_internal.reencrypt(token)`: the same plaintext sealed under the current key (key
@@ -208,8 +208,8 @@ CREATE FUNCTION pke_internal.subxact_status() RETURNS TABLE (cached integer, ove
 ",
     requires = ["engine_types"]
 )]
-pub fn pke_subxact_status(
-) -> TableIterator<'static, (name!(cached, i32), name!(overflowed, bool))> {
+pub fn pke_subxact_status() -> TableIterator<'static, (name!(cached, i32), name!(overflowed, bool))>
+{
     TableIterator::once(subxact_status())
 }
 

@@ -14,10 +14,10 @@
 
 use pgrx::prelude::*;
 
+pub mod engine;
 pub mod errors;
 pub mod functions;
 pub mod gucs;
-pub mod engine;
 pub mod llmgw;
 
 pub use provider_keys_encrypt_core::{format_base64 as token, keys};

@@ -36,7 +36,6 @@ use crate::errors::{Error, OrRaise};
 use crate::functions::SecretText;
 use crate::gucs::with_gateway_keyring;
 
-
 /// The row a token belongs to. A NULL id is refused (22004): see the module doc.
 fn row<'a>(id: Option<&'a str>, organization_id: Option<&'a str>) -> RowContext<'a> {
     match id {
@@ -145,7 +144,7 @@ COMMENT ON FUNCTION pke_internal.llmgw_state(text, text, text, text) IS
 ",
     requires = ["engine_types"]
 )]
-pub fn llmgw_state(
+pub(crate) fn llmgw_state(
     token: Option<&str>,
     token_ciphertext: Option<&str>,
     id: Option<&str>,

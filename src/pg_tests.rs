@@ -45,7 +45,8 @@ mod tests {
     fn the_test_server_has_the_test_key() {
         assert_eq!(std::env::var("ENCRYPTION_KEY").as_deref(), Ok(TEST_KEY));
         assert_eq!(
-            one::<String>("SELECT current_setting('provider_keys_encrypt.encryption_key')").unwrap(),
+            one::<String>("SELECT current_setting('provider_keys_encrypt.encryption_key')")
+                .unwrap(),
             format!(
                 "from ENCRYPTION_KEY, fingerprint {}",
                 one::<String>("SELECT provider_keys_encrypt_fingerprint()").unwrap()
@@ -65,9 +66,10 @@ mod tests {
             let token = crate::functions::encrypt_token(plain);
             assert!(crate::functions::is_encrypted_token(&token, true));
             assert!(crate::functions::is_encrypted_token(&token, false));
-            let back = Spi::get_one_with_args::<String>("SELECT decrypt_token($1)", &[token.into()])
-                .unwrap()
-                .unwrap();
+            let back =
+                Spi::get_one_with_args::<String>("SELECT decrypt_token($1)", &[token.into()])
+                    .unwrap()
+                    .unwrap();
             assert_eq!(back, plain);
         }
     }
@@ -75,7 +77,9 @@ mod tests {
     #[pg_test]
     fn encryption_is_randomised() {
         assert_eq!(
-            one::<i64>("SELECT count(DISTINCT encrypt_token('same')) FROM generate_series(1, 1000)"),
+            one::<i64>(
+                "SELECT count(DISTINCT encrypt_token('same')) FROM generate_series(1, 1000)"
+            ),
             Some(1000)
         );
     }
@@ -97,10 +101,28 @@ mod tests {
     fn shape_check_versus_verify() {
         // a 64-hex-character plaintext key looks like a token but does not authenticate
         let hex = "'0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef'";
-        assert_eq!(one::<bool>(&format!("SELECT is_encrypted_token({hex}, verify => false)")), Some(true));
-        assert_eq!(one::<bool>(&format!("SELECT is_encrypted_token({hex})")), Some(false));
-        for odd in ["''", "'sk-proj-1'", "'===='", "repeat('A', 1000000)", "E'\\t'"] {
-            assert_eq!(one::<bool>(&format!("SELECT is_encrypted_token({odd})")), Some(false), "{odd}");
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT is_encrypted_token({hex}, verify => false)"
+            )),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>(&format!("SELECT is_encrypted_token({hex})")),
+            Some(false)
+        );
+        for odd in [
+            "''",
+            "'sk-proj-1'",
+            "'===='",
+            "repeat('A', 1000000)",
+            "E'\\t'",
+        ] {
+            assert_eq!(
+                one::<bool>(&format!("SELECT is_encrypted_token({odd})")),
+                Some(false),
+                "{odd}"
+            );
         }
     }
 
@@ -132,8 +154,14 @@ mod tests {
         // a token whose plaintext is the byte 0xFF, made with the test key by the pure code
         let ring = crate::keys::KeyRing::from_config(Some(TEST_KEY), None, None).unwrap();
         let token = ring.encrypt(b"\xff").unwrap();
-        assert_eq!(sqlstate(&format!("SELECT decrypt_token('{token}')")), "22021");
-        assert_eq!(one::<bool>(&format!("SELECT is_encrypted_token('{token}')")), Some(true));
+        assert_eq!(
+            sqlstate(&format!("SELECT decrypt_token('{token}')")),
+            "22021"
+        );
+        assert_eq!(
+            one::<bool>(&format!("SELECT is_encrypted_token('{token}')")),
+            Some(true)
+        );
     }
 
     #[pg_test]
@@ -150,16 +178,28 @@ mod tests {
         .unwrap();
         for (sql, needle) in [
             (format!("SELECT decrypt_token('{secret}')"), secret),
-            (format!("SET provider_keys_encrypt.encryption_key = '{secret}'"), secret),
-            (format!("SET provider_keys_encrypt.previous_keys = '{secret}'"), secret),
             (
-                format!("SET provider_keys_encrypt.encryption_key = '{}'", &TEST_KEY[..40]),
+                format!("SET provider_keys_encrypt.encryption_key = '{secret}'"),
+                secret,
+            ),
+            (
+                format!("SET provider_keys_encrypt.previous_keys = '{secret}'"),
+                secret,
+            ),
+            (
+                format!(
+                    "SET provider_keys_encrypt.encryption_key = '{}'",
+                    &TEST_KEY[..40]
+                ),
                 &TEST_KEY[..40],
             ),
         ] {
-            let msg = Spi::get_one_with_args::<String>("SELECT pg_temp.message_of($1)", &[sql.clone().into()])
-                .unwrap()
-                .unwrap();
+            let msg = Spi::get_one_with_args::<String>(
+                "SELECT pg_temp.message_of($1)",
+                &[sql.clone().into()],
+            )
+            .unwrap()
+            .unwrap();
             assert!(!msg.is_empty(), "{sql} should fail");
             assert!(!msg.contains(needle), "{msg}");
         }
@@ -174,9 +214,14 @@ mod tests {
             Some(crate::keys::KeyError::Missing)
         );
         let e = crate::errors::Error::from(crate::keys::KeyError::Missing);
-        assert_eq!(e.sqlstate(), PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE);
+        assert_eq!(
+            e.sqlstate(),
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+        );
         let msg = e.to_string();
-        assert!(msg.contains("provider_keys_encrypt.encryption_key") && msg.contains("ENCRYPTION_KEY"));
+        assert!(
+            msg.contains("provider_keys_encrypt.encryption_key") && msg.contains("ENCRYPTION_KEY")
+        );
         assert!(e.hint().unwrap().contains("openssl rand -base64 32"));
     }
 
@@ -184,10 +229,19 @@ mod tests {
     fn rotation_with_previous_keys() {
         let old_token = one::<String>("SELECT encrypt_token('sk-rotate')").unwrap();
         // switch to a new current key; the old one is unknown until listed as previous
-        Spi::run(&format!("SET LOCAL provider_keys_encrypt.encryption_key = '{OTHER_KEY}'")).unwrap();
-        assert_eq!(sqlstate(&format!("SELECT decrypt_token('{old_token}')")), "22000");
+        Spi::run(&format!(
+            "SET LOCAL provider_keys_encrypt.encryption_key = '{OTHER_KEY}'"
+        ))
+        .unwrap();
+        assert_eq!(
+            sqlstate(&format!("SELECT decrypt_token('{old_token}')")),
+            "22000"
+        );
         assert_eq!(state(&old_token), "unverified");
-        Spi::run(&format!("SET LOCAL provider_keys_encrypt.previous_keys = '{TEST_KEY}'")).unwrap();
+        Spi::run(&format!(
+            "SET LOCAL provider_keys_encrypt.previous_keys = '{TEST_KEY}'"
+        ))
+        .unwrap();
         assert_eq!(state(&old_token), "previous_key");
         assert_eq!(
             one::<String>(&format!("SELECT decrypt_token('{old_token}')")).as_deref(),
@@ -208,10 +262,15 @@ mod tests {
     #[pg_test]
     fn settings_are_hidden_from_pg_settings_and_show_all() {
         assert_eq!(
-            one::<i64>("SELECT count(*) FROM pg_settings WHERE name LIKE 'provider_keys_encrypt.%'"),
+            one::<i64>(
+                "SELECT count(*) FROM pg_settings WHERE name LIKE 'provider_keys_encrypt.%'"
+            ),
             Some(0)
         );
-        Spi::run(&format!("SET LOCAL provider_keys_encrypt.encryption_key = '{OTHER_KEY}'")).unwrap();
+        Spi::run(&format!(
+            "SET LOCAL provider_keys_encrypt.encryption_key = '{OTHER_KEY}'"
+        ))
+        .unwrap();
         let shown = one::<String>("SHOW provider_keys_encrypt.encryption_key").unwrap();
         assert!(shown.starts_with("set, fingerprint "), "{shown}");
         assert!(!shown.contains(OTHER_KEY));
@@ -254,11 +313,15 @@ mod tests {
             assert_eq!((row.0.as_str(), row.1.as_str(), row.2, row.3.as_str()), e);
         }
         assert_eq!(
-            one::<bool>("SELECT has_function_privilege('public', 'decrypt_token(text)', 'EXECUTE')"),
+            one::<bool>(
+                "SELECT has_function_privilege('public', 'decrypt_token(text)', 'EXECUTE')"
+            ),
             Some(false)
         );
         assert_eq!(
-            one::<bool>("SELECT has_function_privilege('public', 'encrypt_token(text)', 'EXECUTE')"),
+            one::<bool>(
+                "SELECT has_function_privilege('public', 'encrypt_token(text)', 'EXECUTE')"
+            ),
             Some(true)
         );
     }

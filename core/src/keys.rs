@@ -740,7 +740,11 @@ mod tests {
         let r = ring(Some(K1), None, Some(K2));
         let t_new = r.encrypt(b"sk-new").unwrap();
         let t_old = old.encrypt(b"sk-old").unwrap();
-        let fp = |t: &str| r.authenticating_key(t).unwrap().map(|k| k.fingerprint().to_owned());
+        let fp = |t: &str| {
+            r.authenticating_key(t)
+                .unwrap()
+                .map(|k| k.fingerprint().to_owned())
+        };
         assert_eq!(fp(&t_new).as_deref(), Some(r.current().fingerprint()));
         assert_eq!(fp(&t_old).as_deref(), Some(r.previous()[0].fingerprint()));
         assert_eq!(fp("sk-plain"), None);
