@@ -1,98 +1,127 @@
-# Shared by scripts/demo, scripts/test and bench/run: paths, and `ensure_toolchain`, which
-# installs whatever is missing (and skips what is present) on a fresh Debian 12 machine.
+# Shared definitions for scripts/setup, scripts/test, scripts/demo, scripts/package,
+# scripts/package-check and bench/run: versions, paths, ports and small helpers. Sourcing it
+# changes nothing on the machine; scripts/setup installs what is missing.
 # shellcheck shell=bash
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PG_MAJOR=15
-PG_BIN=/usr/lib/postgresql/$PG_MAJOR/bin
+EXT=provider_keys_encrypt
 PGRX_VERSION=0.18.1
-# Everything PostgreSQL touches lives under /tmp: the server runs as the unprivileged
-# `postgres` user and may not be able to enter the checkout (e.g. under /root).
+
+# The PostgreSQL major that CI builds and tests. Everything below that depends on the major
+# takes it as a parameter, so another major can sit beside it.
+export PKE_PG_MAJOR=${PKE_PG_MAJOR:-15}
+# The key every test server gets through its environment, like production (tests only, never a
+# real key). The single definition: tests/integration/cluster.mjs reads it from the environment.
+export PKE_TEST_KEY=dGVzdC1rZXktcHJvdmlkZXJfa2V5c19lbmNyeXB0LTE=
+
+# Everything PostgreSQL touches lives under the work directory: the server runs as the
+# unprivileged `postgres` user and may not be able to enter the checkout (e.g. under /root).
+# Two checkouts that test at the same time need two work directories (PKE_WORK).
 WORK=${PKE_WORK:-/tmp/provider_keys_encrypt}
+export PKE_WORK=$WORK
 export PGRX_HOME=$WORK/pgrx-home
-WRAP=$WORK/pgbin
 export USER=${USER:-$(id -un)}
 export PATH=$HOME/.cargo/bin:$PATH
 
+# Ports. pgrx's own server (`cargo pgrx regress`, `start`) listens on TCP at base port + major:
+# 28900 + 15 = 28915 here, not pgrx's default 28815, so a checkout with pgrx's defaults can run
+# beside this one. (`cargo pgrx test` picks a free ephemeral port by itself.) Integration
+# clusters listen only on a Unix socket in their own directory under $WORK, so equal port
+# numbers in two work directories do not collide; PKE_PORT_OFFSET shifts them anyway.
+PKE_PGRX_BASE_PORT=${PKE_PGRX_BASE_PORT:-28900}
+PKE_PGRX_BASE_TESTING_PORT=${PKE_PGRX_BASE_TESTING_PORT:-32300}
+export PKE_PORT_OFFSET=${PKE_PORT_OFFSET:-0}
+
+# Debian's PostgreSQL: the system's installation. Only the demo installs into it; tests copy it.
+sys_pg_bindir() { echo "/usr/lib/postgresql/$1/bin"; }
+
+# The private installation of a major: a copy of Debian's files under $WORK/pgN/root, laid out as
+# Debian lays them out (usr/lib/postgresql/N, usr/share/postgresql/N, usr/include/postgresql/N),
+# so PostgreSQL's relocatable paths (pg_config, postgres, initdb) resolve inside the copy.
+# Tests, regress, integration clusters and the benchmark install into and run from it.
+pg_root() { echo "$WORK/pg$1/root"; }
+pg_bindir() { echo "$(pg_root "$1")/usr/lib/postgresql/$1/bin"; }
+# pgrx's view of it: initdb/pg_ctl wrappers that run as `postgres` when we are root, and a
+# pg_config that reports this directory as --bindir (scripts/setup writes them).
+pg_wrapdir() { echo "$WORK/pg$1/wrap"; }
+WRAP=$(pg_wrapdir "$PKE_PG_MAJOR")
+# The private bin directory of the tested major: what integration tests and the benchmark run.
+export PKE_PG_BIN
+PKE_PG_BIN=$(pg_bindir "$PKE_PG_MAJOR")
+
+# Copy Debian's PostgreSQL $1 into the private root $2, leaving out every file of this extension
+# (whatever a demo or an older checkout installed there). Server headers included: pgrx's
+# bindgen reads them from `pg_config --includedir-server`, which now points into the copy.
+copy_debian_pg() {
+  local m=$1 dest=$2
+  mkdir -p "$dest"
+  tar -C / --exclude="*$EXT*" -cf - usr/lib/postgresql/"$m" usr/share/postgresql/"$m" \
+    usr/include/postgresql/"$m"/server | tar -C "$dest" -xf -
+}
+
 log() { printf '\033[1;34m==>\033[0m %s\n' "$*"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
-APT_PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-contrib
-  libclang-dev clang pkg-config build-essential ca-certificates)
-
-ensure_packages() {
-  local missing=()
-  for p in "${APT_PACKAGES[@]}"; do
-    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+# Copy the hand-written scripts sql/provider_keys_encrypt--*.sql (frozen install scripts of
+# earlier versions, upgrade scripts) into an extension directory. pgrx generates only the
+# current version's install script. No scripts yet: nothing to copy.
+copy_sql_scripts() {
+  local extdir=$1 f run=()
+  [ -w "$extdir" ] || run=(sudo)
+  for f in "$ROOT"/sql/"$EXT"--*.sql; do
+    [ -e "$f" ] || continue
+    "${run[@]}" install -m 644 "$f" "$extdir/"
   done
-  command -v node >/dev/null 2>&1 || missing+=(nodejs)
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "installing Debian packages: ${missing[*]}"
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-  fi
-  # Debian starts a cluster of its own on install; we never use it.
-  if [ -d /etc/postgresql/$PG_MAJOR/main ] && command -v pg_ctlcluster >/dev/null 2>&1; then
-    as_root pg_ctlcluster $PG_MAJOR main stop >/dev/null 2>&1 || true
-  fi
 }
 
-ensure_cargo_pgrx() {
-  command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
-  if ! cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION\$"; then
-    log "installing cargo-pgrx $PGRX_VERSION (about 8 minutes, once)"
-    cargo install cargo-pgrx --version "=$PGRX_VERSION" --locked
-  fi
-  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy || true
+# `cargo pgrx install` into the installation a pg_config reports, plus the sql/ scripts.
+# Extra arguments go to cargo pgrx (e.g. --release). Its output goes to $WORK/install.log.
+install_extension() {
+  local pg_config=$1; shift
+  local extdir pkglibdir sudo_flag=()
+  extdir="$("$pg_config" --sharedir)/extension"
+  pkglibdir=$("$pg_config" --pkglibdir)
+  { [ -w "$extdir" ] && [ -w "$pkglibdir" ]; } || sudo_flag=(--sudo)
+  cargo pgrx install "$@" "${sudo_flag[@]}" --pg-config "$pg_config" >"$WORK/install.log" 2>&1 \
+    || { tail -30 "$WORK/install.log"; return 1; }
+  copy_sql_scripts "$extdir"
 }
 
-# PostgreSQL refuses to run as root. pgrx starts initdb/pg_ctl from `pg_config --bindir`, so
-# we give it a bin directory whose initdb and pg_ctl re-run themselves as `postgres` when
-# invoked by root, and whose pg_config reports that directory.
-ensure_wrappers() {
-  mkdir -p "$WRAP"
-  for f in "$PG_BIN"/*; do
-    ln -sf "$f" "$WRAP/$(basename "$f")"
-  done
-  rm -f "$WRAP/initdb" "$WRAP/pg_ctl" "$WRAP/pg_config"
-  cat >"$WRAP/initdb" <<WRAPPER
-#!/bin/sh
-# -E UTF8: the extension requires a UTF8 database (pgrx falls back to --locale=C without C.UTF-8)
-if [ "\$(id -u)" = 0 ]; then exec runuser -u postgres -- $PG_BIN/initdb -U root -E UTF8 "\$@"; fi
-exec $PG_BIN/initdb -E UTF8 "\$@"
-WRAPPER
-  cat >"$WRAP/pg_ctl" <<WRAPPER
-#!/bin/sh
-if [ "\$(id -u)" = 0 ]; then exec runuser -u postgres -- $PG_BIN/pg_ctl "\$@"; fi
-exec $PG_BIN/pg_ctl "\$@"
-WRAPPER
-  cat >"$WRAP/pg_config" <<WRAPPER
-#!/bin/sh
-if [ "\$1" = "--bindir" ] && [ \$# -eq 1 ]; then echo "$WRAP"; exit 0; fi
-exec /usr/bin/pg_config "\$@"
-WRAPPER
-  chmod 755 "$WRAP/initdb" "$WRAP/pg_ctl" "$WRAP/pg_config"
+# Which build a shared library is: "release" or "debug" (debug builds carry .debug_info).
+build_kind() { if readelf -S "$1" | grep -q '\.debug_info'; then echo debug; else echo release; fi; }
+
+# One line per file of this extension under the given directories (sha256, size, mtime and ctime
+# in nanoseconds, path), sorted: two listings differ when a file was added, removed, modified or
+# rewritten, even with the same bytes.
+ext_file_listing() {
+  local d
+  for d in "$@"; do
+    [ -d "$d" ] || continue
+    find "$d" -path "*$EXT*" ! -type d -print0 | while IFS= read -r -d '' f; do
+      printf '%s %s\n' "$(sha256sum <"$f" | cut -c1-64)" "$(stat -c '%s %.9Y %.9Z %n' "$f")"
+    done
+  done | sort -k5
 }
 
-ensure_pgrx_init() {
-  if ! grep -q "$WRAP/pg_config" "$PGRX_HOME/config.toml" 2>/dev/null; then
-    log "cargo pgrx init --pg$PG_MAJOR (PGRX_HOME=$PGRX_HOME)"
-    mkdir -p "$PGRX_HOME"
-    cargo pgrx init --pg$PG_MAJOR "$WRAP/pg_config" >/dev/null
-  fi
-  if [ "$(id -u)" = 0 ]; then
-    chmod 755 "$WORK"
-    chown -R postgres:postgres "$PGRX_HOME"
-  fi
+# The system's extension directories: what /usr/bin/pg_config and each Debian major report.
+system_ext_dirs() {
+  local pgc
+  for pgc in /usr/bin/pg_config /usr/lib/postgresql/*/bin/pg_config; do
+    [ -x "$pgc" ] || continue
+    "$pgc" --pkglibdir
+    echo "$("$pgc" --sharedir)/extension"
+  done 2>/dev/null | sort -u
 }
-
-ensure_toolchain() {
-  ensure_packages
-  ensure_cargo_pgrx
-  mkdir -p "$WORK"
-  ensure_wrappers
-  ensure_pgrx_init
+# The listing of this extension's files in the system's PostgreSQL.
+system_ext_listing() {
+  local dirs
+  mapfile -t dirs < <(system_ext_dirs)
+  ext_file_listing "${dirs[@]}"
 }
 
 # A fresh base64 32-byte key from the OS CSPRNG (the same as `openssl rand -base64 32`).
 generate_key() { head -c 32 /dev/urandom | base64; }
+
+# For callers that predate scripts/setup (tests/adversarial-long): the same thing.
+ensure_toolchain() { "$ROOT/scripts/setup"; }

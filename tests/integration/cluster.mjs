@@ -1,13 +1,25 @@
-// A throwaway PostgreSQL 15 cluster for integration tests: initdb + pg_ctl as the `postgres`
+// A throwaway PostgreSQL cluster for integration tests: initdb + pg_ctl as the `postgres`
 // user when we are root (PostgreSQL refuses to run as root), a Unix socket in the data
 // directory's parent, the extension (installed by `cargo pgrx test/regress`) created in
 // database `postgres`. Only loopback/Unix sockets: listen_addresses is empty.
+// The environment says which PostgreSQL, where and which key; scripts/lib.sh sets it (run these
+// tests through scripts/test, or source scripts/lib.sh first):
+//   PKE_PG_BIN       bin directory of the private PostgreSQL installation that holds the extension
+//   PKE_WORK         work directory; clusters live in $PKE_WORK/it/<name>
+//   PKE_TEST_KEY     the test key
+//   PKE_PORT_OFFSET  added to every cluster's port (default 0)
 import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { mkdirSync, rmSync, chownSync, appendFileSync, readFileSync, existsSync } from "node:fs";
 import { join } from "node:path";
 
-const PG_BIN = "/usr/lib/postgresql/15/bin";
-const WORK = process.env.PKE_WORK ?? "/tmp/provider_keys_encrypt";
+function env(name) {
+  const v = process.env[name];
+  if (!v) throw new Error(`${name} is not set: run the tests through scripts/test, or \`source scripts/lib.sh\` first`);
+  return v;
+}
+const PG_BIN = env("PKE_PG_BIN");
+const WORK = env("PKE_WORK");
+const PORT_OFFSET = Number(process.env.PKE_PORT_OFFSET ?? 0);
 const isRoot = process.getuid() === 0;
 const pgUid = isRoot ? Number(execFileSync("id", ["-u", "postgres"]).toString().trim()) : null;
 const pgGid = isRoot ? Number(execFileSync("id", ["-g", "postgres"]).toString().trim()) : null;
@@ -16,13 +28,13 @@ function asPg(cmd, args, opts = {}) {
   return isRoot ? ["runuser", ["-u", "postgres", "--", cmd, ...args], opts] : [cmd, args, opts];
 }
 
-export const TEST_KEY = "dGVzdC1rZXktcHJvdmlkZXJfa2V5c19lbmNyeXB0LTE=";
+export const TEST_KEY = env("PKE_TEST_KEY");
 
 export class Cluster {
   constructor(name, { port, env = {}, conf = [] } = {}) {
     this.dir = join(WORK, "it", name);
     this.data = join(this.dir, "data");
-    this.port = port;
+    this.port = port + PORT_OFFSET;
     this.env = env;
     this.conf = conf;
   }
