@@ -400,7 +400,6 @@ DECLARE
     col text;
     required boolean;
     typ regtype;
-    not_null boolean;
 BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'relation "provider_key" does not exist'
@@ -423,7 +422,7 @@ BEGIN
                 SELECT u.c, false, 1000 + u.o FROM unnest(m.optional) WITH ORDINALITY AS u(c, o)) x
          ORDER BY x.o
     LOOP
-        SELECT a.atttypid::regtype, a.attnotnull INTO typ, not_null
+        SELECT a.atttypid::regtype INTO typ
           FROM pg_attribute a
          WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
         IF NOT FOUND THEN
@@ -439,14 +438,18 @@ BEGIN
             RAISE EXCEPTION 'permission denied to read column "%" of table %', col, tbl
                 USING ERRCODE = 'insufficient_privilege';
         END IF;
-        IF not_null AND col = ANY (m.sets_null) THEN
-            RAISE EXCEPTION 'column "%" of relation % is NOT NULL, and a % run sets it to NULL', col, tbl, m.format
-                USING ERRCODE = 'object_not_in_prerequisite_state',
-                      HINT = format('Each row keeps its key in exactly one column, as in the gateway''s rollout schema: ALTER TABLE %s ALTER COLUMN %I DROP NOT NULL;', tbl, col);
-        END IF;
         IF writes AND col = ANY (m.writes) AND NOT has_column_privilege(tbl, col, 'UPDATE') THEN
             RAISE EXCEPTION 'permission denied to update column "%" of table %', col, tbl
                 USING ERRCODE = 'insufficient_privilege';
+        END IF;
+    END LOOP;
+    FOREACH col IN ARRAY m.sets_null LOOP
+        IF EXISTS (SELECT 1 FROM pg_attribute a
+                    WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped
+                      AND a.attnotnull) THEN
+            RAISE EXCEPTION 'column "%" of relation % is NOT NULL, and format % sets it to NULL', col, tbl, m.format
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = format('Each row keeps its key in exactly one column, as in the gateway''s rollout schema: ALTER TABLE %s ALTER COLUMN %I DROP NOT NULL;', tbl, col);
         END IF;
     END LOOP;
     IF NOT EXISTS (SELECT 1
@@ -1023,7 +1026,9 @@ BEGIN
         EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s) AND (%s) = ''previous_key''',
                        r.tbl, m.deleted_sql, m.state_sql) INTO still_older;
         IF still_older = 0 THEN
-            RAISE NOTICE '%', m.retire_note;
+            RAISE NOTICE '%', m.retire_note || CASE WHEN r.unverified > 0 THEN format(
+                ' (The %s unverified provider keys open under none of the configured keys, older or not.)', r.unverified)
+                ELSE '' END;
         ELSE
             RAISE WARNING '% provider keys still open only under an older key: keep every key configured until a run has re-encrypted them', still_older
                 USING HINT = 'Rows written meanwhile under an older key (a gateway instance whose first secret is still the old one?) are re-encrypted by the next run.';

@@ -164,7 +164,9 @@ BEGIN
         EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s) AND (%s) = ''previous_key''',
                        r.tbl, m.deleted_sql, m.state_sql) INTO still_older;
         IF still_older = 0 THEN
-            RAISE NOTICE '%', m.retire_note;
+            RAISE NOTICE '%', m.retire_note || CASE WHEN r.unverified > 0 THEN format(
+                ' (The %s unverified provider keys open under none of the configured keys, older or not.)', r.unverified)
+                ELSE '' END;
         ELSE
             RAISE WARNING '% provider keys still open only under an older key: keep every key configured until a run has re-encrypted them', still_older
                 USING HINT = 'Rows written meanwhile under an older key (a gateway instance whose first secret is still the old one?) are re-encrypted by the next run.';

@@ -17,7 +17,6 @@ DECLARE
     col text;
     required boolean;
     typ regtype;
-    not_null boolean;
 BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'relation "provider_key" does not exist'
@@ -40,7 +39,7 @@ BEGIN
                 SELECT u.c, false, 1000 + u.o FROM unnest(m.optional) WITH ORDINALITY AS u(c, o)) x
          ORDER BY x.o
     LOOP
-        SELECT a.atttypid::regtype, a.attnotnull INTO typ, not_null
+        SELECT a.atttypid::regtype INTO typ
           FROM pg_attribute a
          WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
         IF NOT FOUND THEN
@@ -56,14 +55,18 @@ BEGIN
             RAISE EXCEPTION 'permission denied to read column "%" of table %', col, tbl
                 USING ERRCODE = 'insufficient_privilege';
         END IF;
-        IF not_null AND col = ANY (m.sets_null) THEN
-            RAISE EXCEPTION 'column "%" of relation % is NOT NULL, and a % run sets it to NULL', col, tbl, m.format
-                USING ERRCODE = 'object_not_in_prerequisite_state',
-                      HINT = format('Each row keeps its key in exactly one column, as in the gateway''s rollout schema: ALTER TABLE %s ALTER COLUMN %I DROP NOT NULL;', tbl, col);
-        END IF;
         IF writes AND col = ANY (m.writes) AND NOT has_column_privilege(tbl, col, 'UPDATE') THEN
             RAISE EXCEPTION 'permission denied to update column "%" of table %', col, tbl
                 USING ERRCODE = 'insufficient_privilege';
+        END IF;
+    END LOOP;
+    FOREACH col IN ARRAY m.sets_null LOOP
+        IF EXISTS (SELECT 1 FROM pg_attribute a
+                    WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped
+                      AND a.attnotnull) THEN
+            RAISE EXCEPTION 'column "%" of relation % is NOT NULL, and format % sets it to NULL', col, tbl, m.format
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = format('Each row keeps its key in exactly one column, as in the gateway''s rollout schema: ALTER TABLE %s ALTER COLUMN %I DROP NOT NULL;', tbl, col);
         END IF;
     END LOOP;
     IF NOT EXISTS (SELECT 1

@@ -59,6 +59,7 @@ export class Cluster {
     // the server's environment is exactly what the test asks for: never an inherited key
     const env = { ...process.env };
     delete env.ENCRYPTION_KEY;
+    delete env.GATEWAY_API_KEY_HASH_SECRET;
     execFileSync(c, a, { stdio: "ignore", env: { ...env, ...this.env } });
   }
 
