@@ -116,7 +116,9 @@ COMMENT ON FUNCTION pke_internal.token_state(text) IS
 ",
     requires = ["engine_types"]
 )]
-pub(crate) fn pke_token_state(token: &str, fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Oid {
+// pgrx hands the wrapper its own, valid fcinfo; the function is not callable from Rust code.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
+pub fn pke_token_state(token: &str, fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Oid {
     let state = with_keyring(|ring| ring.classify(token))
         .or_raise()
         .or_raise();
@@ -174,10 +176,11 @@ pub fn pke_may_commit() -> bool {
     unsafe { pg_sys::SPI_inside_nonatomic_context() }
 }
 
-/// `pke_internal.flush_wal()`: write and flush the WAL up to everything inserted so far. A run
-/// commits its batches with `synchronous_commit = off`; this, before it says "completed",
-/// makes every one of those commits durable (a commit that wrote no WAL of its own would not
-/// wait for the flush, whatever synchronous_commit says).
+/// `pke_internal.flush_wal()`: flush the WAL up to the end of this backend's last commit
+/// record. A run commits its batches with `synchronous_commit = off`; this, before it says
+/// "completed", makes every one of those commits durable (the run's last, empty transaction
+/// writes no WAL of its own, so its commit would not wait for a flush, whatever
+/// synchronous_commit says).
 #[pg_extern(
     sql = "
 CREATE FUNCTION pke_internal.flush_wal() RETURNS void
@@ -187,11 +190,13 @@ CREATE FUNCTION pke_internal.flush_wal() RETURNS void
     requires = ["engine_types"]
 )]
 pub fn pke_flush_wal() {
-    // SAFETY: plain calls into the WAL machinery, allowed in any backend outside recovery
-    // (the procedures write, so they never run during recovery).
+    // SAFETY: reads this backend's end of its last commit record and flushes the WAL up to it,
+    // as a synchronous commit would. (The insert position is no valid flush target: at a page
+    // boundary it points past a page header that is not written yet.)
     unsafe {
-        if !pg_sys::RecoveryInProgress() {
-            pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr());
+        let last_commit = pg_sys::XactLastCommitEnd;
+        if last_commit != 0 && !pg_sys::RecoveryInProgress() {
+            pg_sys::XLogFlush(last_commit);
         }
     }
 }
