@@ -13,7 +13,8 @@ import * as gw from "../interop/llmgw_gateway.mjs";
 
 const OLD = "integration-gateway-secret-old-ünïcode";
 const NEW = "integration-gateway-secret-new";
-const db = new Cluster("llmgw", { port: 54445, env: { GATEWAY_API_KEY_HASH_SECRET: OLD } });
+// wal_writer_delay = 10s: the durable-finish test below must not be rescued by the WAL writer
+const db = new Cluster("llmgw", { port: 54445, env: { GATEWAY_API_KEY_HASH_SECRET: OLD }, conf: ["wal_writer_delay = 10s"] });
 before(() => db.start());
 after(() => db.stop());
 
@@ -268,6 +269,24 @@ test("without the XOR constraint: a failing row is rolled back alone, its secret
     assert.equal(r.token, rows.find((x) => x.id === r.id).plain);
     assert.equal(r.ct, null);
   }
+});
+
+test("a backfill that said completed survives an immediate shutdown right after it returns", () => {
+  const ROWS = 10800;
+  createTable("dur");
+  db.psql(`INSERT INTO dur (id, token, provider, organization_id)
+           SELECT 'd' || lpad(g::text, 6, '0'), 'sk-durable-' || g || '-secret', 'openai', CASE WHEN g % 3 = 0 THEN NULL ELSE 'org-' || g % 7 END
+             FROM generate_series(1, ${ROWS}) g;
+           CHECKPOINT;`);
+  const r = db.run("CALL encrypt_provider_keys('dur', format => 'llmgw', batch_size => 1000, verbose => false)", { tuples: false });
+  assert.deepEqual(summary(r.err), { total: ROWS, done: ROWS, skipped: 0, errors: 0 });
+  db.pgctl(["-m", "immediate", "-w", "stop"]);
+  db.pgctl(["-l", join(db.dir, "server.log"), "-w", "start"]);
+  const ring = gw.keyring(OLD);
+  const rows = db.readJson("SELECT json_build_object('id', id, 'org', organization_id, 'token', token, 'ct', token_ciphertext) FROM dur");
+  assert.equal(rows.length, ROWS);
+  assert.equal(rows.filter((x) => x.token !== null).length, 0, "no row the CALL counted is plaintext after the crash");
+  for (const x of rows) assert.equal(gw.decrypt(ring, x.ct, x.id, x.org), `sk-durable-${Number(x.id.slice(1))}-secret`);
 });
 
 test("the gateway's next migration, then rotation on its final schema: Node reads every row without the old secret", () => {
