@@ -332,7 +332,8 @@ mod tests {
         let current = one::<String>("SELECT llmgw_encrypt_token('sk-state', 'r1', 'o1')").unwrap();
         let parts: Vec<&str> = current.split(':').collect();
         let v1 = format!("llmgw:v1:{}:{}:{}", parts[3], parts[4], parts[5]);
-        let cases: [(Option<&str>, Option<&str>, Option<&str>, &str); 9] = [
+        type Case<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>, &'a str);
+        let cases: [Case; 9] = [
             (Some("sk-plain"), None, Some("o1"), "plaintext"),
             (Some(""), None, None, "plaintext"),
             (Some("llmgw:v2:pasted"), None, Some("o1"), "unverified"),
@@ -349,7 +350,11 @@ mod tests {
                 &[token.into(), ct.into(), org.into()],
             )
             .unwrap();
-            assert_eq!(got.as_deref(), Some(expected), "{token:?} / {ct:?} / {org:?}");
+            assert_eq!(
+                got.as_deref(),
+                Some(expected),
+                "{token:?} / {ct:?} / {org:?}"
+            );
         }
     }
 
@@ -370,10 +375,17 @@ mod tests {
             "SELECT llmgw_decrypt_token($1, 'r9', NULL) = 'sk-guard-hook-1234567'
                 AND $2 = llmgw_token_hash('sk-guard-hook-1234567')
                 AND $3 = llmgw_mask_token('sk-guard-hook-1234567')",
-            &[ct.as_str().into(), hash.as_str().into(), mask.as_str().into()],
+            &[
+                ct.as_str().into(),
+                hash.as_str().into(),
+                mask.as_str().into(),
+            ],
         )
         .unwrap();
         assert_eq!(same, Some(true));
-        assert_eq!(sqlstate("SELECT llmgw_encrypt_token('x', NULL, 'o')"), "22004");
+        assert_eq!(
+            sqlstate("SELECT llmgw_encrypt_token('x', NULL, 'o')"),
+            "22004"
+        );
     }
 }
