@@ -13,9 +13,6 @@ export PKE_PG_MAJOR=${PKE_PG_MAJOR:-15}
 # The key every test server gets through its environment, like production (tests only, never a
 # real key). The single definition: tests/integration/cluster.mjs reads it from the environment.
 export PKE_TEST_KEY=dGVzdC1rZXktcHJvdmlkZXJfa2V5c19lbmNyeXB0LTE=
-# The gateway keyring the test servers get as GATEWAY_API_KEY_HASH_SECRET (format llmgw): a
-# current secret (key id 4285741b) and an older one (f6066bdc), so rotation shows. Tests only.
-export PKE_TEST_GATEWAY_SECRETS=test-gateway-secret-current,test-gateway-secret-older
 
 # Everything PostgreSQL touches lives under the work directory: the server runs as the
 # unprivileged `postgres` user and may not be able to enter the checkout (e.g. under /root).

@@ -2,6 +2,9 @@
 //!
 //! | cause                                   | SQLSTATE | condition name                   |
 //! |-----------------------------------------|----------|----------------------------------|
+//! | library not in shared_preload_libraries | F0000    | config_file_error                |
+//! | a key given in SQL or config (refused by the settings, or found stored at first use) | 55P02 | cant_change_runtime_param |
+//! | the catalog scan for stored keys failed | 58000    | system_error                     |
 //! | no key configured                       | 55000    | object_not_in_prerequisite_state |
 //! | key not 32 bytes of base64              | 22023    | invalid_parameter_value          |
 //! | value is not a token (base64 / length)  | 22P02    | invalid_text_representation      |
@@ -27,15 +30,21 @@
 //!
 //! Messages are fixed strings or name a setting: never a key, a token or a plaintext.
 
+use std::borrow::Cow;
+
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
+use crate::gucs::{ConfigPlace, Setting};
 use crate::keys::KeyError;
 use crate::token::TokenError;
 use provider_keys_encrypt_core::format_llmgw::LlmgwError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
+    /// The server is set up so that keys could leak: refuse to work (see `gucs::guard`).
+    #[error(transparent)]
+    Setup(#[from] SetupError),
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
@@ -52,6 +61,9 @@ impl Error {
     pub fn sqlstate(&self) -> PgSqlErrorCode {
         use PgSqlErrorCode::*;
         match self {
+            Error::Setup(SetupError::NotPreloaded) => ERRCODE_CONFIG_FILE_ERROR,
+            Error::Setup(SetupError::KeyGiven { .. }) => ERRCODE_CANT_CHANGE_RUNTIME_PARAM,
+            Error::Setup(SetupError::Scan) => ERRCODE_SYSTEM_ERROR,
             Error::Key(KeyError::Missing) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             Error::Key(KeyError::Invalid(_)) => ERRCODE_INVALID_PARAMETER_VALUE,
             Error::Token(TokenError::NotBase64 | TokenError::TooShort) => {
@@ -81,16 +93,42 @@ impl Error {
         }
     }
 
-    pub fn hint(&self) -> Option<&'static str> {
+    pub fn hint(&self) -> Option<Cow<'static, str>> {
+        Some(Cow::Borrowed(match self {
+            Error::Setup(SetupError::NotPreloaded) => {
+                "Add shared_preload_libraries = 'provider_keys_encrypt' to postgresql.conf and \
+                 restart the server (see the README, \"Installing\")."
+            }
+            Error::Setup(SetupError::KeyGiven { fix, .. }) => {
+                return Some(Cow::Owned(format!(
+                    "{fix} Keys come only from the server's environment: ENCRYPTION_KEY, \
+                     ENCRYPTION_KEY_PREVIOUS, GATEWAY_API_KEY_HASH_SECRET."
+                )))
+            }
+            _ => return self.static_hint().map(Cow::Borrowed),
+        }))
+    }
+
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            Error::Setup(SetupError::KeyGiven { more, .. }) if *more > 0 => {
+                Some(format!("{more} more such setting(s) found."))
+            }
+            _ => None,
+        }
+    }
+
+    fn static_hint(&self) -> Option<&'static str> {
         match self {
             Error::Key(_) => Some(
-                "Generate a key with: openssl rand -base64 32 — and give the server the same \
-                 ENCRYPTION_KEY as the gateway (see the README, \"Configuring the key\").",
+                "Generate a key with: openssl rand -base64 32 — and start the server with the \
+                 same ENCRYPTION_KEY as the gateway in its environment (see the README, \
+                 \"Configuring the key\").",
             ),
             Error::Token(TokenError::Unauthenticated) => Some(
                 "The token was written under another key: check that ENCRYPTION_KEY matches the \
-                 gateway's (compare provider_keys_encrypt_fingerprint()), or add the key it was \
-                 written under to provider_keys_encrypt.previous_keys.",
+                 gateway's (compare provider_keys_encrypt_fingerprint()), or list the key it was \
+                 written under in the server's ENCRYPTION_KEY_PREVIOUS.",
             ),
             Error::Token(TokenError::NotBase64 | TokenError::TooShort) => Some(
                 "A token is standard base64 (with padding) of nonce(12) || tag(16) || ciphertext.",
@@ -114,8 +152,104 @@ impl Error {
         if let Some(h) = self.hint() {
             report = report.set_hint(h);
         }
+        if let Some(d) = self.detail() {
+            report = report.set_detail(d);
+        }
         report.report(PgLogLevel::ERROR);
         unreachable!("ERROR does not return")
+    }
+}
+
+/// Why the extension refuses to work in this server at all (checked at first use in each
+/// backend, `gucs::guard`). Messages name settings, roles, databases and functions, never a
+/// value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetupError {
+    #[error(
+        "provider_keys_encrypt is not in shared_preload_libraries: it works only when loaded at \
+         server start, so that no session can store a key before its settings refuse it"
+    )]
+    NotPreloaded,
+    /// A key was given where PostgreSQL stored or applied it before the check hook could
+    /// refuse it. `place` says where, `fix` how to remove it.
+    #[error(
+        "a provider_keys_encrypt key is set in {place}; keys are read only from the server's \
+         environment, and provider_keys_encrypt refuses to work until it is removed"
+    )]
+    KeyGiven {
+        place: String,
+        fix: String,
+        more: usize,
+    },
+    #[error("could not check the catalogs for stored provider_keys_encrypt keys")]
+    Scan,
+}
+
+impl SetupError {
+    pub fn given_in_config(setting: Setting, place: ConfigPlace) -> SetupError {
+        let name = setting.name();
+        let (place, fix) = match place {
+            ConfigPlace::File => (
+                format!("a configuration file ({name} in postgresql.conf, an included file or postgresql.auto.conf)"),
+                format!(
+                    "Remove that line (postgresql.auto.conf: ALTER SYSTEM RESET {name}) and \
+                     restart the server. If the library was not preloaded while the line was \
+                     there, any role could read the key with SHOW: then rotate it."
+                ),
+            ),
+            ConfigPlace::CommandLine => (
+                format!("the server's command line (-c {name}=…)"),
+                "Restart the server without it. Every OS user can read a command line (ps), and \
+                 without preloading any role could read it with SHOW: rotate that key."
+                    .to_owned(),
+            ),
+        };
+        SetupError::KeyGiven {
+            place,
+            fix,
+            more: 0,
+        }
+    }
+
+    /// `role`/`database` are quoted identifiers; `None` means all.
+    pub fn in_role_setting(
+        setting: Setting,
+        role: Option<String>,
+        database: Option<String>,
+        more: usize,
+    ) -> SetupError {
+        let target = match (role, database) {
+            (None, None) => "ROLE ALL".to_owned(),
+            (Some(r), None) => format!("ROLE {r}"),
+            (None, Some(d)) => format!("DATABASE {d}"),
+            (Some(r), Some(d)) => format!("ROLE {r} IN DATABASE {d}"),
+        };
+        let name = setting.name();
+        SetupError::KeyGiven {
+            place: format!(
+                "pg_db_role_setting, which every role can read (ALTER {target} SET {name})"
+            ),
+            fix: format!(
+                "Remove it (ALTER {target} RESET {name}); every role could read it, so treat \
+                 that key as exposed and rotate it."
+            ),
+            more,
+        }
+    }
+
+    /// `function` is the function's signature (`regprocedure` text).
+    pub fn in_function(setting: Setting, function: String, more: usize) -> SetupError {
+        let name = setting.name();
+        SetupError::KeyGiven {
+            place: format!(
+                "the SET clause of function {function}, which every role can read in pg_proc.proconfig"
+            ),
+            fix: format!(
+                "Remove it (ALTER ROUTINE {function} RESET {name}); every role could read it, \
+                 so treat that key as exposed and rotate it."
+            ),
+            more,
+        }
     }
 }
 

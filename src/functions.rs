@@ -1,9 +1,9 @@
 //! The SQL functions: thin wrappers over `keys.rs` / `token.rs`.
 //!
 //! Labels: all are STRICT (NULL in, NULL out) and PARALLEL SAFE (no backend-local state
-//! besides the key cache, which parallel workers rebuild from the same settings and
-//! environment). `encrypt_token` is VOLATILE (fresh random nonce); everything that reads the
-//! key settings is STABLE; nothing is IMMUTABLE because every function depends on a setting.
+//! besides the key cache, which parallel workers rebuild from the same server environment).
+//! `encrypt_token` is VOLATILE (fresh random nonce); everything that reads the keys is STABLE;
+//! nothing is IMMUTABLE because every function depends on the server's keys.
 //! Privileges are set in `sql/privileges.sql` (see `lib.rs`).
 
 use pgrx::callconv::{BoxRet, FcInfo};

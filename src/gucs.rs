@@ -1,151 +1,278 @@
-//! Settings (GUCs) and the cached key ring built from them.
+//! Where the keys come from, and the settings that display them.
 //!
-//! * `provider_keys_encrypt.encryption_key` — base64 of the 32-byte key. When blank (the
-//!   default), the key comes from the server process's `ENCRYPTION_KEY` environment variable,
-//!   read at first use. The boot value stays empty, so the key never shows up in
-//!   `pg_settings.boot_val`.
-//! * `provider_keys_encrypt.previous_keys` — comma-separated base64 keys, for decryption only.
+//! **The keys come only from the server's environment**, read with `std::env::var_os` and
+//! decoded exactly as Node does (`keys::env_text`; see README "Configuring the key"):
 //!
-//! Secrecy (see README "Security"): both are `SUSET` (only superusers, or roles a superuser
-//! granted `SET` on them, may change them), `SUPERUSER_ONLY` and `NO_SHOW_ALL` (absent from
-//! `pg_settings` and `SHOW ALL`, so no `setting`/`boot_val`/`reset_val` column can leak). A
-//! show hook replaces the value with the key's fingerprint for everyone, so `SHOW` and
-//! `current_setting()` — which members of `pg_read_all_settings` may call despite
-//! `SUPERUSER_ONLY` — never reveal it. The check hook refuses malformed keys (without echoing
-//! them), values stored where any role can read them (`ALTER DATABASE/ROLE ... SET`, a
-//! function's `SET` clause), and config-file values when the library is not preloaded.
+//! | variable                      | what                                               | accessor                |
+//! |-------------------------------|----------------------------------------------------|-------------------------|
+//! | `ENCRYPTION_KEY`              | the current base64 key (32 bytes)                  | [`with_keyring`]        |
+//! | `ENCRYPTION_KEY_PREVIOUS`     | comma-separated previous keys, decryption only     | [`with_keyring`]        |
+//! | `GATEWAY_API_KEY_HASH_SECRET` | the gateway's llmgw secrets, comma-separated       | [`with_gateway_keyring`] |
+//!
+//! Each ring is built once per backend and cached; the environment does not change while a
+//! server runs. Dropping a ring wipes its keys.
+//!
+//! **The settings are read-only displays.** `provider_keys_encrypt.encryption_key`,
+//! `.previous_keys` and `.gateway_api_key_hash_secret` show the fingerprints (key ids) of what
+//! the environment holds, never a value. Their check hook refuses every value from every
+//! source (SET, SET LOCAL, set_config, ALTER SYSTEM, ALTER DATABASE/ROLE SET, a function's
+//! SET clause, postgresql.conf, `-c`, PGOPTIONS) with SQLSTATE 55P02 and a message of its own,
+//! so PostgreSQL's `invalid value for parameter "…": "<value>"` never echoes a key. They are
+//! `SUSET`, `SUPERUSER_ONLY` and `NO_SHOW_ALL`.
+//!
+//! **The library must be preloaded** (`shared_preload_libraries`): only then does the check
+//! hook exist in every backend before any statement, so no path can store a key where other
+//! roles read it. Where PostgreSQL stored a key before the hook could refuse it (a config
+//! file or `-c` value, seen when the hook is first installed or on reload; an `ALTER
+//! DATABASE/ROLE … SET` or a function's `SET` clause made while the library was not loaded),
+//! [`guard`] finds it at first use and every function refuses (55P02, naming where) until it
+//! is removed. Without preloading every function refuses (F0000).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
+use crate::errors::{Error, SetupError};
 use crate::keys::{self, KeyError, KeyRing, KeySource};
 use provider_keys_encrypt_core::format_llmgw;
 
-/// Raw value of `provider_keys_encrypt.encryption_key` (blank: use `ENCRYPTION_KEY`).
+/// `provider_keys_encrypt.encryption_key`: displays `ENCRYPTION_KEY`'s fingerprint.
 pub static ENCRYPTION_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-/// Raw value of `provider_keys_encrypt.previous_keys`.
+/// `provider_keys_encrypt.previous_keys`: displays `ENCRYPTION_KEY_PREVIOUS`'s fingerprints.
 pub static PREVIOUS_KEYS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// `provider_keys_encrypt.gateway_api_key_hash_secret`: displays the gateway keyring's key ids.
+pub static GATEWAY_SECRET: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
-/// Whether this library was loaded through `shared_preload_libraries` (set in `_PG_init`).
-static mut PRELOADED: bool = false;
+/// The three read-only settings, each standing for one environment variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting {
+    EncryptionKey,
+    PreviousKeys,
+    GatewaySecret,
+}
+
+impl Setting {
+    pub const ALL: [Setting; 3] = [
+        Setting::EncryptionKey,
+        Setting::PreviousKeys,
+        Setting::GatewaySecret,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Setting::EncryptionKey => "provider_keys_encrypt.encryption_key",
+            Setting::PreviousKeys => "provider_keys_encrypt.previous_keys",
+            Setting::GatewaySecret => "provider_keys_encrypt.gateway_api_key_hash_secret",
+        }
+    }
+
+    /// The environment variable the setting displays (the only place its value comes from).
+    pub fn env_var(self) -> &'static str {
+        match self {
+            Setting::EncryptionKey => keys::ENV_VAR,
+            Setting::PreviousKeys => keys::ENV_VAR_PREVIOUS,
+            Setting::GatewaySecret => format_llmgw::ENV_VAR,
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Setting> {
+        Setting::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// Where PostgreSQL applied a value before any statement could be refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigPlace {
+    /// postgresql.conf, an included file, or postgresql.auto.conf
+    File,
+    /// `-c name=value` on the server's command line
+    CommandLine,
+}
+
+/// Whether `_PG_init` ran inside `shared_preload_libraries` processing (then every process
+/// of the server, forked from the postmaster, has the library and its check hooks).
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+/// True while `_PG_init` defines the settings: PostgreSQL then replays onto them any value a
+/// placeholder held (from a file, the command line, a role setting, an earlier SET).
+static INITIALIZING: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
-    /// The key ring, built on first use and rebuilt after any assignment to either setting.
-    /// `None` = stale. Errors are cached too, so a bad key costs one parse, not one per row.
+    /// A key PostgreSQL applied from a config file or the command line (the check hook
+    /// refused it, but it is in a file or argv): every function refuses while this is set.
+    /// Set in the postmaster, it is inherited by every backend it forks afterwards.
+    static GIVEN_IN_CONFIG: Cell<Option<(Setting, ConfigPlace)>> = const { Cell::new(None) };
+    /// The key ring, once built (`Err` too: the environment does not change).
     static RING: RefCell<Option<Result<Rc<KeyRing>, KeyError>>> = const { RefCell::new(None) };
-    /// The gateway's keyring (GATEWAY_API_KEY_HASH_SECRET), built on first use. The
-    /// environment does not change while the backend runs, so it is never rebuilt.
+    /// The gateway's keyring (GATEWAY_API_KEY_HASH_SECRET), once built.
     static GATEWAY_RING: RefCell<Option<Result<Rc<format_llmgw::Keyring>, format_llmgw::LlmgwError>>> =
         const { RefCell::new(None) };
 }
 
 pub fn init() {
     // SAFETY: _PG_init runs once per process, single-threaded, before any hook can fire.
-    unsafe { PRELOADED = pg_sys::process_shared_preload_libraries_in_progress };
-    let flags = GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL | GucFlags::NO_RESET_ALL;
+    PRELOADED.store(
+        unsafe { pg_sys::process_shared_preload_libraries_in_progress },
+        Ordering::Relaxed,
+    );
+    INITIALIZING.store(true, Ordering::Relaxed);
+    let flags = GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL;
     // SAFETY: the hooks below follow guc.h's contracts: check hooks only set
-    // GUC_check_err* and return false, assign hooks cannot fail, show hooks return palloc'd
-    // strings.
+    // GUC_check_err* and return false, show hooks return palloc'd strings.
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
             c"provider_keys_encrypt.encryption_key",
-            c"Base64 of the 32-byte AES-256-GCM key. Blank: use the server's ENCRYPTION_KEY environment variable.",
-            c"Shown as its fingerprint, never as its value. Prefer the ENCRYPTION_KEY environment variable.",
+            c"Read-only: the fingerprint of the server's ENCRYPTION_KEY environment variable.",
+            c"Keys come only from the server's environment, decoded as the gateway's Buffer.from(value, 'base64'). This setting cannot be set.",
             &ENCRYPTION_KEY,
             GucContext::Suset,
             flags,
             Some(check_encryption_key),
-            Some(assign_any),
+            None,
             Some(show_encryption_key),
         );
         GucRegistry::define_string_guc_with_hooks(
             c"provider_keys_encrypt.previous_keys",
-            c"Comma-separated base64 keys that tokens may still be encrypted under (decryption only).",
-            c"Used to decrypt and to rotate (reencrypt_provider_keys). Shown as fingerprints.",
+            c"Read-only: the fingerprints of the server's ENCRYPTION_KEY_PREVIOUS environment variable (comma-separated keys, decryption only).",
+            c"Keys come only from the server's environment. This setting cannot be set.",
             &PREVIOUS_KEYS,
             GucContext::Suset,
             flags,
             Some(check_previous_keys),
-            Some(assign_any),
+            None,
             Some(show_previous_keys),
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"provider_keys_encrypt.gateway_api_key_hash_secret",
+            c"Read-only: the key ids of the server's GATEWAY_API_KEY_HASH_SECRET environment variable (the gateway's llmgw keyring).",
+            c"Secrets come only from the server's environment. This setting cannot be set.",
+            &GATEWAY_SECRET,
+            GucContext::Suset,
+            flags,
+            Some(check_gateway_secret),
+            None,
+            Some(show_gateway_secret),
         );
         #[cfg(not(any(feature = "pg13", feature = "pg14")))]
         pg_sys::MarkGUCPrefixReserved(c"provider_keys_encrypt".as_ptr());
     }
+    INITIALIZING.store(false, Ordering::Relaxed);
 }
 
-/// Run `f` with the current key ring, building it if a setting changed since the last call.
-pub fn with_keyring<T>(f: impl FnOnce(&KeyRing) -> T) -> Result<T, KeyError> {
-    let ring = RING.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        slot.get_or_insert_with(|| build_ring().map(Rc::new))
-            .clone()
-    })?;
-    Ok(f(&ring))
+/// Run `f` with the key ring (`ENCRYPTION_KEY` + `ENCRYPTION_KEY_PREVIOUS`), built on first
+/// use in this backend after [`guard`] passed.
+pub fn with_keyring<T>(f: impl FnOnce(&KeyRing) -> T) -> Result<T, Error> {
+    if let Some(ring) = RING.with(|c| c.borrow().clone()) {
+        return Ok(f(&*ring?));
+    }
+    guard()?;
+    let ring = build_ring().map(Rc::new);
+    RING.with(|c| *c.borrow_mut() = Some(ring.clone()));
+    Ok(f(&*ring?))
 }
 
 /// Run `f` with the gateway's keyring, read from the server's `GATEWAY_API_KEY_HASH_SECRET`
-/// environment variable (comma-separated secrets, current first) on first use and cached for
-/// the life of the backend. Missing or empty: `LlmgwError::MissingSecret` (SQLSTATE 55000).
-pub fn with_gateway_keyring<T>(
-    f: impl FnOnce(&format_llmgw::Keyring) -> T,
-) -> Result<T, crate::errors::Error> {
-    let ring = GATEWAY_RING.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        slot.get_or_insert_with(|| build_gateway_ring().map(Rc::new))
-            .clone()
-    })?;
-    Ok(f(&ring))
+/// environment variable (comma-separated secrets, current first) on first use after
+/// [`guard`] passed, and cached for the life of the backend. Missing or empty:
+/// `LlmgwError::MissingSecret` (SQLSTATE 55000).
+pub fn with_gateway_keyring<T>(f: impl FnOnce(&format_llmgw::Keyring) -> T) -> Result<T, Error> {
+    if let Some(ring) = GATEWAY_RING.with(|c| c.borrow().clone()) {
+        return Ok(f(&*ring?));
+    }
+    guard()?;
+    let ring = build_gateway_ring().map(Rc::new);
+    GATEWAY_RING.with(|c| *c.borrow_mut() = Some(ring.clone()));
+    Ok(f(&*ring?))
 }
 
-fn build_gateway_ring() -> Result<format_llmgw::Keyring, format_llmgw::LlmgwError> {
-    // Node decodes the environment as UTF-8 with U+FFFD for invalid bytes: env_text does too.
-    let text = std::env::var_os(format_llmgw::ENV_VAR)
-        .map(|v| keys::env_text(std::os::unix::ffi::OsStringExt::into_vec(v)))
-        .ok_or(format_llmgw::LlmgwError::MissingSecret)?;
-    format_llmgw::Keyring::parse(&text)
+/// The environment variable's text as Node would see it, in a wiping buffer; `None` if unset.
+fn env(name: &str) -> Option<zeroize::Zeroizing<String>> {
+    std::env::var_os(name).map(|v| keys::env_text(std::os::unix::ffi::OsStringExt::into_vec(v)))
 }
 
 fn build_ring() -> Result<KeyRing, KeyError> {
-    // The environment value is copied into a zeroizing buffer; the settings are borrowed.
-    let env = std::env::var(keys::ENV_VAR)
-        .ok()
-        .map(zeroize::Zeroizing::new);
-    KeyRing::from_config(
-        setting_str(&ENCRYPTION_KEY),
-        env.as_deref().map(String::as_str),
-        setting_str(&PREVIOUS_KEYS),
-    )
+    let current = env(keys::ENV_VAR);
+    let previous = env(keys::ENV_VAR_PREVIOUS);
+    KeyRing::build(keys::KeyConfig {
+        env: current.as_deref().map(String::as_str),
+        env_previous: previous.as_deref().map(String::as_str),
+        ..keys::KeyConfig::default()
+    })
 }
 
-/// Borrow a string setting's current value without copying it.
-fn setting_str(setting: &'static GucSetting<Option<CString>>) -> Option<&'static str> {
-    // SAFETY: PostgreSQL owns the string and replaces (never mutates) it on assignment; we
-    // only hold the borrow for the duration of one key-ring build in this backend.
-    unsafe {
-        let p = *setting.as_ptr();
-        if p.is_null() {
-            None
-        } else {
-            CStr::from_ptr(p).to_str().ok()
-        }
+fn build_gateway_ring() -> Result<format_llmgw::Keyring, format_llmgw::LlmgwError> {
+    let text = env(format_llmgw::ENV_VAR).ok_or(format_llmgw::LlmgwError::MissingSecret)?;
+    format_llmgw::Keyring::parse(&text)
+}
+
+/// Refuse to work while a key sits where PostgreSQL put it before the check hook could refuse
+/// it, or while the library is not preloaded. Not cached while it fails: the functions work
+/// again as soon as the cause is removed (a config file value: after a restart).
+pub fn guard() -> Result<(), Error> {
+    if let Some((setting, place)) = GIVEN_IN_CONFIG.with(Cell::get) {
+        return Err(SetupError::given_in_config(setting, place).into());
     }
+    if let Some(found) = stored_keys()? {
+        return Err(found.into());
+    }
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return Err(SetupError::NotPreloaded.into());
+    }
+    Ok(())
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn assign_any(_newval: *const c_char, _extra: *mut c_void) {
-    // Never fails (guc.h forbids it): just mark the cached ring stale. Dropping it wipes
-    // the expanded keys.
-    RING.with(|cell| {
-        if let Ok(mut slot) = cell.try_borrow_mut() {
-            *slot = None;
+/// The catalogs where `ALTER DATABASE/ROLE … SET` and a function's `SET` clause store values,
+/// readable by every role: any entry for one of the settings (whatever its value, which is
+/// never read into Rust). `pg_db_role_setting` is shared by all databases; `pg_proc` is this
+/// database's. Every name is schema-qualified and every operator spelled
+/// `OPERATOR(pg_catalog.…)`, so the caller's search_path cannot redirect the scan.
+fn stored_keys() -> Result<Option<SetupError>, Error> {
+    const SCAN: &str = "
+        SELECT 'setting'::pg_catalog.text, pg_catalog.quote_ident(r.rolname::pg_catalog.text),
+               pg_catalog.quote_ident(d.datname::pg_catalog.text),
+               pg_catalog.lower(pg_catalog.split_part(c.c, '=', 1))
+          FROM pg_catalog.pg_db_role_setting s
+         CROSS JOIN LATERAL pg_catalog.unnest(s.setconfig) AS c(c)
+          LEFT JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) s.setrole
+          LEFT JOIN pg_catalog.pg_database d ON d.oid OPERATOR(pg_catalog.=) s.setdatabase
+         WHERE pg_catalog.lower(pg_catalog.split_part(c.c, '=', 1)) OPERATOR(pg_catalog.=) ANY (
+               '{provider_keys_encrypt.encryption_key,provider_keys_encrypt.previous_keys,provider_keys_encrypt.gateway_api_key_hash_secret}'::pg_catalog.text[])
+        UNION ALL
+        SELECT 'function', p.oid::pg_catalog.regprocedure::pg_catalog.text, NULL,
+               pg_catalog.lower(pg_catalog.split_part(c.c, '=', 1))
+          FROM pg_catalog.pg_proc p
+         CROSS JOIN LATERAL pg_catalog.unnest(p.proconfig) AS c(c)
+         WHERE pg_catalog.lower(pg_catalog.split_part(c.c, '=', 1)) OPERATOR(pg_catalog.=) ANY (
+               '{provider_keys_encrypt.encryption_key,provider_keys_encrypt.previous_keys,provider_keys_encrypt.gateway_api_key_hash_secret}'::pg_catalog.text[])";
+    let rows: Vec<(String, Option<String>, Option<String>, String)> = Spi::connect(|client| {
+        let table = client.select(SCAN, None, &[])?;
+        let mut rows = Vec::new();
+        for row in table {
+            rows.push((
+                row.get::<String>(1)?.unwrap_or_default(),
+                row.get::<String>(2)?,
+                row.get::<String>(3)?,
+                row.get::<String>(4)?.unwrap_or_default(),
+            ));
         }
-    });
+        Ok::<_, pgrx::spi::SpiError>(rows)
+    })
+    .map_err(|_| SetupError::Scan)?;
+    let count = rows.len();
+    let Some((kind, a, b, name)) = rows.into_iter().next() else {
+        return Ok(None);
+    };
+    let setting = Setting::from_name(&name).unwrap_or(Setting::EncryptionKey);
+    let more = count - 1;
+    Ok(Some(if kind == "function" {
+        SetupError::in_function(setting, a.unwrap_or_default(), more)
+    } else {
+        SetupError::in_role_setting(setting, a, b, more)
+    }))
 }
 
 #[pg_guard]
@@ -155,11 +282,7 @@ unsafe extern "C-unwind" fn check_encryption_key(
     source: pg_sys::GucSource::Type,
 ) -> bool {
     // SAFETY: guc.c passes a valid pointer to a (possibly NULL) C string.
-    unsafe {
-        check_setting(newval, source, KeySource::Setting, |v| {
-            keys::parse_key(v, KeySource::Setting).map(drop)
-        })
-    }
+    unsafe { check_read_only(Setting::EncryptionKey, newval, source) }
 }
 
 #[pg_guard]
@@ -169,128 +292,146 @@ unsafe extern "C-unwind" fn check_previous_keys(
     source: pg_sys::GucSource::Type,
 ) -> bool {
     // SAFETY: as above.
-    unsafe {
-        check_setting(newval, source, KeySource::Previous(1), |v| {
-            keys::split_previous(v)
-                .enumerate()
-                .try_for_each(|(i, entry)| {
-                    keys::parse_key(entry, KeySource::Previous(i + 1)).map(drop)
-                })
-        })
-    }
+    unsafe { check_read_only(Setting::PreviousKeys, newval, source) }
 }
 
-/// The check both settings share: a blank value (no key) is always accepted; anything else
-/// must come from a place that keeps it secret, be UTF-8, and pass `validate`.
+#[pg_guard]
+unsafe extern "C-unwind" fn check_gateway_secret(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: as above.
+    unsafe { check_read_only(Setting::GatewaySecret, newval, source) }
+}
+
+/// The check all three settings share: the boot value (NULL) and blank values are accepted
+/// (they hold nothing); any other value, from any source, is refused without being echoed.
+/// A value PostgreSQL applied from a config file or the command line is remembered, so the
+/// functions refuse until it is removed (see [`guard`]).
 ///
 /// # Safety
 /// `newval` must be a valid pointer to a NUL-terminated string or to NULL.
-unsafe fn check_setting(
+unsafe fn check_read_only(
+    setting: Setting,
     newval: *mut *mut c_char,
     source: pg_sys::GucSource::Type,
-    what: KeySource,
-    validate: impl Fn(&str) -> Result<(), KeyError>,
 ) -> bool {
-    // SAFETY: guaranteed by the caller.
-    let bytes = unsafe {
-        if newval.is_null() || (*newval).is_null() {
-            return true;
-        }
-        CStr::from_ptr(*newval).to_bytes()
-    };
-    if bytes.trim_ascii().is_empty() {
-        return true; // blank: no key (for encryption_key: use ENCRYPTION_KEY)
-    }
-    if let Err(e) = check_source(source) {
-        return e;
-    }
-    match std::str::from_utf8(bytes) {
-        // not UTF-8 is not base64 either; without this check it would pass as "blank"
-        Err(_) => reject_value(&KeyError::Invalid(what)),
-        Ok(v) => match validate(v) {
-            Ok(()) => true,
-            Err(e) => reject_value(&e),
-        },
-    }
-}
-
-/// Refuse the places where a stored key would be readable by roles that are not superusers.
-/// Returns `Err(false)` (the hook's answer) after setting the message.
-fn check_source(source: pg_sys::GucSource::Type) -> Result<(), bool> {
     use pg_sys::GucSource::*;
-    match source {
-        PGC_S_GLOBAL | PGC_S_DATABASE | PGC_S_USER | PGC_S_DATABASE_USER | PGC_S_TEST => Err(reject(
-            PgSqlErrorCode::ERRCODE_CANT_CHANGE_RUNTIME_PARAM,
-            c"provider_keys_encrypt keys cannot be stored with ALTER DATABASE/ROLE ... SET or in a function's SET clause",
-            Some(c"Those catalogs are readable by every role. Put the key in the server's ENCRYPTION_KEY environment variable instead."),
-        )),
-        // SAFETY: PRELOADED is written once in _PG_init, before any hook runs.
-        PGC_S_FILE | PGC_S_ARGV if unsafe { !PRELOADED } => Err(reject(
-            PgSqlErrorCode::ERRCODE_CANT_CHANGE_RUNTIME_PARAM,
-            c"provider_keys_encrypt keys set in a configuration file or on the command line require shared_preload_libraries = 'provider_keys_encrypt'",
-            Some(c"Until the library is loaded, any role can read such a value with SHOW. Preload the library, or use the ENCRYPTION_KEY environment variable."),
-        )),
-        _ => Ok(()),
+    // SAFETY: guaranteed by the caller.
+    let blank = unsafe {
+        newval.is_null()
+            || (*newval).is_null()
+            || CStr::from_ptr(*newval).to_bytes().trim_ascii().is_empty()
+    };
+    if blank || source == PGC_S_DEFAULT {
+        return true;
     }
+    // A config file or argv value reaches this hook when the library defines the setting
+    // (the placeholder's value is replayed) and at each reload (no statement is running
+    // then). ALTER SYSTEM and pg_file_settings also validate with PGC_S_FILE, but inside a
+    // statement: ALTER SYSTEM fails with this hook's error and writes nothing.
+    // SAFETY: a plain read of a backend global.
+    let no_statement = unsafe { pg_sys::debug_query_string.is_null() };
+    if INITIALIZING.load(Ordering::Relaxed) || no_statement {
+        let place = match source {
+            PGC_S_FILE => Some(ConfigPlace::File),
+            PGC_S_ARGV => Some(ConfigPlace::CommandLine),
+            _ => None,
+        };
+        if let Some(place) = place {
+            if GIVEN_IN_CONFIG.with(Cell::get).is_none() {
+                GIVEN_IN_CONFIG.with(|c| c.set(Some((setting, place))));
+            }
+            drop_cached_rings();
+        }
+    }
+    let msg = format!(
+        "{} cannot be set: provider_keys_encrypt reads keys only from the server's environment ({})",
+        setting.name(),
+        setting.env_var()
+    );
+    let hint = format!(
+        "Start the server with {} in its environment; SHOW {} displays what it holds, never the value. A key given here must be treated as exposed.",
+        setting.env_var(),
+        setting.name()
+    );
+    reject(&msg, &hint)
 }
 
-fn reject_value(e: &KeyError) -> bool {
-    let msg = CString::new(e.to_string()).unwrap_or_default();
-    reject(
-        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-        &msg,
-        Some(c"Generate a key with: openssl rand -base64 32"),
-    )
+fn drop_cached_rings() {
+    RING.with(|c| {
+        if let Ok(mut slot) = c.try_borrow_mut() {
+            *slot = None;
+        }
+    });
+    GATEWAY_RING.with(|c| {
+        if let Ok(mut slot) = c.try_borrow_mut() {
+            *slot = None;
+        }
+    });
 }
 
-/// Set the message a failed check hook reports. Our own message replaces guc.c's default
-/// `invalid value for parameter "...": "<value>"`, which would echo the key.
-fn reject(code: PgSqlErrorCode, msg: &CStr, hint: Option<&CStr>) -> bool {
+/// Set the message a failed check hook reports (55P02). Our own message replaces guc.c's
+/// default `invalid value for parameter "...": "<value>"`, which would echo the key.
+fn reject(msg: &str, hint: &str) -> bool {
+    let msg = CString::new(msg).unwrap_or_default();
+    let hint = CString::new(hint).unwrap_or_default();
     // SAFETY: these globals are read by guc.c right after the hook returns; pstrdup copies
     // into the current memory context, which outlives that report.
     unsafe {
-        pg_sys::GUC_check_errcode(code as i32);
+        pg_sys::GUC_check_errcode(PgSqlErrorCode::ERRCODE_CANT_CHANGE_RUNTIME_PARAM as i32);
         pg_sys::GUC_check_errmsg_string = pg_sys::pstrdup(msg.as_ptr());
-        if let Some(h) = hint {
-            pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(h.as_ptr());
-        }
+        pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(hint.as_ptr());
     }
     false
 }
 
 /// What `SHOW provider_keys_encrypt.encryption_key` prints: never the key.
 pub fn describe_current() -> String {
-    let fp = |v: &str, src| keys::parse_key(v, src).map(|k| keys::fingerprint(&k));
-    match setting_str(&ENCRYPTION_KEY).filter(|v| !v.trim_ascii().is_empty()) {
-        Some(v) => match fp(v, KeySource::Setting) {
-            Ok(f) => format!("set, fingerprint {f}"),
-            Err(_) => "set, invalid".into(),
-        },
-        None => match std::env::var(keys::ENV_VAR)
-            .ok()
-            .map(zeroize::Zeroizing::new)
-        {
-            Some(v) if !v.trim_ascii().is_empty() => match fp(&v, KeySource::Environment) {
-                Ok(f) => format!("from ENCRYPTION_KEY, fingerprint {f}"),
-                Err(_) => "from ENCRYPTION_KEY, invalid".into(),
-            },
-            _ => "not set".into(),
+    match env(keys::ENV_VAR).filter(|v| !v.trim().is_empty()) {
+        None => "not set (no ENCRYPTION_KEY in the server's environment)".into(),
+        Some(v) => match keys::parse_key(&v, KeySource::Environment) {
+            Ok(k) => format!("from ENCRYPTION_KEY, fingerprint {}", keys::fingerprint(&k)),
+            Err(_) => "from ENCRYPTION_KEY, invalid: not 32 bytes as Buffer.from(value, 'base64') decodes it".into(),
         },
     }
 }
 
 /// What `SHOW provider_keys_encrypt.previous_keys` prints: the fingerprints, in order.
 pub fn describe_previous() -> String {
-    let entries: Vec<String> = keys::split_previous(setting_str(&PREVIOUS_KEYS).unwrap_or(""))
-        .map(|v| match keys::parse_key(v, KeySource::Previous(0)) {
-            Ok(k) => keys::fingerprint(&k),
-            Err(_) => "invalid".into(),
-        })
-        .collect();
+    let text = env(keys::ENV_VAR_PREVIOUS);
+    let entries: Vec<String> = keys::parse_key_list(
+        text.as_deref().map(String::as_str).unwrap_or(""),
+        KeySource::EnvironmentPrevious,
+    )
+    .map(|k| match k {
+        Ok(k) => keys::fingerprint(&k),
+        Err(_) => "invalid".into(),
+    })
+    .collect();
     if entries.is_empty() {
-        "none".into()
+        "none (no ENCRYPTION_KEY_PREVIOUS in the server's environment)".into()
     } else {
-        format!("fingerprints {}", entries.join(", "))
+        format!(
+            "from ENCRYPTION_KEY_PREVIOUS, fingerprints {}",
+            entries.join(", ")
+        )
+    }
+}
+
+/// What `SHOW provider_keys_encrypt.gateway_api_key_hash_secret` prints: the key ids (public:
+/// every llmgw:v2 token carries one), current first.
+pub fn describe_gateway() -> String {
+    match env(format_llmgw::ENV_VAR).map(|t| format_llmgw::Keyring::parse(&t)) {
+        Some(Ok(ring)) => {
+            let ids: Vec<String> = ring.entries().iter().map(|s| s.kid().to_string()).collect();
+            format!(
+                "from GATEWAY_API_KEY_HASH_SECRET, key ids {}",
+                ids.join(", ")
+            )
+        }
+        _ => "not set (no GATEWAY_API_KEY_HASH_SECRET in the server's environment)".into(),
     }
 }
 
@@ -302,6 +443,11 @@ unsafe extern "C-unwind" fn show_encryption_key() -> *const c_char {
 #[pg_guard]
 unsafe extern "C-unwind" fn show_previous_keys() -> *const c_char {
     palloc_str(&describe_previous())
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn show_gateway_secret() -> *const c_char {
+    palloc_str(&describe_gateway())
 }
 
 fn palloc_str(s: &str) -> *const c_char {

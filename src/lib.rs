@@ -39,7 +39,8 @@ mod pg_tests;
 pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
+    /// The library must be preloaded (README "Installing"): the test server does it too.
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![]
+        vec!["shared_preload_libraries = 'provider_keys_encrypt'"]
     }
 }

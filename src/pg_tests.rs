@@ -1,6 +1,8 @@
-//! `#[pg_test]`s: the SQL surface inside a real PostgreSQL. The test server gets
-//! `ENCRYPTION_KEY` from its environment (scripts/test sets TEST_KEY below), like production.
-//! Each test runs in a transaction that is rolled back, so `SET` changes stay local to it.
+//! `#[pg_test]`s: the SQL surface inside a real PostgreSQL. The test server preloads the
+//! library and gets its keys from its environment, the only source (scripts/test sets
+//! ENCRYPTION_KEY = TEST_KEY, ENCRYPTION_KEY_PREVIOUS = PREV_KEY and
+//! GATEWAY_API_KEY_HASH_SECRET = GATEWAY_SECRETS below). Each test runs in a transaction that
+//! is rolled back.
 
 use pgrx::prelude::*;
 
@@ -10,8 +12,12 @@ mod tests {
 
     /// The key scripts/test gives the test server (never used outside tests).
     const TEST_KEY: &str = "dGVzdC1rZXktcHJvdmlkZXJfa2V5c19lbmNyeXB0LTE=";
-    /// Another valid key, for rotation.
+    /// The previous key scripts/test gives the test server (ENCRYPTION_KEY_PREVIOUS).
+    const PREV_KEY: &str = "cHJldmlvdXMta2V5LXByb3ZpZGVyX2tleXNfZW5jcnk=";
+    /// A valid key the server does not have (a wrong key).
     const OTHER_KEY: &str = "b3RoZXIta2V5LXByb3ZpZGVyX2tleXNfZW5jcnlwdC0=";
+    /// The gateway's secrets scripts/test gives the test server (GATEWAY_API_KEY_HASH_SECRET).
+    const GATEWAY_SECRETS: &str = "test-gateway-secret-2,test-gateway-secret-1";
 
     /// Run `sql` and return the SQLSTATE it raises ("00000" if none), via a PL/pgSQL helper
     /// (catching in a subtransaction is the only clean way to observe an error in SQL).
@@ -140,13 +146,20 @@ mod tests {
         not_base64_is_22p02: "SELECT decrypt_token('sk-proj-plain')" => "22P02";
         too_short_is_22p02: "SELECT decrypt_token(encode('short', 'base64'))" => "22P02";
         wrong_key_is_22000: "SELECT decrypt_token('0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef')" => "22000";
-        bad_key_setting_is_22023: "SET provider_keys_encrypt.encryption_key = 'not-a-key'" => "22023";
-        short_key_setting_is_22023: "SET provider_keys_encrypt.encryption_key = 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=='" => "22023";
-        bad_previous_key_is_22023: "SET provider_keys_encrypt.previous_keys = 'dGVzdC1rZXktcHJvdmlkZXJfa2V5c19lbmNyeXB0LTE=,nope'" => "22023";
-        catalog_storage_is_refused: "ALTER ROLE CURRENT_USER SET provider_keys_encrypt.encryption_key = 'dGVzdC1rZXktcHJvdmlkZXJfa2V5c19lbmNyeXB0LTE='" => "55P02";
-        function_set_clause_is_refused: "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql SET provider_keys_encrypt.encryption_key = 'dGVzdC1rZXktcHJvdmlkZXJfa2V5c19lbmNyeXB0LTE=' AS 'SELECT 1'" => "55P02";
-        good_key_setting_is_accepted: "SET LOCAL provider_keys_encrypt.encryption_key = 'b3RoZXIta2V5LXByb3ZpZGVyX2tleXNfZW5jcnlwdC0='" => "00000";
+        // the settings are read-only displays: every value, good or bad, from every SQL path
+        set_bad_key_is_55p02: "SET provider_keys_encrypt.encryption_key = 'not-a-key'" => "55P02";
+        set_good_key_is_55p02: "SET provider_keys_encrypt.encryption_key = 'b3RoZXIta2V5LXByb3ZpZGVyX2tleXNfZW5jcnlwdC0='" => "55P02";
+        set_local_is_55p02: "SET LOCAL provider_keys_encrypt.encryption_key = 'b3RoZXIta2V5LXByb3ZpZGVyX2tleXNfZW5jcnlwdC0='" => "55P02";
+        set_config_is_55p02: "SELECT set_config('provider_keys_encrypt.previous_keys', 'b3RoZXIta2V5LXByb3ZpZGVyX2tleXNfZW5jcnlwdC0=', true)" => "55P02";
+        set_gateway_secret_is_55p02: "SET provider_keys_encrypt.gateway_api_key_hash_secret = 'a-gateway-secret'" => "55P02";
+        role_setting_is_55p02: "ALTER ROLE CURRENT_USER SET provider_keys_encrypt.encryption_key = 'dGVzdC1rZXktcHJvdmlkZXJfa2V5c19lbmNyeXB0LTE='" => "55P02";
+        database_setting_is_55p02: "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET provider_keys_encrypt.gateway_api_key_hash_secret = %L', current_database(), 'a-gateway-secret'); END $$" => "55P02";
+        function_set_clause_is_55p02: "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql SET provider_keys_encrypt.previous_keys = 'dGVzdC1rZXktcHJvdmlkZXJfa2V5c19lbmNyeXB0LTE=' AS 'SELECT 1'" => "55P02";
+        blank_is_harmless: "SET LOCAL provider_keys_encrypt.encryption_key = ''" => "00000";
         reserved_prefix: "SET provider_keys_encrypt.no_such_setting = 1" => "42602";
+        plaintext_over_64_kib_is_54000: "SELECT encrypt_token(repeat('x', 65537))" => "54000";
+        plaintext_of_64_kib_is_fine: "SELECT encrypt_token(repeat('x', 65536))" => "00000";
+        token_over_the_limit_is_54000: "SELECT decrypt_token(repeat('A', 87424))" => "54000";
     }
 
     #[pg_test]
@@ -220,28 +233,24 @@ mod tests {
         );
         let msg = e.to_string();
         assert!(
-            msg.contains("provider_keys_encrypt.encryption_key") && msg.contains("ENCRYPTION_KEY")
+            msg.contains("ENCRYPTION_KEY") && msg.contains("environment"),
+            "{msg}"
         );
         assert!(e.hint().unwrap().contains("openssl rand -base64 32"));
     }
 
+    /// A token under `key`, made by the pure code (the server only has its environment keys).
+    fn token_under(key: &str, plaintext: &str) -> String {
+        crate::keys::KeyRing::from_config(None, Some(key), None)
+            .unwrap()
+            .encrypt(plaintext.as_bytes())
+            .unwrap()
+    }
+
     #[pg_test]
-    fn rotation_with_previous_keys() {
-        let old_token = one::<String>("SELECT encrypt_token('sk-rotate')").unwrap();
-        // switch to a new current key; the old one is unknown until listed as previous
-        Spi::run(&format!(
-            "SET LOCAL provider_keys_encrypt.encryption_key = '{OTHER_KEY}'"
-        ))
-        .unwrap();
-        assert_eq!(
-            sqlstate(&format!("SELECT decrypt_token('{old_token}')")),
-            "22000"
-        );
-        assert_eq!(state(&old_token), "unverified");
-        Spi::run(&format!(
-            "SET LOCAL provider_keys_encrypt.previous_keys = '{TEST_KEY}'"
-        ))
-        .unwrap();
+    fn rotation_with_a_previous_key_from_the_environment() {
+        // written under the previous key (ENCRYPTION_KEY_PREVIOUS): opens, rotates
+        let old_token = token_under(PREV_KEY, "sk-rotate");
         assert_eq!(state(&old_token), "previous_key");
         assert_eq!(
             one::<String>(&format!("SELECT decrypt_token('{old_token}')")).as_deref(),
@@ -251,12 +260,33 @@ mod tests {
             one::<String>(&format!("SELECT pke_internal.reencrypt('{old_token}')")).unwrap();
         assert_eq!(state(&new_token), "current_key");
         assert_eq!(
-            one::<i64>("SELECT count(*) FROM provider_keys_encrypt_keys()"),
-            Some(2)
+            one::<String>(&format!("SELECT decrypt_token('{new_token}')")).as_deref(),
+            Some("sk-rotate")
         );
-        assert!(one::<String>("SHOW provider_keys_encrypt.previous_keys")
-            .unwrap()
-            .starts_with("fingerprints "));
+        // written under a key the server does not have: unverified, 22000
+        let foreign = token_under(OTHER_KEY, "sk-foreign");
+        assert_eq!(state(&foreign), "unverified");
+        assert_eq!(
+            sqlstate(&format!("SELECT decrypt_token('{foreign}')")),
+            "22000"
+        );
+        // the key list and the displays
+        let prev_fp = crate::keys::fingerprint(
+            &crate::keys::parse_key(PREV_KEY, crate::keys::KeySource::Environment).unwrap(),
+        );
+        assert_eq!(
+            one::<String>("SELECT string_agg(key || ' ' || fingerprint, ', ') FROM provider_keys_encrypt_keys()"),
+            Some(format!(
+                "current {}, previous 1 {prev_fp}",
+                one::<String>("SELECT provider_keys_encrypt_fingerprint()").unwrap()
+            ))
+        );
+        assert_eq!(
+            one::<String>("SHOW provider_keys_encrypt.previous_keys"),
+            Some(format!(
+                "from ENCRYPTION_KEY_PREVIOUS, fingerprints {prev_fp}"
+            ))
+        );
     }
 
     #[pg_test]
@@ -267,13 +297,93 @@ mod tests {
             ),
             Some(0)
         );
+        for name in [
+            "encryption_key",
+            "previous_keys",
+            "gateway_api_key_hash_secret",
+        ] {
+            let shown = one::<String>(&format!("SHOW provider_keys_encrypt.{name}")).unwrap();
+            for secret in [TEST_KEY, PREV_KEY, "test-gateway-secret"] {
+                assert!(!shown.contains(secret), "{name}: {shown}");
+            }
+        }
+    }
+
+    #[pg_test]
+    fn the_gateway_keyring_comes_from_the_environment() {
+        use provider_keys_encrypt_core::format_llmgw::Keyring;
+        let expected: Vec<String> = Keyring::parse(GATEWAY_SECRETS)
+            .unwrap()
+            .entries()
+            .iter()
+            .map(|s| s.kid().to_string())
+            .collect();
+        let got: Vec<String> = crate::gucs::with_gateway_keyring(|ring| {
+            ring.entries().iter().map(|s| s.kid().to_string()).collect()
+        })
+        .unwrap();
+        assert_eq!(got, expected);
+        assert_eq!(
+            one::<String>("SHOW provider_keys_encrypt.gateway_api_key_hash_secret"),
+            Some(format!(
+                "from GATEWAY_API_KEY_HASH_SECRET, key ids {}",
+                expected.join(", ")
+            ))
+        );
+    }
+
+    /// A key PostgreSQL stored before the check hook could refuse it (here planted directly in
+    /// the catalogs; tests/integration/key_sources.test.mjs does it the real way, without
+    /// preloading) makes every function refuse, naming where, until it is removed.
+    #[pg_test]
+    fn a_stored_key_is_found_and_named() {
+        assert_eq!(crate::gucs::guard(), Ok(()));
+        Spi::run("SET LOCAL allow_system_table_mods = on").unwrap();
+        Spi::run("CREATE FUNCTION pg_temp.leaky(int) RETURNS int LANGUAGE sql AS 'SELECT 1'")
+            .unwrap();
         Spi::run(&format!(
-            "SET LOCAL provider_keys_encrypt.encryption_key = '{OTHER_KEY}'"
+            "UPDATE pg_proc SET proconfig = '{{search_path=public,Provider_Keys_Encrypt.Encryption_Key={OTHER_KEY}}}'
+              WHERE oid = 'pg_temp.leaky(int)'::regprocedure"
         ))
         .unwrap();
-        let shown = one::<String>("SHOW provider_keys_encrypt.encryption_key").unwrap();
-        assert!(shown.starts_with("set, fingerprint "), "{shown}");
-        assert!(!shown.contains(OTHER_KEY));
+        let e = crate::gucs::guard().unwrap_err();
+        assert_eq!(
+            e.sqlstate(),
+            PgSqlErrorCode::ERRCODE_CANT_CHANGE_RUNTIME_PARAM
+        );
+        let text = format!("{e} {}", e.hint().unwrap());
+        assert!(
+            text.contains("SET clause of function pg_temp") && text.contains("leaky(integer)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("RESET provider_keys_encrypt.encryption_key"),
+            "{text}"
+        );
+        assert!(!text.contains(OTHER_KEY));
+        Spi::run(
+            "UPDATE pg_proc SET proconfig = NULL WHERE oid = 'pg_temp.leaky(int)'::regprocedure",
+        )
+        .unwrap();
+        assert_eq!(crate::gucs::guard(), Ok(()));
+
+        Spi::run(
+            "INSERT INTO pg_db_role_setting VALUES
+               ((SELECT oid FROM pg_database WHERE datname = current_database()), 0,
+                '{provider_keys_encrypt.gateway_api_key_hash_secret=gw-secret}')",
+        )
+        .unwrap();
+        let e = crate::gucs::guard().unwrap_err();
+        let text = format!("{e} {}", e.hint().unwrap());
+        assert!(
+            text.contains("pg_db_role_setting") && text.contains("ALTER DATABASE"),
+            "{text}"
+        );
+        assert!(
+            text.contains("RESET provider_keys_encrypt.gateway_api_key_hash_secret"),
+            "{text}"
+        );
+        assert!(!text.contains("gw-secret"));
     }
 
     #[pg_test]

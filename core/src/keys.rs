@@ -108,8 +108,8 @@ impl std::fmt::Display for KeySource {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
     #[error(
-        "no encryption key is configured: set provider_keys_encrypt.encryption_key or the \
-         server's ENCRYPTION_KEY environment variable"
+        "no encryption key is configured: the server's environment has no ENCRYPTION_KEY \
+         (provider_keys_encrypt reads keys only from there)"
     )]
     Missing,
     #[error("{0} must be a 32-byte key, base64-encoded")]
@@ -618,7 +618,8 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(
-            err.contains("provider_keys_encrypt.encryption_key") && err.contains("ENCRYPTION_KEY")
+            err.contains("ENCRYPTION_KEY") && err.contains("environment"),
+            "{err}"
         );
     }
 

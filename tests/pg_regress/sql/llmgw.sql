@@ -1,6 +1,6 @@
 -- The gateway's current format, llmgw, as a user meets it. The server was started with
--- GATEWAY_API_KEY_HASH_SECRET = 'test-gateway-secret-current,test-gateway-secret-older'
--- (scripts/test): key ids 4285741b (current) and f6066bdc (older). Tokens below with fixed IVs
+-- GATEWAY_API_KEY_HASH_SECRET = 'test-gateway-secret-2,test-gateway-secret-1' (scripts/test):
+-- key ids fc35422a (current) and 2ef0c6fb (older). Tokens below with fixed IVs
 -- were written by the gateway's Node code (tests/interop/llmgw_gateway.mjs).
 \set VERBOSITY default
 \set SHOW_CONTEXT never
@@ -29,12 +29,12 @@ SELECT llmgw_encrypt_token('sk-proj-abc', 'row-1', 'org-1') <> llmgw_encrypt_tok
 
 -- Written by Node: v2 under the current secret, v2 under the older one, v1 (which carries no
 -- key id: every secret is tried)
-SELECT llmgw_decrypt_token('llmgw:v2:4285741b:MDEyMzQ1Njc4OTo7:sHngLXMJLz0fMRuwRwCGdS0mJh9EVqX0_XFDk50:ychZ3wX4cYmrpgdZk9d7aw', 'n1', 'org-1');
-SELECT llmgw_decrypt_token('llmgw:v2:4285741b:PD0-P0BBQkNERUZH:bBgc1_pe59e4wiul8NKv:KBcUEcczZ-ELti1Dgs2gsg', 'n2', NULL);
-SELECT llmgw_decrypt_token('llmgw:v2:f6066bdc:AAECAwQFBgcICQoL:EOcjVaJ8ox5GZodvulCRyOFL:QAgDYYLf1txR25NsExRvjQ', 'g5', 'org-1');
-SELECT llmgw_decrypt_token('llmgw:v1:DA0ODxAREhMUFRYX:_AD9ek9f8tRWb4MnkPh1D34_:q9qJ-Apqx3g-hbb-f5tolg', 'g6', NULL);
+SELECT llmgw_decrypt_token('llmgw:v2:fc35422a:MDEyMzQ1Njc4OTo7:U2EO7xyw6cnB-gNJo1-F0gR-8ffgHdFpOWyy5w4:8oRQTZGc5qbAaO4TvNneGw', 'n1', 'org-1');
+SELECT llmgw_decrypt_token('llmgw:v2:fc35422a:PD0-P0BBQkNERUZH:GYTLdZMxUG-ggVnDNLGn:G2J0H6wo5GIL8uz7DeYEHw', 'n2', NULL);
+SELECT llmgw_decrypt_token('llmgw:v2:2ef0c6fb:AAECAwQFBgcICQoL:yeodN2szTd4Gn9Y0EWLiJn8O:zd0Y9_iZ1O_eXFmXZeuJyQ', 'g5', 'org-1');
+SELECT llmgw_decrypt_token('llmgw:v1:DA0ODxAREhMUFRYX:fn0Cw1jdplxJQ_OD2IEBDfwv:IhW4Ni1vMt-0hBp3DHfAkA', 'g6', NULL);
 
--- token_hash (HMAC-SHA256 under the current secret; Node gives 23e93b18…) and token_masked
+-- token_hash (HMAC-SHA256 under the current secret; Node gives 26f835a8…) and token_masked
 SELECT llmgw_token_hash('sk-node-written-ключ-🔑');
 SELECT v AS plaintext, llmgw_mask_token(v) AS masked
   FROM (VALUES (''), ('abc'), ('abcdefgh'), ('sk-proj-1234567890abcdef'), ('0123456789a🔑bcdef')) AS t(v);
@@ -47,20 +47,20 @@ SELECT llmgw_encrypt_token('sk-proj-abc', NULL, 'org-1');
 
 -- Errors: each cause its own SQLSTATE, never a secret or a plaintext in the message.
 -- Copied to another row, to another organization, or tampered: GCM cannot tell these apart.
-SELECT llmgw_decrypt_token('llmgw:v2:4285741b:MDEyMzQ1Njc4OTo7:sHngLXMJLz0fMRuwRwCGdS0mJh9EVqX0_XFDk50:ychZ3wX4cYmrpgdZk9d7aw', 'n2', 'org-1');
-SELECT sqlstate_of($$SELECT llmgw_decrypt_token('llmgw:v2:4285741b:MDEyMzQ1Njc4OTo7:sHngLXMJLz0fMRuwRwCGdS0mJh9EVqX0_XFDk50:ychZ3wX4cYmrpgdZk9d7aw', 'n1', 'org-2')$$) AS other_organization;
-SELECT sqlstate_of($$SELECT llmgw_decrypt_token('llmgw:v2:4285741b:MDEyMzQ1Njc4OTo7:tHngLXMJLz0fMRuwRwCGdS0mJh9EVqX0_XFDk50:ychZ3wX4cYmrpgdZk9d7aw', 'n1', 'org-1')$$) AS tampered;
+SELECT llmgw_decrypt_token('llmgw:v2:fc35422a:MDEyMzQ1Njc4OTo7:U2EO7xyw6cnB-gNJo1-F0gR-8ffgHdFpOWyy5w4:8oRQTZGc5qbAaO4TvNneGw', 'n2', 'org-1');
+SELECT sqlstate_of($$SELECT llmgw_decrypt_token('llmgw:v2:fc35422a:MDEyMzQ1Njc4OTo7:U2EO7xyw6cnB-gNJo1-F0gR-8ffgHdFpOWyy5w4:8oRQTZGc5qbAaO4TvNneGw', 'n1', 'org-2')$$) AS other_organization;
+SELECT sqlstate_of($$SELECT llmgw_decrypt_token('llmgw:v2:fc35422a:MDEyMzQ1Njc4OTo7:V2EO7xyw6cnB-gNJo1-F0gR-8ffgHdFpOWyy5w4:8oRQTZGc5qbAaO4TvNneGw', 'n1', 'org-1')$$) AS tampered;
 -- (the last character of a part may differ in its unused low bits and still decode to the same
 -- bytes, as in Node: those tokens open)
-SELECT llmgw_decrypt_token('llmgw:v2:4285741b:MDEyMzQ1Njc4OTo7:sHngLXMJLz0fMRuwRwCGdS0mJh9EVqX0_XFDk51:ychZ3wX4cYmrpgdZk9d7aw', 'n1', 'org-1');
+SELECT llmgw_decrypt_token('llmgw:v2:fc35422a:MDEyMzQ1Njc4OTo7:U2EO7xyw6cnB-gNJo1-F0gR-8ffgHdFpOWyy5w5:8oRQTZGc5qbAaO4TvNneGw', 'n1', 'org-1');
 -- a key id not in the keyring: named (a key id is public), with a hint
 SELECT llmgw_decrypt_token('llmgw:v2:d3a37641:JCUmJygpKissLS4v:MmDpqELLHI7UrJ4IErmnNN8:6bdluzzO5B2imAupEOQNSg', 'g8', 'org-1');
 -- an unknown version, a malformed token, a value that is no llmgw token at all
-SELECT llmgw_decrypt_token('llmgw:v3:4285741b:MDEyMzQ1Njc4OTo7:sHngLXMJ:ychZ3wX4cYmrpgdZk9d7aw', 'n1', 'org-1');
-SELECT sqlstate_of($$SELECT llmgw_decrypt_token('llmgw:v2:4285741b:MDEyMzQ1Njc4OTo7:ychZ3wX4cYmrpgdZk9d7aw', 'n1', 'org-1')$$) AS part_missing;
-SELECT sqlstate_of($$SELECT llmgw_decrypt_token('llmgw:v2:4285741B:MDEyMzQ1Njc4OTo7:sHngLXMJ:ychZ3wX4cYmrpgdZk9d7aw', 'n1', 'org-1')$$) AS key_id_upper_case;
-SELECT sqlstate_of($$SELECT llmgw_decrypt_token('llmgw:v2:4285741b:MDEyMzQ1Njc4OTo7:sHng LXMJ:ychZ3wX4cYmrpgdZk9d7aw', 'n1', 'org-1')$$) AS not_base64url;
-SELECT sqlstate_of($$SELECT llmgw_decrypt_token('llmgw:v2:4285741b:MDEyMzQ1Njc4:sHngLXMJ:ychZ3wX4cYmrpgdZk9d7aw', 'n1', 'org-1')$$) AS short_iv;
+SELECT llmgw_decrypt_token('llmgw:v3:fc35422a:MDEyMzQ1Njc4OTo7:sHngLXMJ:8oRQTZGc5qbAaO4TvNneGw', 'n1', 'org-1');
+SELECT sqlstate_of($$SELECT llmgw_decrypt_token('llmgw:v2:fc35422a:MDEyMzQ1Njc4OTo7:8oRQTZGc5qbAaO4TvNneGw', 'n1', 'org-1')$$) AS part_missing;
+SELECT sqlstate_of($$SELECT llmgw_decrypt_token('llmgw:v2:FC35422A:MDEyMzQ1Njc4OTo7:sHngLXMJ:8oRQTZGc5qbAaO4TvNneGw', 'n1', 'org-1')$$) AS key_id_upper_case;
+SELECT sqlstate_of($$SELECT llmgw_decrypt_token('llmgw:v2:fc35422a:MDEyMzQ1Njc4OTo7:sHng LXMJ:8oRQTZGc5qbAaO4TvNneGw', 'n1', 'org-1')$$) AS not_base64url;
+SELECT sqlstate_of($$SELECT llmgw_decrypt_token('llmgw:v2:fc35422a:MDEyMzQ1Njc4:sHngLXMJ:8oRQTZGc5qbAaO4TvNneGw', 'n1', 'org-1')$$) AS short_iv;
 SELECT sqlstate_of($$SELECT llmgw_decrypt_token('sk-proj-plaintext-key', 'n1', 'org-1')$$) AS not_a_token;
 
 -- The backfill: CALL encrypt_provider_keys(format => 'llmgw') on the gateway's rollout schema
@@ -85,16 +85,16 @@ INSERT INTO gw_key (id, token, token_ciphertext, token_hash, token_masked, provi
     ('g2', 'sk-ant-api03-g2-abcdef', NULL, NULL, NULL, 'anthropic', 'inactive', NULL, true),
     ('g3', 'sk-deleted-g3-secret', NULL, NULL, NULL, 'openai', 'deleted', 'org-2', false),
     ('g4', 'llmgw:v2:pasted-into-the-wrong-column', NULL, NULL, NULL, 'mistral', 'active', 'org-1', false),
-    ('g5', NULL, 'llmgw:v2:f6066bdc:AAECAwQFBgcICQoL:EOcjVaJ8ox5GZodvulCRyOFL:QAgDYYLf1txR25NsExRvjQ',
-     '5d420833fb049f9f04e317d93f109e243f81fb3392be931ec5cdc12dfd251652', 'sk-older-v2-•••••', 'openai', 'active', 'org-1', false),
-    ('g6', NULL, 'llmgw:v1:DA0ODxAREhMUFRYX:_AD9ek9f8tRWb4MnkPh1D34_:q9qJ-Apqx3g-hbb-f5tolg',
+    ('g5', NULL, 'llmgw:v2:2ef0c6fb:AAECAwQFBgcICQoL:yeodN2szTd4Gn9Y0EWLiJn8O:zd0Y9_iZ1O_eXFmXZeuJyQ',
+     '005fd67cb9daea89b5f429e2439fe19d6afdeedf0aec4adb8f5785d1960e6f2e', 'sk-older-v2-•••••', 'openai', 'active', 'org-1', false),
+    ('g6', NULL, 'llmgw:v1:DA0ODxAREhMUFRYX:fn0Cw1jdplxJQ_OD2IEBDfwv:IhW4Ni1vMt-0hBp3DHfAkA',
      NULL, 'sk-older-v1-•••••', 'groq', 'deleted', NULL, true),
-    ('g7', NULL, 'llmgw:v1:GBkaGxwdHh8gISIj:QonOmRJgp-d_KY-mQPeCFs39O1I:PY1ES8oK_I7Mxo47Kf6WHg',
+    ('g7', NULL, 'llmgw:v1:GBkaGxwdHh8gISIj:X_ZiNAfWAr33lpkNOFwVvcJhCHk:H6zzwt7ESvGDWpNdk50LAQ',
      NULL, 'sk-current-v1•••••', 'openai', 'active', 'org-2', false),
     ('g8', NULL, 'llmgw:v2:d3a37641:JCUmJygpKissLS4v:MmDpqELLHI7UrJ4IErmnNN8:6bdluzzO5B2imAupEOQNSg',
      NULL, 'sk-dropped-s•••••', 'openai', 'active', 'org-1', false),
-    ('n1', NULL, 'llmgw:v2:4285741b:MDEyMzQ1Njc4OTo7:sHngLXMJLz0fMRuwRwCGdS0mJh9EVqX0_XFDk50:ychZ3wX4cYmrpgdZk9d7aw',
-     '23e93b18b2b0db4612acacbdbaef6eda7d943396b0676c4d0ed366accc9077dc', 'sk-node-writ•••••', 'openai', 'active', 'org-1', false);
+    ('n1', NULL, 'llmgw:v2:fc35422a:MDEyMzQ1Njc4OTo7:U2EO7xyw6cnB-gNJo1-F0gR-8ffgHdFpOWyy5w4:8oRQTZGc5qbAaO4TvNneGw',
+     '26f835a8c7922eba0340110bd4a055dbc92e4d826bc577ba138d5b23e1db19ad', 'sk-node-writ•••••', 'openai', 'active', 'org-1', false);
 CREATE TABLE gw_key_plain AS SELECT id, token FROM gw_key WHERE token IS NOT NULL;
 
 -- the report finds the format from the columns: rows per state and key id
@@ -152,7 +152,7 @@ ALTER TABLE gw_key ALTER COLUMN token_ciphertext SET NOT NULL,
 ALTER TABLE gw_key DROP COLUMN token;
 -- a row the gateway wrote while an instance still had the older secret first
 INSERT INTO gw_key (id, token_ciphertext, token_hash, token_masked, provider, organization_id) VALUES
-    ('g9', 'llmgw:v2:f6066bdc:SElKS0xNTk9QUVJT:CzsKKt-DSI1oh6BD_efo1HCC_unn:tW0ppsSRZaIqX0bxTLqefw',
+    ('g9', 'llmgw:v2:2ef0c6fb:SElKS0xNTk9QUVJT:KrtOrNlZ6DcSVYhkIYw2k__9ONF0:WhaziwFdQUQ3vzRm2Vmg7Q',
      'older-hash', 'sk-older-fin•••••', 'openai', 'org-2');
 -- rotation works on the final schema, and now no row needs the older secret
 CALL reencrypt_provider_keys('gw_key', format => 'llmgw');

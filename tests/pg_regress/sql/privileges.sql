@@ -17,15 +17,14 @@ GRANT SELECT, UPDATE ON pk_priv TO app_rw;
 GRANT SELECT ON pk_priv TO gateway;
 GRANT EXECUTE ON FUNCTION decrypt_token(text) TO gateway;
 
--- Before the library is loaded in a session, its settings don't exist there; with the key in
--- the server's environment (not in postgresql.conf) there is nothing to read. Once loaded — at
--- the first call, or at server start with shared_preload_libraries — they are defined:
+-- The library is preloaded (required): its settings exist in every session from the start
 SELECT provider_keys_encrypt_fingerprint();
 
 -- pg_monitor (so pg_read_all_settings) sees the fingerprint, never the key
 SET ROLE monitor;
 SHOW provider_keys_encrypt.encryption_key;
 SELECT current_setting('provider_keys_encrypt.encryption_key');
+SELECT current_setting('provider_keys_encrypt.gateway_api_key_hash_secret');
 SELECT count(*) FROM pg_settings WHERE name LIKE 'provider_keys_encrypt%';
 SELECT count(*) FROM pg_file_settings;
 SET provider_keys_encrypt.encryption_key = 'b3RoZXIta2V5LXByb3ZpZGVyX2tleXNfZW5jcnlwdC0=';
