@@ -22,6 +22,8 @@ const db = new Cluster("bench", {
 db.start();
 process.on("exit", () => db.stop());
 const now = () => Number(process.hrtime.bigint()) / 1e9;
+// other work on the machine skews every figure (ratios less than throughputs): say how loaded it was
+const loadAtStart = os.loadavg()[0];
 
 // Realistic provider keys: 32-110 chars; hex, alphanumeric and prefixed shapes; 80% active,
 // 10% inactive, 10% deleted. Deterministic (md5 of the row number), so every copy is identical.
@@ -196,7 +198,7 @@ const fmt = (x, d = 0) => x.toLocaleString("en", { maximumFractionDigits: d, min
 const lines = [];
 lines.push(`Machine: ${os.cpus().length} × ${os.cpus()[0].model.trim()}, ${fmt(os.totalmem() / 2 ** 30)} GiB; ` +
   `${db.psql("SELECT version()").split(" on ")[0]}; ${new Date().toISOString().slice(0, 10)}; ${fmt(N)} rows` +
-  `${smoke ? " (smoke sizes: not meaningful)" : ""}.`, "");
+  `${smoke ? " (smoke sizes: not meaningful)" : ""}; load average ${fmt(loadAtStart, 1)} at the start, ${fmt(os.loadavg()[0], 1)} at the end.`, "");
 lines.push("| # | what | rows | seconds | rows/s | ratio | vs |", "|---|---|---:|---:|---:|---:|---|");
 for (const r of results) {
   const base = r.baseline && results.find((b) => b.name === r.baseline && b.group === r.group) ;

@@ -106,7 +106,7 @@ CREATE TYPE pke_internal.mode AS (
     reveals text,                      -- the decrypting function (signature) the mode needs EXECUTE
                                        -- on, because it writes plaintext; NULL: it writes none
     plain_sql text,                    -- row t's plaintext, to scrub from messages (when reveals)
-    stored_sql text,                   -- row t's stored secret, to scrub from messages
+    stored_sql text,                   -- row t's stored secrets (text[]), to scrub from messages
     key_id_sql text,                   -- the public id of the key row t's token belongs to (report)
     key_sql text,                      -- the current key's public id (raises when no key)
     key_word text,                     -- what key_sql shows: 'key fingerprint' | 'key id'
@@ -247,7 +247,7 @@ BEGIN
          'pke_internal.token_state(t.token::text)',
          'token = @extschema@.encrypt_token(t.token::text)',
          't.status IS NOT DISTINCT FROM ''deleted''',
-         NULL, NULL, 't.token::text',
+         NULL, NULL, 'ARRAY[t.token::text]',
          'pke_internal.token_key_id(t.token::text)', '@extschema@.provider_keys_encrypt_fingerprint()', 'key fingerprint',
          '{id,token,provider,status}'::text[], '{}'::text[], '{token}'::text[], '{}'::text[],
          'The table needs the provider_key columns id, token, provider and status.',
@@ -260,7 +260,7 @@ BEGIN
          'pke_internal.token_state(t.token::text)',
          'token = @extschema@.decrypt_token(t.token::text)',
          't.status IS NOT DISTINCT FROM ''deleted''',
-         'decrypt_token(text)', '@extschema@.decrypt_token(t.token::text)', 't.token::text',
+         'decrypt_token(text)', '@extschema@.decrypt_token(t.token::text)', 'ARRAY[t.token::text]',
          'pke_internal.token_key_id(t.token::text)', '@extschema@.provider_keys_encrypt_fingerprint()', 'key fingerprint',
          '{id,token,provider,status}'::text[], '{}'::text[], '{token}'::text[], '{}'::text[],
          'The table needs the provider_key columns id, token, provider and status.',
@@ -273,7 +273,7 @@ BEGIN
          'pke_internal.token_state(t.token::text)',
          'token = pke_internal.reencrypt(t.token::text)',
          't.status IS NOT DISTINCT FROM ''deleted''',
-         NULL, NULL, 't.token::text',
+         NULL, NULL, 'ARRAY[t.token::text]',
          'pke_internal.token_key_id(t.token::text)', '@extschema@.provider_keys_encrypt_fingerprint()', 'key fingerprint',
          '{id,token,provider,status}'::text[], '{}'::text[], '{token}'::text[], '{}'::text[],
          'The table needs the provider_key columns id, token, provider and status.',
@@ -290,7 +290,7 @@ BEGIN
          'token_hash = @extschema@.llmgw_token_hash(t.token::text), '
          'token_masked = @extschema@.llmgw_mask_token(t.token::text)',
          'false',
-         NULL, NULL, 't.token::text',
+         NULL, NULL, 'ARRAY[t.token::text, @extschema@.llmgw_mask_token(t.token::text)]',
          'pke_internal.llmgw_key_id_of(t.token_ciphertext::text, t.id::text, t.organization_id::text)',
          '@extschema@.llmgw_key_id()', 'key id',
          '{id,provider,token,token_ciphertext,token_hash,token_masked,organization_id}'::text[], '{}'::text[],
@@ -311,7 +311,7 @@ BEGIN
          'false',
          'llmgw_decrypt_token(text, text, text)',
          '@extschema@.llmgw_decrypt_token(t.token_ciphertext::text, t.id::text, t.organization_id::text)',
-         't.token_ciphertext::text',
+         'ARRAY[t.token_ciphertext::text, t.token_masked::text]',
          'pke_internal.llmgw_key_id_of(t.token_ciphertext::text, t.id::text, t.organization_id::text)',
          '@extschema@.llmgw_key_id()', 'key id',
          '{id,provider,token,token_ciphertext,token_hash,token_masked,organization_id}'::text[], '{}'::text[],
@@ -329,7 +329,7 @@ BEGIN
          '(token_ciphertext, token_hash) = (SELECT r.token_ciphertext, r.token_hash '
          'FROM pke_internal.llmgw_reencrypt(t.token_ciphertext::text, t.id::text, t.organization_id::text) r)',
          'false',
-         NULL, NULL, 't.token_ciphertext::text',
+         NULL, NULL, 'ARRAY[t.token_ciphertext::text, t.token_masked::text]',
          'pke_internal.llmgw_key_id_of(t.token_ciphertext::text, t.id::text, t.organization_id::text)',
          '@extschema@.llmgw_key_id()', 'key id',
          '{id,provider,token_ciphertext,token_hash,organization_id}'::text[], '{token}'::text[],
@@ -685,9 +685,9 @@ BEGIN
 END
 $fn$;
 
--- Remove a row's secrets from an error message before it is shown: the stored value (in
--- encrypt mode, the plaintext itself) and, in a mode that writes plaintext, the decrypted
--- value (batch_isolate computes it with the caller's own EXECUTE on the format's decrypting
+-- Remove a row's secrets from an error message before it is shown: the stored values (in
+-- encrypt mode, the plaintext itself, and for llmgw the mask computed from it) and, in a mode
+-- that writes plaintext, the decrypted value (batch_isolate computes it with the caller's own EXECUTE on the format's decrypting
 -- function, checked before the run started).
 CREATE FUNCTION pke_internal.scrub(message text, secrets text[])
 RETURNS text
@@ -762,7 +762,7 @@ BEGIN
                         END;
                     END IF;
                     RAISE WARNING 'Failed to % provider key % for provider % (SQLSTATE %): %',
-                        m.verb, x.key, x.prov, e_state, pke_internal.scrub(e_msg, ARRAY[x.stored, plain]);
+                        m.verb, x.key, x.prov, e_state, pke_internal.scrub(e_msg, x.stored || plain);
             END;
         END IF;
     END LOOP;

@@ -158,9 +158,9 @@ BEGIN
 END
 $fn$;
 
--- Remove a row's secrets from an error message before it is shown: the stored value (in
--- encrypt mode, the plaintext itself) and, in a mode that writes plaintext, the decrypted
--- value (batch_isolate computes it with the caller's own EXECUTE on the format's decrypting
+-- Remove a row's secrets from an error message before it is shown: the stored values (in
+-- encrypt mode, the plaintext itself, and for llmgw the mask computed from it) and, in a mode
+-- that writes plaintext, the decrypted value (batch_isolate computes it with the caller's own EXECUTE on the format's decrypting
 -- function, checked before the run started).
 CREATE FUNCTION pke_internal.scrub(message text, secrets text[])
 RETURNS text
@@ -235,7 +235,7 @@ BEGIN
                         END;
                     END IF;
                     RAISE WARNING 'Failed to % provider key % for provider % (SQLSTATE %): %',
-                        m.verb, x.key, x.prov, e_state, pke_internal.scrub(e_msg, ARRAY[x.stored, plain]);
+                        m.verb, x.key, x.prov, e_state, pke_internal.scrub(e_msg, x.stored || plain);
             END;
         END IF;
     END LOOP;

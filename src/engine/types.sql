@@ -79,7 +79,7 @@ CREATE TYPE pke_internal.mode AS (
     reveals text,                      -- the decrypting function (signature) the mode needs EXECUTE
                                        -- on, because it writes plaintext; NULL: it writes none
     plain_sql text,                    -- row t's plaintext, to scrub from messages (when reveals)
-    stored_sql text,                   -- row t's stored secret, to scrub from messages
+    stored_sql text,                   -- row t's stored secrets (text[]), to scrub from messages
     key_id_sql text,                   -- the public id of the key row t's token belongs to (report)
     key_sql text,                      -- the current key's public id (raises when no key)
     key_word text,                     -- what key_sql shows: 'key fingerprint' | 'key id'
