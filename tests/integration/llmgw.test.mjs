@@ -247,7 +247,7 @@ test("no lost update: rows the application or the gateway change mid-run end as 
 
 test("without the XOR constraint: a failing row is rolled back alone, its secrets scrubbed; the rollback restores plaintext", () => {
   createTable("nx", { xor: false });
-  const rows = Array.from({ length: 40 }, (_, i) => ({ id: `x${String(i).padStart(2, "0")}`, org: org(i), status: status(i), plain: `sk-nx-${i}-SECRET-${word(12)}` }));
+  const rows = Array.from({ length: 40 }, (_, i) => ({ id: `x${String(i).padStart(2, "0")}`, org: org(i), status: status(i), plain: `sk-nx-${i}-NXPLAIN-${word(12)}` }));
   fill("nx", rows);
   db.psql(`CREATE FUNCTION nx_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
            BEGIN IF NEW.id = 'x13' THEN RAISE EXCEPTION 'refused % -> % / % / %', OLD.token, NEW.token_ciphertext, NEW.token, NEW.token_masked; END IF; RETURN NEW; END $$;
@@ -255,7 +255,7 @@ test("without the XOR constraint: a failing row is rolled back alone, its secret
   const enc = db.run("CALL encrypt_provider_keys('nx', format => 'llmgw', batch_size => 8, verbose => false)", { tuples: false });
   assert.deepEqual(summary(enc.err), { total: 40, done: 39, skipped: 0, errors: 1 });
   assert.match(enc.err, /Failed to encrypt provider key x13 for provider openai \(SQLSTATE P0001\): refused \[redacted\] -> llmgw:v2:\S+ \/ <NULL> \/ \[redacted\]/);
-  assert.ok(!enc.err.includes("SECRET") && !enc.err.includes(rows[13].plain.slice(0, 12)), "no plaintext, not even the mask's prefix, in any message");
+  assert.ok(!enc.err.includes("NXPLAIN") && !enc.err.includes(rows[13].plain.slice(0, 12)), "no plaintext, not even the mask's prefix, in any message");
   assert.equal(db.psql("SELECT token FROM nx WHERE id = 'x13'"), rows[13].plain, "the refused row is unchanged");
   const moved = new Map(rows.filter((r) => r.id !== "x13").map((r) => [r.id, r.plain]));
   db.psql("CREATE VIEW nx_moved AS SELECT * FROM nx WHERE id <> 'x13'");
@@ -263,8 +263,8 @@ test("without the XOR constraint: a failing row is rolled back alone, its secret
   // rollback to plaintext: every row back in token, the ciphertext gone
   const dec = db.run("CALL decrypt_provider_keys('nx', format => 'llmgw', verbose => false)", { tuples: false });
   assert.deepEqual(summary(dec.err, "decrypted"), { total: 40, done: 39, skipped: 1, errors: 0 });
-  assert.ok(!dec.err.includes("SECRET"), "no plaintext in any message");
-  assert.ok(!db.log().includes("SECRET"), "no plaintext in the server log (which has the WARNINGs)");
+  assert.ok(!dec.err.includes("NXPLAIN"), "no plaintext in any message");
+  assert.ok(!db.log().includes("NXPLAIN"), "no plaintext in the server log (which has the WARNINGs)");
   assert.match(db.log(), /Failed to encrypt provider key x13/);
   const after = db.readJson("SELECT json_build_object('id', id, 'token', token, 'ct', token_ciphertext) FROM nx");
   for (const r of after) {
