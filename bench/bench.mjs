@@ -14,14 +14,17 @@ const NODE_N = smoke ? 500 : 50_000;
 const MEM_SIZES = smoke ? [1000, 2000] : [100_000, 1_000_000];
 const REPEAT = smoke ? 1 : 3;
 
+const GATEWAY_SECRET = "bench-gateway-secret";  // GATEWAY_API_KEY_HASH_SECRET (format llmgw)
 const db = new Cluster("bench", {
   port: 54420,
-  env: { ENCRYPTION_KEY: TEST_KEY },
+  env: { ENCRYPTION_KEY: TEST_KEY, GATEWAY_API_KEY_HASH_SECRET: GATEWAY_SECRET },
   conf: ["shared_buffers = '1GB'", "max_wal_size = '4GB'", "checkpoint_timeout = '30min'", "synchronous_commit = on"],
 });
 db.start();
 process.on("exit", () => db.stop());
 const now = () => Number(process.hrtime.bigint()) / 1e9;
+// other work on the machine skews every figure (ratios less than throughputs): say how loaded it was
+const loadAtStart = os.loadavg()[0];
 
 // Realistic provider keys: 32-110 chars; hex, alphanumeric and prefixed shapes; 80% active,
 // 10% inactive, 10% deleted. Deterministic (md5 of the row number), so every copy is identical.
@@ -42,6 +45,22 @@ function makeData(table, n) {
                            created_at timestamptz DEFAULT now(), updated_at timestamptz DEFAULT now(), base_url text, organization_id text);
     INSERT INTO ${table} (id, token, provider, status) SELECT * FROM ${table}_tmp;
     DROP TABLE ${table}_tmp;
+    VACUUM ANALYZE ${table};`);
+}
+
+// The same rows on the gateway's rollout schema (format llmgw): token nullable, the three new
+// columns, the XOR constraint; organization_id NULL (managed) for every fifth row.
+function makeGatewayTable(table, from) {
+  db.script(`SET client_min_messages = warning; DROP TABLE IF EXISTS ${table};
+    CREATE TABLE ${table} (id text PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT now(),
+                           updated_at timestamptz NOT NULL DEFAULT now(), token text, token_ciphertext text,
+                           token_masked text, token_hash text, provider text NOT NULL, base_url text,
+                           status text DEFAULT 'active', organization_id text, managed boolean NOT NULL DEFAULT false,
+                           CONSTRAINT ${table}_token_xor CHECK ((token IS NULL) <> (token_ciphertext IS NULL)));
+    INSERT INTO ${table} (id, token, provider, status, organization_id, managed)
+    SELECT id, token, provider, status, CASE WHEN right(id, 1) IN ('0', '5') THEN NULL ELSE 'org-' || right(id, 3) END,
+           right(id, 1) IN ('0', '5')
+      FROM ${from};
     VACUUM ANALYZE ${table};`);
 }
 
@@ -86,6 +105,11 @@ add(1, "encrypt_token(token)", N, timeSql("SELECT sum(length(encrypt_token(token
 add(1, "decrypt_token(token)", N, timeSql("SELECT sum(length(decrypt_token(token))) FROM enc"), "md5(token) — floor");
 add(1, "is_encrypted_token(token) — tokens", N, timeSql("SELECT count(*) FILTER (WHERE is_encrypted_token(token)) FROM enc"), "md5(token) — floor");
 add(1, "is_encrypted_token(token) — plaintext", N, timeSql("SELECT count(*) FILTER (WHERE is_encrypted_token(token)) FROM src"), "md5(token) — floor");
+add(1, "llmgw_encrypt_token(token, id, organization_id)", N,
+  timeSql("SELECT sum(length(llmgw_encrypt_token(token, id, CASE WHEN right(id, 1) IN ('0', '5') THEN NULL ELSE 'org-' || right(id, 3) END))) FROM src"),
+  "md5(token) — floor");
+add(1, "llmgw_token_hash(token)", N, timeSql("SELECT sum(length(llmgw_token_hash(token))) FROM src"), "md5(token) — floor");
+add(1, "llmgw_mask_token(token)", N, timeSql("SELECT sum(length(llmgw_mask_token(token))) FROM src"), "md5(token) — floor");
 add(1, "pgcrypto encrypt_iv aes-cbc (no auth)", N,
   timeSql("SELECT sum(length(encrypt_iv(convert_to(token, 'UTF8'), decode('" + Buffer.from(TEST_KEY, "base64").toString("hex") + "', 'hex'), gen_random_bytes(16), 'aes-cbc/pad:pkcs'))) FROM src"),
   "md5(token) — floor");
@@ -171,13 +195,45 @@ add(2, "CALL encrypt_provider_keys() — 2nd run (all skipped)", active, timeCal
   const plain = "single-row INSERT of a plaintext key, 4 clients (pgbench) — no guard";
   add(5, plain, clients * perClient, plainIns);
   add(5, "single-row INSERT of a plaintext key, 4 clients (pgbench) — guard (encrypts each)", clients * perClient, guardIns, plain);
+
+// 6. format llmgw, the gateway's backfill: the CALL against a bare set-based UPDATE computing
+// the same four columns with the same functions, and against the gateway's own backfill (a
+// Node script with pg: batches of 100 rows, one UPDATE per row), all on the same rows
+const LLMGW_BARE = "bare UPDATE … SET token = NULL, token_ciphertext/hash/masked = llmgw_…(token)";
+const LLMGW_CALL = "CALL encrypt_provider_keys(format => 'llmgw', verbose => false)";
+const LLMGW_NODE = "gateway backfill script (pg, batches of 100, one UPDATE per row)";
+{
+  const freshGw = () => makeGatewayTable("gw_key", "src");
+  add(6, LLMGW_BARE, N, timeCall(`UPDATE gw_key SET token = NULL,
+      token_ciphertext = llmgw_encrypt_token(token, id, organization_id),
+      token_hash = llmgw_token_hash(token), token_masked = llmgw_mask_token(token)
+    WHERE token IS NOT NULL AND token_ciphertext IS NULL`, freshGw));
+  add(6, LLMGW_CALL, N, timeCall("CALL encrypt_provider_keys('gw_key', format => 'llmgw', verbose => false)", freshGw), LLMGW_BARE);
+  add(6, "CALL … format => 'llmgw' — 2nd run (all skipped)", N,
+    timeCall("CALL encrypt_provider_keys('gw_key', format => 'llmgw', verbose => false)", () => {}), LLMGW_BARE);
+  makeGatewayTable("gw_key", "gw_src");
+  const out = execFileSync("node", [new URL("./gateway_backfill.mjs", import.meta.url).pathname], {
+    env: { ...process.env, GATEWAY_API_KEY_HASH_SECRET: GATEWAY_SECRET, PKE_TABLE: "gw_key",
+           PGHOST: db.dir, PGPORT: String(db.port), PGUSER: "postgres", PGDATABASE: "postgres" },
+  }).toString();
+  const m = JSON.parse(out.trim().split("\n").pop());
+  if (m.moved !== NODE_N) throw new Error(`the gateway backfill moved ${m.moved} of ${NODE_N} rows`);
+  add(6, LLMGW_NODE, m.moved, m.seconds);
+  const call = results.find((r) => r.name === LLMGW_CALL);
+  results.push({ ...call, baseline: LLMGW_NODE });
 }
 
 // 4. peak private memory of the backend running the CALL, sampled every 20 ms
 const memory = [];
-for (const size of MEM_SIZES) {
-  makeData("provider_key", size);
-  const run = db.background("CALL encrypt_provider_keys(verbose => false, batch_size => 1000)", { appName: "pke_mem" });
+const MEM_RUNS = [
+  ["CALL encrypt_provider_keys(verbose => false)", (size) => makeData("provider_key", size),
+   "CALL encrypt_provider_keys(verbose => false, batch_size => 1000)"],
+  [LLMGW_CALL, (size) => { makeData("mem_src", size); makeGatewayTable("provider_key", "mem_src"); },
+   "CALL encrypt_provider_keys(format => 'llmgw', verbose => false, batch_size => 1000)"],
+];
+for (const [label, prepare, sql] of MEM_RUNS) for (const size of MEM_SIZES) {
+  prepare(size);
+  const run = db.background(sql, { appName: "pke_mem" });
   let pid = 0, peak = 0, base = 0;
   while (true) {
     const done = await Promise.race([run.done.then(() => true), new Promise((r) => setTimeout(() => r(false), 20))]);
@@ -190,7 +246,9 @@ for (const size of MEM_SIZES) {
     }
     if (done) break;
   }
-  memory.push({ rows: size, peakKb: peak, startKb: base });
+  const r = await run.done;
+  if (!/errors=0/.test(r.err)) throw new Error(r.err.slice(-500));
+  memory.push({ label, rows: size, peakKb: peak, startKb: base });
 }
 
 // report
@@ -198,7 +256,7 @@ const fmt = (x, d = 0) => x.toLocaleString("en", { maximumFractionDigits: d, min
 const lines = [];
 lines.push(`Machine: ${os.cpus().length} × ${os.cpus()[0].model.trim()}, ${fmt(os.totalmem() / 2 ** 30)} GiB; ` +
   `${db.psql("SELECT version()").split(" on ")[0]}; ${new Date().toISOString().slice(0, 10)}; ${fmt(N)} rows` +
-  `${smoke ? " (smoke sizes: not meaningful)" : ""}.`, "");
+  `${smoke ? " (smoke sizes: not meaningful)" : ""}; load average ${fmt(loadAtStart, 1)} at the start, ${fmt(os.loadavg()[0], 1)} at the end.`, "");
 lines.push("| # | what | rows | seconds | rows/s | ratio | vs |", "|---|---|---:|---:|---:|---:|---|");
 for (const r of results) {
   const base = r.baseline && results.find((b) => b.name === r.baseline && b.group === r.group) ;
@@ -206,7 +264,7 @@ for (const r of results) {
   lines.push(`| ${r.group} | ${r.name} | ${fmt(r.rows)} | ${fmt(r.secs, 2)} | ${fmt(r.rps)} | ${ratio ? fmt(ratio, 2) + "×" : ""} | ${r.baseline ?? ""} |`);
 }
 lines.push("", "| 4 | peak private memory (RssAnon) of the backend running the CALL | rows | at start | peak |", "|---|---|---:|---:|---:|");
-for (const m of memory) lines.push(`| 4 | CALL encrypt_provider_keys(verbose => false) | ${fmt(m.rows)} | ${fmt(m.startKb / 1024, 1)} MiB | ${fmt(m.peakKb / 1024, 1)} MiB |`);
+for (const m of memory) lines.push(`| 4 | ${m.label} | ${fmt(m.rows)} | ${fmt(m.startKb / 1024, 1)} MiB | ${fmt(m.peakKb / 1024, 1)} MiB |`);
 const report = lines.join("\n");
 console.log(report);
 if (record) {

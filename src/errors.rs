@@ -26,6 +26,7 @@
 //! | decrypted bytes are not UTF-8 text             | 22021    | character_not_in_repertoire      |
 //! | plaintext or token over the size limit         | 54000    | program_limit_exceeded           |
 //! | OS random generator failed                     | 58000    | system_error                     |
+//! | NULL row id given to an llmgw function         | 22004    | null_value_not_allowed           |
 //!
 //! The guard trigger (`Error::Guard`, see `guard.rs`):
 //!
@@ -63,6 +64,9 @@ pub enum Error {
     /// The gateway's llmgw format and its GATEWAY_API_KEY_HASH_SECRET keyring.
     #[error(transparent)]
     Llmgw(#[from] LlmgwError),
+    /// An llmgw token is bound to its row's id: there is no token for a NULL id.
+    #[error("id must not be NULL: an llmgw token is bound to its row's id")]
+    NullRowId,
     /// The guard trigger: its arguments, its table, and what it refuses.
     #[error(transparent)]
     Guard(#[from] GuardError),
@@ -141,6 +145,7 @@ impl Error {
                 GuardError::ColumnType { .. } => ERRCODE_DATATYPE_MISMATCH,
                 GuardError::TooLong { .. } => ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
             },
+            Error::NullRowId => ERRCODE_NULL_VALUE_NOT_ALLOWED,
         }
     }
 

@@ -88,6 +88,12 @@ pub fn provider_keys_encrypt_keys(
 /// Rust buffer is wiped when this is dropped.
 pub struct SecretText(Zeroizing<String>);
 
+impl SecretText {
+    pub fn new(text: Zeroizing<String>) -> SecretText {
+        SecretText(text)
+    }
+}
+
 pgrx::impl_sql_translatable!(SecretText, "text");
 
 // SAFETY: returns a valid text datum built by pgrx's own &str conversion.

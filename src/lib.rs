@@ -6,7 +6,9 @@
 //!   the keys, tested with plain `cargo test -p provider_keys_encrypt_core` and fuzzed
 //! * `gucs.rs`      — the settings and the cached key ring
 //! * `errors.rs`    — one error type, one SQLSTATE per cause
-//! * `functions.rs` — the SQL functions
+//! * `functions.rs` — the SQL functions (format base64)
+//! * `llmgw.rs`     — the SQL functions of the gateway's current format, llmgw, and its
+//!   per-row engine internals
 //! * `engine.rs` + `engine/*.sql` — the table engine: CALL encrypt_provider_keys() and siblings
 //! * `guard.rs`     — the guard trigger, provider_keys_encrypt_guard()
 //! * `privileges.sql` — GRANT/REVOKE, each with its reason
@@ -18,6 +20,7 @@ pub mod errors;
 pub mod functions;
 pub mod guard;
 pub mod gucs;
+pub mod llmgw;
 
 pub use provider_keys_encrypt_core::{format_base64 as token, keys};
 

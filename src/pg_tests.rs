@@ -608,4 +608,67 @@ mod tests {
         let (fast1, full1) = counts();
         assert_eq!((fast1 - fast0, full1 - full0), (0, 1));
     }
+
+    /// The llmgw row state, case by case (scripts/test gives the server a gateway keyring).
+    #[pg_test]
+    fn llmgw_row_states() {
+        let current = one::<String>("SELECT llmgw_encrypt_token('sk-state', 'r1', 'o1')").unwrap();
+        let parts: Vec<&str> = current.split(':').collect();
+        let v1 = format!("llmgw:v1:{}:{}:{}", parts[3], parts[4], parts[5]);
+        type Case<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>, &'a str);
+        let cases: [Case; 9] = [
+            (Some("sk-plain"), None, Some("o1"), "plaintext"),
+            (Some(""), None, None, "plaintext"),
+            (Some("llmgw:v2:pasted"), None, Some("o1"), "unverified"),
+            (None, None, Some("o1"), "unverified"),
+            (None, Some(&current), Some("o1"), "current_key"),
+            (Some("sk-both"), Some(&current), Some("o1"), "current_key"),
+            (None, Some(&v1), Some("o1"), "previous_key"),
+            (None, Some(&current), Some("o2"), "unverified"),
+            (None, Some("sk-not-a-token"), Some("o1"), "unverified"),
+        ];
+        for (token, ct, org, expected) in cases {
+            let got = Spi::get_one_with_args::<String>(
+                "SELECT pke_internal.llmgw_state($1, $2, 'r1', $3)::text",
+                &[token.into(), ct.into(), org.into()],
+            )
+            .unwrap();
+            assert_eq!(
+                got.as_deref(),
+                Some(expected),
+                "{token:?} / {ct:?} / {org:?}"
+            );
+        }
+    }
+
+    /// What the guard must write for llmgw (crate::llmgw::seal_row) is what the backfill writes.
+    #[pg_test]
+    fn llmgw_seal_row_is_the_backfill() {
+        use provider_keys_encrypt_core::RowContext;
+        let ctx = RowContext {
+            id: "r9",
+            organization_id: None,
+        };
+        let (ct, hash, mask) = crate::gucs::with_gateway_keyring(|ring| {
+            crate::llmgw::seal_row(ring, "sk-guard-hook-1234567", &ctx)
+        })
+        .unwrap()
+        .unwrap();
+        let same = Spi::get_one_with_args::<bool>(
+            "SELECT llmgw_decrypt_token($1, 'r9', NULL) = 'sk-guard-hook-1234567'
+                AND $2 = llmgw_token_hash('sk-guard-hook-1234567')
+                AND $3 = llmgw_mask_token('sk-guard-hook-1234567')",
+            &[
+                ct.as_str().into(),
+                hash.as_str().into(),
+                mask.as_str().into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(same, Some(true));
+        assert_eq!(
+            sqlstate("SELECT llmgw_encrypt_token('x', NULL, 'o')"),
+            "22004"
+        );
+    }
 }
