@@ -6,10 +6,12 @@
 -- the 0.2.0 engine lives in pke_internal. The three procedures gained arguments (format, and
 -- guard for encrypting), so their 0.1.0 signatures go too: privileges an administrator granted
 -- on them (EXECUTE on decrypt_provider_keys, say) must be granted again on the new ones. The
--- report keeps its signature and is replaced in place.
+-- report gained an argument (format) and columns (token_format, key_id): it is dropped here and
+-- created again below.
 DROP PROCEDURE @extschema@.encrypt_provider_keys(regclass, integer, boolean, boolean, boolean);
 DROP PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean);
 DROP PROCEDURE @extschema@.reencrypt_provider_keys(regclass, integer, boolean, boolean);
+DROP FUNCTION @extschema@.provider_keys_encryption_report(regclass, boolean);
 DROP PROCEDURE @extschema@._pke_run(text, regclass, integer, boolean, boolean, boolean);
 DROP FUNCTION @extschema@._pke_batch(text, regclass, smallint[], text, text[], integer, boolean, boolean, boolean, bigint);
 DROP FUNCTION @extschema@._pke_check_table(regclass, boolean);
@@ -87,10 +89,10 @@ CREATE TYPE pke_internal.token_state AS ENUM (
 );
 
 -- One engine mode (encrypt, decrypt, re-encrypt) for one token format: everything the engine
--- needs to know about it, built in one place (modes.sql).
+-- needs to know about it, built in one place (modes.sql). The SQL fragments read the row as t.
 CREATE TYPE pke_internal.mode AS (
     name text,                         -- encrypt | decrypt | reencrypt
-    format text,                       -- base64 (the seed guide's format)
+    format text,                       -- base64 (the seed guide's) | llmgw (the gateway's current)
     entry_point text,                  -- the public procedure's signature: EXECUTE on it is required
     job text,                          -- 'encryption migration', for the banner and summary
     done_word text,                    -- 'encrypted', for the summary
@@ -98,10 +100,24 @@ CREATE TYPE pke_internal.mode AS (
     verb text,                         -- 'encrypt', for a row's WARNING
     todo pke_internal.token_state[],   -- the states this mode writes
     target pke_internal.token_state[], -- the states a written row must end in
-    state_sql text,                    -- the state of row t (alias t), an SQL expression
+    state_sql text,                    -- the state of row t, an SQL expression
     set_sql text,                      -- the SET list that moves row t
     deleted_sql text,                  -- true for rows this mode leaves alone (soft-deleted)
-    needs_decrypt boolean              -- the mode reveals plaintext: EXECUTE on decrypt_token
+    reveals text,                      -- the decrypting function (signature) the mode needs EXECUTE
+                                       -- on, because it writes plaintext; NULL: it writes none
+    plain_sql text,                    -- row t's plaintext, to scrub from messages (when reveals)
+    stored_sql text,                   -- row t's stored secrets (text[]), to scrub from messages
+    key_id_sql text,                   -- the public id of the key row t's token belongs to (report)
+    key_sql text,                      -- the current key's public id (raises when no key)
+    key_word text,                     -- what key_sql shows: 'key fingerprint' | 'key id'
+    reads text[],                      -- columns read: must exist, text or varchar, readable
+    optional text[],                   -- columns read when the table has them ({token} in the SQL)
+    writes text[],                     -- columns written: UPDATE privilege
+    sets_null text[],                  -- columns set to NULL: must be nullable
+    table_hint text,                   -- the HINT when a column of reads is missing
+    found_note text,                   -- appended to 'Found N provider keys to check'
+    unverified_text text,              -- 'Provider key K for provider P <this>: left unchanged'
+    retire_note text                   -- rotation only: said once no row needs an older key
 );
 
 -- A run between batches: what the committing procedure carries from one step to the next.
@@ -160,9 +176,70 @@ CREATE TYPE pke_internal.batch_rows AS (
     overridden_providers text[]
 );
 
+CREATE  FUNCTION "llmgw_decrypt_token"(
+	"token" TEXT, /* Option < & str > */
+	"id" TEXT, /* Option < & str > */
+	"organization_id" TEXT /* Option < & str > */
+) RETURNS text /* Option < SecretText > */
+STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'llmgw_decrypt_token_wrapper';
+
+CREATE  FUNCTION "llmgw_encrypt_token"(
+	"plaintext" TEXT, /* Option < & str > */
+	"id" TEXT, /* Option < & str > */
+	"organization_id" TEXT /* Option < & str > */
+) RETURNS TEXT /* Option < String > */
+VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'llmgw_encrypt_token_wrapper';
+
+CREATE  FUNCTION "llmgw_key_id"() RETURNS TEXT /* String */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'llmgw_key_id_wrapper';
+
+CREATE FUNCTION pke_internal.llmgw_key_id_of(token_ciphertext text, id text, organization_id text)
+    RETURNS text
+    LANGUAGE c STABLE PARALLEL SAFE COST 10
+    AS 'MODULE_PATHNAME', 'llmgw_key_id_of_wrapper';
+
+CREATE  FUNCTION "llmgw_mask_token"(
+	"plaintext" TEXT /* & str */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'llmgw_mask_token_wrapper';
+
+CREATE FUNCTION pke_internal.llmgw_reencrypt(token_ciphertext text, id text, organization_id text)
+    RETURNS TABLE (token_ciphertext text, token_hash text)
+    LANGUAGE c VOLATILE PARALLEL SAFE ROWS 1
+    AS 'MODULE_PATHNAME', 'llmgw_reencrypt_wrapper';
+
+CREATE FUNCTION pke_internal.llmgw_state(token text, token_ciphertext text, id text, organization_id text)
+    RETURNS pke_internal.token_state
+    LANGUAGE c STABLE PARALLEL SAFE COST 10
+    AS 'MODULE_PATHNAME', 'llmgw_state_wrapper';
+COMMENT ON FUNCTION pke_internal.llmgw_state(text, text, text, text) IS
+    'Engine internal: the state of a row in the llmgw format (plaintext, current_key, previous_key or unverified).';
+
+CREATE  FUNCTION "llmgw_token_hash"(
+	"plaintext" TEXT /* & str */
+) RETURNS TEXT /* String */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'llmgw_token_hash_wrapper';
+
 CREATE FUNCTION pke_internal.flush_wal() RETURNS void
     LANGUAGE c VOLATILE PARALLEL UNSAFE
     AS 'MODULE_PATHNAME', 'pke_flush_wal_wrapper';
+
+CREATE FUNCTION pke_internal.guard_settings(nargs smallint, args bytea)
+RETURNS TABLE (mode text, format text, unverified text, problem text)
+    LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
+    AS 'MODULE_PATHNAME', 'pke_guard_settings_wrapper';
+COMMENT ON FUNCTION pke_internal.guard_settings(smallint, bytea) IS
+    'Engine internal: a guard trigger''s settings from pg_trigger.tgnargs and tgargs.';
 
 CREATE FUNCTION pke_internal.may_commit() RETURNS boolean
     LANGUAGE c VOLATILE PARALLEL UNSAFE
@@ -176,75 +253,193 @@ CREATE FUNCTION pke_internal.subxact_status() RETURNS TABLE (cached integer, ove
     LANGUAGE c VOLATILE PARALLEL UNSAFE
     AS 'MODULE_PATHNAME', 'pke_subxact_status_wrapper';
 
+CREATE FUNCTION pke_internal.token_key_id(token text) RETURNS text
+    LANGUAGE c STRICT STABLE PARALLEL SAFE COST 10
+    AS 'MODULE_PATHNAME', 'pke_token_key_id_wrapper';
+
 CREATE FUNCTION pke_internal.token_state(token text) RETURNS pke_internal.token_state
     LANGUAGE c STRICT STABLE PARALLEL SAFE COST 10
     AS 'MODULE_PATHNAME', 'pke_token_state_wrapper';
 COMMENT ON FUNCTION pke_internal.token_state(text) IS
     'Engine internal: plaintext, current_key, previous_key or unverified.';
 
--- Each mode, described once. Everything that differs between encrypting, decrypting and
--- re-encrypting is a column of this one VALUES list; nothing else in the engine branches on a
--- mode's name. An unknown mode or format is an error, never a default.
+-- Each mode of each token format, described once. Everything that differs between encrypting,
+-- decrypting and re-encrypting, and between the formats, is a column of this one VALUES list
+-- (the columns are explained in types.sql, type pke_internal.mode); nothing else in the engine
+-- branches on a mode's or a format's name. An unknown mode or format is an error, never a
+-- default.
+--
+-- The formats:
+--   base64  the seed guide's: base64(nonce || tag || ciphertext) in column token, key
+--           ENCRYPTION_KEY (+ provider_keys_encrypt.previous_keys). Soft-deleted rows are left
+--           alone.
+--   llmgw   the gateway's current: llmgw:v2:<kid>:<iv>:<ct>:<tag> in column token_ciphertext,
+--           bound to the row's id and organization, with token_hash and token_masked; keyring
+--           GATEWAY_API_KEY_HASH_SECRET. Every row moves, soft-deleted ones included: the
+--           gateway's next migration sets the three columns NOT NULL on every row, and a row
+--           left under an older secret stops opening once that secret is dropped. On the
+--           gateway's final schema (no token column) only reencrypt and the report run:
+--           {token} in state_sql stands for the column, or NULL when the table has none.
+--           encrypt_unverified does not apply: the llmgw: prefix is unambiguous, so a value
+--           that has it is never taken for a plaintext.
+--
+-- Guard hook (src/guard.rs, another branch): the guard's trigger for llmgw seals into
+-- token_ciphertext/token_hash/token_masked with the row's id and organization
+-- (crate::llmgw::seal_row); add its per-format trigger here as a column when it lands.
 --
 -- Every internal that reads or writes rows gets its mode from here, and here the caller's
--- right to the mode is checked: EXECUTE on its public procedure and, for a mode that reveals
--- plaintext, on decrypt_token. So calling an internal directly never gets around a REVOKE.
--- (check_privileges => false only serves the report, which writes nothing.)
+-- right to the mode is checked: EXECUTE on its public procedure and, for a mode that writes
+-- plaintext, on the format's decrypting function. So calling an internal directly never gets
+-- around a REVOKE. (check_privileges => false only serves the report, which writes nothing.)
 
 CREATE FUNCTION pke_internal.mode(mode_name text, format_name text, encrypt_unverified boolean,
-                                  check_privileges boolean DEFAULT true)
+                                  tbl regclass, check_privileges boolean DEFAULT true)
 RETURNS pke_internal.mode
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     m pke_internal.mode;
+    found_format boolean := false;
 BEGIN
-    IF format_name IS DISTINCT FROM 'base64' THEN
-        RAISE EXCEPTION 'unknown token format "%"', format_name
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'The format is ''base64'': base64(nonce || tag || ciphertext) in column token, key ENCRYPTION_KEY.';
-    END IF;
-    SELECT v.* INTO m
+    FOR m IN
+      SELECT v.*
       FROM (VALUES
+        -- base64 ---------------------------------------------------------------------------
         ('encrypt', 'base64', 'encrypt_provider_keys(regclass,integer,boolean,boolean,boolean,text,boolean)', 'encryption migration', 'encrypted', 'Encrypted', 'encrypt',
          CASE WHEN encrypt_unverified THEN '{plaintext,unverified}' ELSE '{plaintext}' END::pke_internal.token_state[],
          '{current_key}'::pke_internal.token_state[],
          'pke_internal.token_state(t.token::text)',
          'token = @extschema@.encrypt_token(t.token::text)',
          't.status IS NOT DISTINCT FROM ''deleted''',
-         false),
+         NULL, NULL, 'ARRAY[t.token::text]',
+         'pke_internal.token_key_id(t.token::text)', '@extschema@.provider_keys_encrypt_fingerprint()', 'key fingerprint',
+         '{id,token,provider,status}'::text[], '{}'::text[], '{token}'::text[], '{}'::text[],
+         'The table needs the provider_key columns id, token, provider and status.',
+         '',
+         'looks like a token but authenticates under no configured key',
+         NULL),
         ('decrypt', 'base64', 'decrypt_provider_keys(regclass,integer,boolean,boolean,text)', 'decryption', 'decrypted', 'Decrypted', 'decrypt',
          '{current_key,previous_key}'::pke_internal.token_state[],
          '{plaintext,unverified}'::pke_internal.token_state[],
          'pke_internal.token_state(t.token::text)',
          'token = @extschema@.decrypt_token(t.token::text)',
          't.status IS NOT DISTINCT FROM ''deleted''',
-         true),
+         'decrypt_token(text)', '@extschema@.decrypt_token(t.token::text)', 'ARRAY[t.token::text]',
+         'pke_internal.token_key_id(t.token::text)', '@extschema@.provider_keys_encrypt_fingerprint()', 'key fingerprint',
+         '{id,token,provider,status}'::text[], '{}'::text[], '{token}'::text[], '{}'::text[],
+         'The table needs the provider_key columns id, token, provider and status.',
+         '',
+         'looks like a token but authenticates under no configured key',
+         NULL),
         ('reencrypt', 'base64', 'reencrypt_provider_keys(regclass,integer,boolean,boolean,text)', 're-encryption', 'reencrypted', 'Re-encrypted', 're-encrypt',
          '{previous_key}'::pke_internal.token_state[],
          '{current_key}'::pke_internal.token_state[],
          'pke_internal.token_state(t.token::text)',
          'token = pke_internal.reencrypt(t.token::text)',
          't.status IS NOT DISTINCT FROM ''deleted''',
-         false)
-      ) AS v(name, format, entry_point, job, done_word, past, verb, todo, target, state_sql, set_sql, deleted_sql, needs_decrypt)
-     WHERE v.name = mode_name AND v.format = format_name;
-    IF NOT FOUND THEN
+         NULL, NULL, 'ARRAY[t.token::text]',
+         'pke_internal.token_key_id(t.token::text)', '@extschema@.provider_keys_encrypt_fingerprint()', 'key fingerprint',
+         '{id,token,provider,status}'::text[], '{}'::text[], '{token}'::text[], '{}'::text[],
+         'The table needs the provider_key columns id, token, provider and status.',
+         '',
+         'looks like a token but authenticates under no configured key',
+         'No provider key needs a previous key any more: provider_keys_encrypt.previous_keys can be emptied.'),
+        -- llmgw ----------------------------------------------------------------------------
+        ('encrypt', 'llmgw', 'encrypt_provider_keys(regclass,integer,boolean,boolean,boolean,text,boolean)', 'backfill (llmgw)', 'encrypted', 'Encrypted', 'encrypt',
+         '{plaintext}'::pke_internal.token_state[],
+         '{current_key}'::pke_internal.token_state[],
+         'pke_internal.llmgw_state({token}, t.token_ciphertext::text, t.id::text, t.organization_id::text)',
+         'token = NULL, '
+         'token_ciphertext = @extschema@.llmgw_encrypt_token(t.token::text, t.id::text, t.organization_id::text), '
+         'token_hash = @extschema@.llmgw_token_hash(t.token::text), '
+         'token_masked = @extschema@.llmgw_mask_token(t.token::text)',
+         'false',
+         NULL, NULL, 'ARRAY[t.token::text, @extschema@.llmgw_mask_token(t.token::text)]',
+         'pke_internal.llmgw_key_id_of(t.token_ciphertext::text, t.id::text, t.organization_id::text)',
+         '@extschema@.llmgw_key_id()', 'key id',
+         '{id,provider,token,token_ciphertext,token_hash,token_masked,organization_id}'::text[], '{}'::text[],
+         '{token,token_ciphertext,token_hash,token_masked}'::text[], '{token}'::text[],
+         'The llmgw format moves keys from token to token_ciphertext, token_hash and token_masked (with id, provider '
+         'and organization_id): the gateway''s rollout schema. Without column token the gateway''s final migration has '
+         'run and nothing is left to encrypt; rotate with CALL reencrypt_provider_keys(format => ''llmgw'').',
+         ', soft-deleted ones included: the gateway''s next migration sets token_ciphertext, token_hash and token_masked NOT NULL on every row',
+         'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
+         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token, or the row has no token at all',
+         NULL),
+        ('decrypt', 'llmgw', 'decrypt_provider_keys(regclass,integer,boolean,boolean,text)', 'decryption (llmgw)', 'decrypted', 'Decrypted', 'decrypt',
+         '{current_key,previous_key}'::pke_internal.token_state[],
+         '{plaintext,unverified}'::pke_internal.token_state[],
+         'pke_internal.llmgw_state({token}, t.token_ciphertext::text, t.id::text, t.organization_id::text)',
+         'token = @extschema@.llmgw_decrypt_token(t.token_ciphertext::text, t.id::text, t.organization_id::text), '
+         'token_ciphertext = NULL',
+         'false',
+         'llmgw_decrypt_token(text, text, text)',
+         '@extschema@.llmgw_decrypt_token(t.token_ciphertext::text, t.id::text, t.organization_id::text)',
+         'ARRAY[t.token_ciphertext::text, t.token_masked::text]',
+         'pke_internal.llmgw_key_id_of(t.token_ciphertext::text, t.id::text, t.organization_id::text)',
+         '@extschema@.llmgw_key_id()', 'key id',
+         '{id,provider,token,token_ciphertext,token_hash,token_masked,organization_id}'::text[], '{}'::text[],
+         '{token,token_ciphertext}'::text[], '{token_ciphertext}'::text[],
+         'Rolling back to plaintext needs column token: after the gateway''s final migration, add it back first '
+         '(ALTER TABLE provider_key ADD COLUMN token text, ALTER COLUMN token_ciphertext DROP NOT NULL).',
+         ', soft-deleted ones included',
+         'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
+         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token, or the row has no token at all',
+         NULL),
+        ('reencrypt', 'llmgw', 'reencrypt_provider_keys(regclass,integer,boolean,boolean,text)', 're-encryption (llmgw)', 'reencrypted', 'Re-encrypted', 're-encrypt',
+         '{previous_key}'::pke_internal.token_state[],
+         '{current_key}'::pke_internal.token_state[],
+         'pke_internal.llmgw_state({token}, t.token_ciphertext::text, t.id::text, t.organization_id::text)',
+         '(token_ciphertext, token_hash) = (SELECT r.token_ciphertext, r.token_hash '
+         'FROM pke_internal.llmgw_reencrypt(t.token_ciphertext::text, t.id::text, t.organization_id::text) r)',
+         'false',
+         NULL, NULL, 'ARRAY[t.token_ciphertext::text, t.token_masked::text]',
+         'pke_internal.llmgw_key_id_of(t.token_ciphertext::text, t.id::text, t.organization_id::text)',
+         '@extschema@.llmgw_key_id()', 'key id',
+         '{id,provider,token_ciphertext,token_hash,organization_id}'::text[], '{token}'::text[],
+         '{token_ciphertext,token_hash}'::text[], '{}'::text[],
+         'Rotation needs id, provider, token_ciphertext, token_hash and organization_id (the gateway''s rollout or final schema).',
+         ', soft-deleted ones included: a row left under an older secret stops opening once that secret is dropped',
+         'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
+         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token, or the row has no token at all',
+         'No provider key needs an older secret any more: GATEWAY_API_KEY_HASH_SECRET can be cut down to its first '
+         '(current) secret, on the gateway and on this server.')
+      ) AS v(name, format, entry_point, job, done_word, past, verb, todo, target, state_sql, set_sql, deleted_sql,
+             reveals, plain_sql, stored_sql, key_id_sql, key_sql, key_word, reads, optional, writes, sets_null,
+             table_hint, found_note, unverified_text, retire_note)
+     WHERE v.format = format_name
+    LOOP
+        found_format := true;
+        EXIT WHEN m.name = mode_name;
+    END LOOP;
+    IF NOT found_format THEN
+        RAISE EXCEPTION 'unknown token format "%"', format_name
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The formats are ''base64'' (the seed guide''s: column token, key ENCRYPTION_KEY) and ''llmgw'' (the gateway''s current: token_ciphertext, token_hash, token_masked, keyring GATEWAY_API_KEY_HASH_SECRET).';
+    END IF;
+    IF m.name IS DISTINCT FROM mode_name THEN
         RAISE EXCEPTION 'unknown mode "%"', mode_name
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'The modes are encrypt, decrypt and reencrypt.';
     END IF;
+    -- {token}: the column when the table has it (the gateway's rollout), else NULL (its final
+    -- schema, where every key is in token_ciphertext)
+    m.state_sql := replace(m.state_sql, '{token}',
+        CASE WHEN tbl IS NULL OR EXISTS (SELECT 1 FROM pg_attribute a
+                                          WHERE a.attrelid = tbl AND a.attname = 'token' AND a.attnum > 0
+                                            AND NOT a.attisdropped)
+             THEN 't.token::text' ELSE 'NULL::text' END);
     IF check_privileges THEN
         -- the exact procedure (an overload someone else created has another signature)
         IF NOT has_function_privilege(format('@extschema@.%s', m.entry_point), 'EXECUTE') THEN
             RAISE EXCEPTION 'permission denied for procedure %', split_part(m.entry_point, '(', 1)
                 USING ERRCODE = 'insufficient_privilege';
         END IF;
-        IF m.needs_decrypt AND NOT has_function_privilege('@extschema@.decrypt_token(text)', 'EXECUTE') THEN
-            RAISE EXCEPTION 'permission denied for function decrypt_token'
+        IF m.reveals IS NOT NULL AND NOT has_function_privilege(format('@extschema@.%s', m.reveals), 'EXECUTE') THEN
+            RAISE EXCEPTION 'permission denied for function %', split_part(m.reveals, '(', 1)
                 USING ERRCODE = 'insufficient_privilege',
-                      HINT = format('%s writes plaintext: it needs EXECUTE on decrypt_token(text) too.', split_part(m.entry_point, '(', 1));
+                      HINT = format('%s writes plaintext: it needs EXECUTE on %s too.', split_part(m.entry_point, '(', 1), m.reveals);
         END IF;
     END IF;
     RETURN m;
@@ -255,17 +450,20 @@ $fn$;
 -- A global problem is one ERROR with its own SQLSTATE here, never a WARNING per row later.
 
 -- The checks, in order: a table without inheritance children (a unique index on the parent
--- does not cover them; partitions are fine); the columns, typed text or varchar, readable; id
--- NOT NULL; the column a run writes, updatable; a unique index on id; and nobody who could
--- make the table run code with the caller's rights (check_table_trust). (The caller's right to the mode
--- itself is checked by pke_internal.mode.)
-CREATE FUNCTION pke_internal.check_table(tbl regclass, writes boolean)
+-- does not cover them; partitions are fine); the columns the mode reads (its format says
+-- which), typed text or varchar, readable; the columns it sets to NULL, nullable; the columns
+-- it writes, updatable; a unique index on id; id NOT NULL; and nobody who could make the table
+-- run code with the caller's rights (check_table_trust). (The caller's right to the mode
+-- itself is checked by pke_internal.mode.) writes => false (a dry run, the report) skips the
+-- write privileges.
+CREATE FUNCTION pke_internal.check_table(tbl regclass, m pke_internal.mode, writes boolean)
 RETURNS void
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     col text;
+    required boolean;
     typ regtype;
 BEGIN
     IF tbl IS NULL THEN
@@ -282,14 +480,20 @@ BEGIN
             USING ERRCODE = 'feature_not_supported',
                   HINT = 'Its unique index on id does not cover the children. Run the procedure on each table of the hierarchy, or use declarative partitioning.';
     END IF;
-    FOREACH col IN ARRAY ARRAY['id', 'token', 'provider', 'status'] LOOP
+    FOR col, required IN
+        SELECT x.c, x.req
+          FROM (SELECT u.c, true AS req, u.o FROM unnest(m.reads) WITH ORDINALITY AS u(c, o)
+                UNION ALL
+                SELECT u.c, false, 1000 + u.o FROM unnest(m.optional) WITH ORDINALITY AS u(c, o)) x
+         ORDER BY x.o
+    LOOP
         SELECT a.atttypid::regtype INTO typ
           FROM pg_attribute a
          WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
         IF NOT FOUND THEN
+            CONTINUE WHEN NOT required;
             RAISE EXCEPTION 'column "%" of relation % does not exist', col, tbl
-                USING ERRCODE = 'undefined_column',
-                      HINT = 'The table needs the provider_key columns id, token, provider and status.';
+                USING ERRCODE = 'undefined_column', HINT = m.table_hint;
         END IF;
         IF typ NOT IN ('text'::regtype, 'character varying'::regtype) THEN
             RAISE EXCEPTION 'column "%" of relation % must be text or varchar, not %', col, tbl, typ
@@ -299,11 +503,20 @@ BEGIN
             RAISE EXCEPTION 'permission denied to read column "%" of table %', col, tbl
                 USING ERRCODE = 'insufficient_privilege';
         END IF;
+        IF writes AND col = ANY (m.writes) AND NOT has_column_privilege(tbl, col, 'UPDATE') THEN
+            RAISE EXCEPTION 'permission denied to update column "%" of table %', col, tbl
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
     END LOOP;
-    IF writes AND NOT has_column_privilege(tbl, 'token', 'UPDATE') THEN
-        RAISE EXCEPTION 'permission denied to update column "token" of table %', tbl
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
+    FOREACH col IN ARRAY m.sets_null LOOP
+        IF EXISTS (SELECT 1 FROM pg_attribute a
+                    WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped
+                      AND a.attnotnull) THEN
+            RAISE EXCEPTION 'column "%" of relation % is NOT NULL, and format % sets it to NULL', col, tbl, m.format
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = format('Each row keeps its key in exactly one column, as in the gateway''s rollout schema: ALTER TABLE %s ALTER COLUMN %I DROP NOT NULL;', tbl, col);
+        END IF;
+    END LOOP;
     IF NOT EXISTS (SELECT 1
                      FROM pg_index i
                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
@@ -377,13 +590,160 @@ BEGIN
 END
 $fn$;
 
+CREATE FUNCTION provider_keys_encrypt_guard() RETURNS trigger
+    LANGUAGE c
+    AS 'MODULE_PATHNAME', 'provider_keys_encrypt_guard_wrapper';
+COMMENT ON FUNCTION provider_keys_encrypt_guard() IS
+'The guard: BEFORE INSERT OR UPDATE OF token, status ... FOR EACH ROW. Encrypts a plaintext token on write (mode=reject: refuses it); tokens and deleted rows pass.';
+
+-- The guard (src/guard.rs): a trigger that encrypts, or refuses, a plaintext token written
+-- while a run goes on or after it. Here: which guards a table has, the checks before a run
+-- installs one, the install itself, and the status users read.
+
+-- Every guard trigger on tbl and its partitions (tbl NULL: on every table), with its settings
+-- as the trigger itself reads them (pke_internal.guard_settings: the same parser), whether it
+-- fires (enabled: in ordinary sessions) and whether it sees every write that can bring a
+-- plaintext back (covers_writes: BEFORE, FOR EACH ROW, INSERT and UPDATE of token and status,
+-- no WHEN clause).
+CREATE FUNCTION pke_internal.guards(tbl regclass)
+RETURNS TABLE (relation regclass, trigger_name text, enabled boolean, covers_writes boolean,
+               mode text, format text, unverified text, problem text)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT tg.tgrelid::regclass, tg.tgname::text, tg.tgenabled IN ('O', 'A'),
+           (tg.tgtype & 1) <> 0          -- FOR EACH ROW
+           AND (tg.tgtype & 2) <> 0      -- BEFORE
+           AND (tg.tgtype & 4) <> 0      -- INSERT
+           AND (tg.tgtype & 16) <> 0     -- UPDATE
+           AND tg.tgqual IS NULL
+           AND (cardinality(tg.tgattr::int2[]) = 0
+                OR (SELECT count(*) FROM pg_attribute a
+                     WHERE a.attrelid = tg.tgrelid AND a.attname IN ('token', 'status')
+                       AND a.attnum = ANY (tg.tgattr::int2[])) = 2),
+           s.mode, s.format, s.unverified, s.problem
+      FROM pg_trigger tg
+     CROSS JOIN LATERAL pke_internal.guard_settings(tg.tgnargs, tg.tgargs) s
+     WHERE tg.tgfoid = '@extschema@.provider_keys_encrypt_guard()'::regprocedure
+       AND (tbl IS NULL OR tg.tgrelid = tbl OR tg.tgrelid IN (SELECT p.relid FROM pg_partition_tree(tbl) p))
+     ORDER BY tg.tgrelid::regclass::text, tg.tgname
+$fn$;
+
+-- Before a run that installs the guard touches anything: the caller may create the trigger
+-- (the TRIGGER privilege on the table, which its owner has, and EXECUTE on the guard), and
+-- no half-working guard or foreign trigger of the same name is in the way.
+CREATE FUNCTION pke_internal.guard_check(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    g record;
+BEGIN
+    IF NOT has_table_privilege(tbl, 'TRIGGER') THEN
+        RAISE EXCEPTION 'permission denied to install the guard on table %', tbl
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Installing the guard creates a trigger, which needs the TRIGGER privilege on the table (its owner has it).',
+                  HINT = format('Run it as the table''s owner (SET ROLE %s), or without guard => true.',
+                                (SELECT c.relowner::regrole FROM pg_class c WHERE c.oid = tbl));
+    END IF;
+    IF NOT has_function_privilege('@extschema@.provider_keys_encrypt_guard()', 'EXECUTE') THEN
+        RAISE EXCEPTION 'permission denied for function provider_keys_encrypt_guard'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pke_internal.guards(tbl) x
+                WHERE x.relation = tbl AND x.enabled AND x.covers_writes AND x.problem IS NULL) THEN
+        RETURN;  -- installed and working: the run says so and goes on
+    END IF;
+    SELECT * INTO g FROM pke_internal.guards(tbl) x WHERE x.relation = tbl LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'table % has a guard that does not protect it: trigger %', tbl, quote_ident(g.trigger_name)
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = CASE WHEN g.problem IS NOT NULL THEN g.problem
+                                WHEN NOT g.enabled THEN 'The trigger is disabled.'
+                                ELSE 'It does not fire BEFORE INSERT OR UPDATE OF token, status FOR EACH ROW on every row.' END,
+                  HINT = format('Drop it (DROP TRIGGER %I ON %s) and run again: the run installs a working one.', g.trigger_name, tbl);
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = tbl AND tg.tgname = 'provider_keys_encrypt_guard') THEN
+        RAISE EXCEPTION 'table % already has a trigger named provider_keys_encrypt_guard that is not the guard', tbl
+            USING ERRCODE = 'duplicate_object';
+    END IF;
+END
+$fn$;
+
+-- Install the guard on tbl, once (after guard_check, and after every other check of the run).
+-- It gets the run's treatment of unverified values: encrypt_unverified => false installs it
+-- with 'unverified=keep'. The caller commits right after, so that writers wait for the
+-- trigger's lock as briefly as possible.
+CREATE FUNCTION pke_internal.guard_install(tbl regclass, encrypt_unverified boolean, dry_run boolean)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    g record;
+BEGIN
+    SELECT * INTO g FROM pke_internal.guards(tbl) x
+     WHERE x.relation = tbl AND x.enabled AND x.covers_writes AND x.problem IS NULL
+     ORDER BY x.trigger_name LIMIT 1;
+    IF FOUND THEN
+        RAISE NOTICE '%', format('The guard is already installed on %s: trigger %s (mode=%s, unverified=%s)',
+                                 tbl, quote_ident(g.trigger_name), g.mode, g.unverified);
+        RETURN;
+    END IF;
+    IF dry_run THEN
+        RAISE NOTICE '%', format('Would install the guard on %s (dry run: not installed)', tbl);
+        RETURN;
+    END IF;
+    EXECUTE format('CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION @extschema@.provider_keys_encrypt_guard(%s)',
+                   tbl, CASE WHEN encrypt_unverified THEN '' ELSE '''unverified=keep''' END);
+    RAISE NOTICE '%', format('Installed the guard on %s: a plaintext token written to it from now on is encrypted on write (remove it with: DROP TRIGGER provider_keys_encrypt_guard ON %s)',
+                             tbl, tbl);
+END
+$fn$;
+
+-- A mode that writes plaintext (decrypt) refuses to run while an enabled guard is on the
+-- table: the guard would encrypt again (or refuse) every row it writes.
+CREATE FUNCTION pke_internal.guard_absent(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    g record;
+BEGIN
+    SELECT * INTO g FROM pke_internal.guards(tbl) x WHERE x.enabled LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'table % has the guard installed (trigger % on %): it would encrypt again every key written back in plaintext',
+                tbl, quote_ident(g.trigger_name), g.relation
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Remove the guard first, then run again: DROP TRIGGER %I ON %s;', g.trigger_name, g.relation);
+    END IF;
+END
+$fn$;
+
+-- What users call.
+CREATE FUNCTION @extschema@.provider_keys_guard_status(table_name regclass DEFAULT NULL)
+RETURNS TABLE (relation regclass, trigger_name text, enabled boolean, covers_writes boolean,
+               mode text, format text, unverified text, problem text)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT * FROM pke_internal.guards(table_name)
+$fn$;
+
+COMMENT ON FUNCTION @extschema@.provider_keys_guard_status(regclass) IS
+'The guard triggers on a table and its partitions (NULL: on every table): enabled, covering every write, mode, format, unverified treatment, and what is wrong with their arguments.';
+
 -- One batch. A run walks the table in id order, batch_size rows at a time (keyset pagination
 -- on the unique index on id: memory stays flat, each batch is an index range scan), and each
 -- batch is ONE statement (batch_sql):
 --
 --   a : the batch's rows (after the previous batch's last id, in id order, LIMIT batch_size;
 --       soft-deleted rows included, so the position always advances), each classified ONCE
---       (pke_internal.token_state, in Rust), aggregated in the same pass into the counts and
+--       (the format's state_sql: pke_internal.token_state or pke_internal.llmgw_state, in
+--       Rust), aggregated in the same pass into the counts and
 --       the ids of the rows whose state the mode writes;
 --   w : the UPDATE of those ids;
 --   and the counts over a and w, in the statement's one snapshot.
@@ -503,7 +863,7 @@ LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified);
+    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
     todo pke_internal.token_state[] := CASE WHEN write_none THEN '{}' ELSE m.todo END;
     stmt text := pke_internal.batch_sql(m, tbl, pke_internal.batch_range(after_id, ids), dry_run OR write_none,
                                         pke_internal.table_may_rewrite(tbl));
@@ -536,30 +896,23 @@ BEGIN
 END
 $fn$;
 
--- Remove a row's secrets from an error message before it is shown: the stored value (in
--- encrypt mode, the plaintext itself) and, in a mode that reveals plaintext, the decrypted
--- value (the caller may run decrypt_token: checked before the run started).
-CREATE FUNCTION pke_internal.scrub(message text, stored text, reveals_plaintext boolean)
+-- Remove a row's secrets from an error message before it is shown: the stored values (in
+-- encrypt mode, the plaintext itself, and for llmgw the mask computed from it) and, in a mode
+-- that writes plaintext, the decrypted value (batch_isolate computes it with the caller's own EXECUTE on the format's decrypting
+-- function, checked before the run started).
+CREATE FUNCTION pke_internal.scrub(message text, secrets text[])
 RETURNS text
-LANGUAGE plpgsql STABLE PARALLEL SAFE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    plain text;
+    s text;
 BEGIN
-    IF stored IS NOT NULL AND stored <> '' THEN
-        message := replace(message, stored, '[redacted]');
-    END IF;
-    IF reveals_plaintext AND stored IS NOT NULL THEN
-        BEGIN
-            plain := @extschema@.decrypt_token(stored);
-        EXCEPTION WHEN OTHERS THEN
-            plain := NULL;
-        END;
-        IF plain IS NOT NULL AND plain <> '' THEN
-            message := replace(message, plain, '[redacted]');
+    FOREACH s IN ARRAY secrets LOOP
+        IF s IS NOT NULL AND s <> '' THEN
+            message := replace(message, s, '[redacted]');
         END IF;
-    END IF;
+    END LOOP;
     RETURN message;
 END
 $fn$;
@@ -576,20 +929,21 @@ LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified);
+    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
     one_sql text := format('UPDATE %s t SET %s WHERE t.id::text = $1 AND NOT (%s) AND %s = ANY ($2)',
                            tbl, m.set_sql, m.deleted_sql, m.state_sql);
     x record;
     e_state text;
     e_msg text;
+    plain text;
 BEGIN
     good := '{}';
     errors := 0;
     FOR x IN EXECUTE format(
-        'SELECT t.id::text AS key, t.token::text AS stored, t.provider::text AS prov,
+        'SELECT t.id::text AS key, %s AS stored, t.provider::text AS prov,
                 CASE WHEN %s THEN NULL ELSE %s END AS st
            FROM %s t WHERE %s ORDER BY t.id LIMIT $2',
-        m.deleted_sql, m.state_sql, tbl, pke_internal.batch_range(after_id, ids))
+        m.stored_sql, m.deleted_sql, m.state_sql, tbl, pke_internal.batch_range(after_id, ids))
         USING after_id, batch_size, ids
     LOOP
         range_end := x.key;
@@ -609,8 +963,17 @@ BEGIN
                 WHEN OTHERS THEN
                     GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_msg = MESSAGE_TEXT;
                     errors := errors + 1;
+                    plain := NULL;
+                    IF m.plain_sql IS NOT NULL THEN
+                        BEGIN
+                            EXECUTE format('SELECT %s FROM %s t WHERE t.id::text = $1', m.plain_sql, tbl)
+                                INTO plain USING x.key;
+                        EXCEPTION WHEN OTHERS THEN
+                            plain := NULL;
+                        END;
+                    END IF;
                     RAISE WARNING 'Failed to % provider key % for provider % (SQLSTATE %): %',
-                        m.verb, x.key, x.prov, e_state, pke_internal.scrub(e_msg, x.stored, m.needs_decrypt);
+                        m.verb, x.key, x.prov, e_state, pke_internal.scrub(e_msg, x.stored || plain);
             END;
         END IF;
     END LOOP;
@@ -636,8 +999,7 @@ BEGIN
                     x.key, x.prov, CASE WHEN dry_run THEN 'would encrypt' ELSE 'encrypted' END
                     USING HINT = 'If it is a token written under another key, check ENCRYPTION_KEY and the previous keys; decrypt_provider_keys() gives the stored value back unchanged.';
             ELSE
-                RAISE WARNING 'Provider key % for provider % looks like a token but authenticates under no configured key: left unchanged',
-                    x.key, x.prov;
+                RAISE WARNING 'Provider key % for provider % %: left unchanged', x.key, x.prov, m.unverified_text;
             END IF;
         END LOOP;
     END IF;
@@ -668,7 +1030,7 @@ LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified);
+    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
     r pke_internal.batch_rows;
     iso record;
     ids text[];
@@ -715,7 +1077,10 @@ $fn$;
 -- do.
 
 -- Everything global is checked here, before any row is read or written: the arguments, the
--- mode, the table, the privileges, the key. Then the banner and the number of rows to check.
+-- mode and format, the table (the columns the format needs), the privileges, the key, and the
+-- guard (may it be installed; for a mode that writes plaintext, is none installed). Then the
+-- banner, and the guard is installed when asked for; the caller commits it before run_count
+-- counts the rows to check.
 CREATE FUNCTION pke_internal.run_start(
     mode_name text, format_name text, tbl regclass, batch_size integer, dry_run boolean,
     notices boolean, encrypt_unverified boolean, guard boolean, may_commit boolean)
@@ -726,7 +1091,7 @@ AS $fn$
 DECLARE
     m pke_internal.mode;
     r pke_internal.run;
-    fp text;
+    key_id text;
 BEGIN
     IF batch_size IS NULL OR batch_size < 1 OR batch_size > 100000 THEN
         RAISE EXCEPTION 'batch_size must be between 1 and 100000'
@@ -736,13 +1101,26 @@ BEGIN
         RAISE EXCEPTION 'dry_run, verbose, encrypt_unverified and guard must not be NULL'
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    IF guard THEN
-        RAISE EXCEPTION 'the guard is not available yet'
+    m := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
+    IF guard AND m.format <> 'base64' THEN
+        -- Guard hook: for format llmgw the guard's trigger must seal into token_ciphertext,
+        -- token_hash and token_masked with the row's id and organization (crate::llmgw::seal_row).
+        RAISE EXCEPTION 'the guard protects format base64 only, not yet %', m.format
             USING ERRCODE = 'feature_not_supported';
     END IF;
-    m := pke_internal.mode(mode_name, format_name, encrypt_unverified);
-    PERFORM pke_internal.check_table(tbl, NOT dry_run);
-    fp := @extschema@.provider_keys_encrypt_fingerprint();  -- raises when there is no usable key
+    IF guard AND m.reveals IS NOT NULL THEN
+        RAISE EXCEPTION 'the guard cannot be installed by a run that writes plaintext'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pke_internal.check_table(tbl, m, NOT dry_run);
+    IF guard THEN
+        PERFORM pke_internal.guard_check(tbl);
+    END IF;
+    IF m.reveals IS NOT NULL THEN
+        -- a mode that reveals plaintext writes it into the table: the guard would undo it
+        PERFORM pke_internal.guard_absent(tbl);
+    END IF;
+    EXECUTE 'SELECT ' || m.key_sql INTO key_id;  -- raises when there is no usable key
 
     r.mode := mode_name;
     r.format := format_name;
@@ -759,13 +1137,29 @@ BEGIN
     r.started := clock_timestamp();
     r.last_progress := r.started;
 
-    RAISE NOTICE '%', format('Starting provider key %s on %s (key fingerprint %s, batch size %s%s)',
-        m.job, tbl, fp, batch_size,
+    RAISE NOTICE '%', format('Starting provider key %s on %s (%s %s, batch size %s%s)',
+        m.job, tbl, m.key_word, key_id, batch_size,
         CASE WHEN dry_run THEN ', dry run: nothing will be written'
              WHEN NOT may_commit THEN ', inside the caller''s transaction'
              ELSE '' END);
-    EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s)', tbl, m.deleted_sql) INTO r.found;
-    RAISE NOTICE 'Found % provider keys to check', r.found;
+    IF guard THEN
+        PERFORM pke_internal.guard_install(tbl, encrypt_unverified, dry_run);
+    END IF;
+    RETURN r;
+END
+$fn$;
+
+-- The number of rows to check, for the progress line.
+CREATE FUNCTION pke_internal.run_count(r pke_internal.run)
+RETURNS pke_internal.run
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified, r.tbl);
+BEGIN
+    EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s)', r.tbl, m.deleted_sql) INTO r.found;
+    RAISE NOTICE 'Found % provider keys to check%', r.found, m.found_note;
     RETURN r;
 END
 $fn$;
@@ -831,18 +1225,22 @@ BEGIN
 END
 $fn$;
 
--- The summary: total = done + skipped + errors, and what else the operator must know.
+-- The summary: total = done + skipped + errors, and what else the operator must know. After a
+-- rotation that wrote, the whole table is checked again: only then can it say that no row
+-- needs an older key (rows written meanwhile by a gateway still sealing under an older secret
+-- would be missed by counting alone).
 CREATE FUNCTION pke_internal.run_summary(r pke_internal.run)
 RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified);
+    m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified, r.tbl);
     summary text;
+    still_older bigint;
 BEGIN
     IF r.unverified > r.warned THEN
-        RAISE WARNING '% more provider keys look like tokens but authenticate under no configured key (warnings stopped after %)',
+        RAISE WARNING '% more unverified provider keys (warnings stopped after %)',
             r.unverified - r.warned, r.warned;
     END IF;
     summary := format('total=%s, %s=%s, skipped=%s, errors=%s',
@@ -850,7 +1248,7 @@ BEGIN
     IF r.unverified > 0 THEN
         summary := summary || ', unverified=' || r.unverified;
     END IF;
-    IF r.previous > 0 AND r.mode <> 'reencrypt' THEN
+    IF r.previous > 0 AND m.retire_note IS NULL THEN
         summary := summary || ', previous_key=' || r.previous;
     END IF;
     IF r.changed > 0 THEN
@@ -863,6 +1261,18 @@ BEGIN
             USING HINT = 'The rows named above were left unchanged; fix them and run the procedure again (it skips what is done).';
     ELSE
         RAISE NOTICE '%', summary;
+    END IF;
+    IF m.retire_note IS NOT NULL AND NOT r.dry_run THEN
+        EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s) AND (%s) = ''previous_key''',
+                       r.tbl, m.deleted_sql, m.state_sql) INTO still_older;
+        IF still_older = 0 THEN
+            RAISE NOTICE '%', m.retire_note || CASE WHEN r.unverified > 0 THEN format(
+                ' (The %s unverified provider keys open under none of the configured keys, older or not.)', r.unverified)
+                ELSE '' END;
+        ELSE
+            RAISE WARNING '% provider keys still open only under an older key: keep every key configured until a run has re-encrypted them', still_older
+                USING HINT = 'Rows written meanwhile under an older key (a gateway instance whose first secret is still the old one?) are re-encrypted by the next run.';
+        END IF;
     END IF;
 END
 $fn$;
@@ -883,6 +1293,10 @@ BEGIN
                                 COALESCE(table_name, pg_catalog.to_regclass('provider_key')),
                                 batch_size, dry_run, notices, encrypt_unverified, guard,
                                 pke_internal.may_commit());
+    IF r.do_commit THEN
+        COMMIT;  -- the guard, if run_start installed it, holds writers back no longer
+    END IF;
+    r := pke_internal.run_count(r);
     LOOP
         r := pke_internal.run_step(r);
         EXIT WHEN r.done;
@@ -907,7 +1321,7 @@ CREATE PROCEDURE @extschema@.encrypt_provider_keys(
     dry_run boolean DEFAULT false,
     verbose boolean DEFAULT true,
     encrypt_unverified boolean DEFAULT true,
-    format text DEFAULT 'base64',       -- the token format: base64 (the seed guide's)
+    format text DEFAULT 'base64',       -- the token format: base64 (the seed guide's) or llmgw (the gateway's current)
     guard boolean DEFAULT false)        -- install the guard trigger before the first batch
 LANGUAGE plpgsql
 AS $proc$
@@ -920,7 +1334,7 @@ END
 $proc$;
 
 COMMENT ON PROCEDURE @extschema@.encrypt_provider_keys(regclass, integer, boolean, boolean, boolean, text, boolean) IS
-'Encrypt, in place, every plaintext token of a provider_key table whose status is not ''deleted''. Idempotent; commits every batch_size rows when called outside a transaction block.';
+'Encrypt, in place, every plaintext key of a provider_key table. format base64: in column token, rows whose status is ''deleted'' left alone; format llmgw: the gateway''s backfill, from token into token_ciphertext, token_hash and token_masked, on every row. Idempotent; commits every batch_size rows when called outside a transaction block. guard => true first installs the guard trigger, so that no plaintext written meanwhile survives.';
 
 CREATE PROCEDURE @extschema@.decrypt_provider_keys(
     table_name regclass DEFAULT NULL,
@@ -938,7 +1352,7 @@ END
 $proc$;
 
 COMMENT ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean, text) IS
-'Rollback of encrypt_provider_keys: turn every token (under the current or a previous key) back into its plaintext.';
+'Rollback of encrypt_provider_keys: turn every token (under the current or a previous key) back into its plaintext (format llmgw: back into column token). Refuses while a guard trigger is installed on the table.';
 
 CREATE PROCEDURE @extschema@.reencrypt_provider_keys(
     table_name regclass DEFAULT NULL,
@@ -956,51 +1370,67 @@ END
 $proc$;
 
 COMMENT ON PROCEDURE @extschema@.reencrypt_provider_keys(regclass, integer, boolean, boolean, text) IS
-'Key rotation: re-encrypt under the current key every token written under a previous key.';
+'Key rotation: re-encrypt under the current key every token written under a previous key (format llmgw: every llmgw:v1 token and every v2 token under an older secret, and its token_hash).';
 
--- The report: rows per state (the token_state labels, plus deleted), optionally per provider.
-CREATE FUNCTION pke_internal.report(tbl regclass, by_provider boolean)
-RETURNS TABLE (provider text, state text, keys bigint)
+-- The report: rows per state (the token_state labels, plus deleted for a format that skips
+-- soft-deleted rows) and per key id (the public id of the key a token belongs to: an older key
+-- id with rows left means that key is still needed), optionally per provider. It uses the
+-- format's re-encrypt descriptor, which needs the fewest columns (it works on the gateway's
+-- final schema). format NULL: llmgw when the table has the gateway's token_ciphertext column,
+-- else base64.
+CREATE FUNCTION pke_internal.report(tbl regclass, by_provider boolean, format_name text)
+RETURNS TABLE (token_format text, provider text, state text, key_id text, keys bigint)
 LANGUAGE plpgsql STABLE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    m pke_internal.mode := pke_internal.mode('encrypt', 'base64', true, check_privileges => false);
+    fmt text := COALESCE(format_name,
+        CASE WHEN EXISTS (SELECT 1 FROM pg_attribute a
+                           WHERE a.attrelid = tbl AND a.attname = 'token_ciphertext' AND a.attnum > 0
+                             AND NOT a.attisdropped)
+             THEN 'llmgw' ELSE 'base64' END);
+    m pke_internal.mode := pke_internal.mode('reencrypt', fmt, false, tbl, check_privileges => false);
+    current_key text;
 BEGIN
-    PERFORM pke_internal.check_table(tbl, false);
-    PERFORM @extschema@.provider_keys_encrypt_fingerprint();  -- a clear error when no key
+    PERFORM pke_internal.check_table(tbl, m, false);
+    EXECUTE 'SELECT ' || m.key_sql INTO current_key;  -- a clear error when there is no key
     RETURN QUERY EXECUTE format($q$
         WITH classified AS (
-            SELECT CASE WHEN $1 THEN t.provider::text END AS provider,
-                   CASE WHEN %2$s THEN 'deleted' ELSE (%3$s)::text END AS state
-              FROM %1$s t),
+            SELECT CASE WHEN $1 THEN t.provider::text END AS provider, x.state,
+                   CASE WHEN x.state IN ('current_key', 'previous_key', 'unverified') THEN %4$s END AS key_id
+              FROM %1$s t,
+                   LATERAL (SELECT CASE WHEN %2$s THEN 'deleted' ELSE (%3$s)::text END AS state) x),
         counted AS (
-            SELECT c.provider, c.state, count(*) AS n FROM classified c GROUP BY 1, 2),
+            SELECT c.provider, c.state, c.key_id, count(*) AS n FROM classified c GROUP BY 1, 2, 3),
         states(state, ord) AS (
             SELECT s::text, o FROM unnest(enum_range(NULL::pke_internal.token_state)) WITH ORDINALITY AS u(s, o)
-            UNION ALL SELECT 'deleted', 100)
-        SELECT p.provider, st.state, COALESCE(c.n, 0)::bigint
-          FROM (SELECT DISTINCT counted.provider FROM counted
-                UNION SELECT NULL::text WHERE NOT $1) p
-         CROSS JOIN states st
-          LEFT JOIN counted c ON c.provider IS NOT DISTINCT FROM p.provider AND c.state = st.state
-         WHERE NOT $1 OR c.n IS NOT NULL
-         ORDER BY p.provider NULLS FIRST, st.ord $q$, tbl, m.deleted_sql, m.state_sql)
-    USING by_provider;
+            UNION ALL SELECT 'deleted', 100 WHERE %5$L <> 'false')
+        SELECT $3, r.provider, r.state, r.key_id, r.n
+          FROM (SELECT c.provider, c.state, c.key_id, c.n, st.ord
+                  FROM counted c JOIN states st ON st.state = c.state
+                UNION ALL
+                -- without by_provider, every state is shown, with 0 when no row is in it
+                SELECT NULL, st.state, CASE WHEN st.state = 'current_key' THEN $2 END, 0, st.ord
+                  FROM states st
+                 WHERE NOT $1 AND NOT EXISTS (SELECT 1 FROM counted c WHERE c.state = st.state)) r
+         ORDER BY r.provider NULLS FIRST, r.ord, r.key_id NULLS FIRST $q$,
+        tbl, m.deleted_sql, m.state_sql, m.key_id_sql, m.deleted_sql)
+    USING by_provider, current_key, fmt;
 END
 $fn$;
 
-CREATE OR REPLACE FUNCTION @extschema@.provider_keys_encryption_report(
+CREATE FUNCTION @extschema@.provider_keys_encryption_report(
     table_name regclass DEFAULT NULL,
-    by_provider boolean DEFAULT false)
-RETURNS TABLE (provider text, state text, keys bigint)
+    by_provider boolean DEFAULT false,
+    format text DEFAULT NULL)          -- base64 | llmgw; NULL: what the table's columns say
+RETURNS TABLE (token_format text, provider text, state text, key_id text, keys bigint)
 LANGUAGE sql STABLE PARALLEL UNSAFE
 AS $fn$
-    SELECT * FROM pke_internal.report(COALESCE(table_name, pg_catalog.to_regclass('provider_key')), by_provider)
+    SELECT * FROM pke_internal.report(COALESCE(table_name, pg_catalog.to_regclass('provider_key')), by_provider, format)
 $fn$;
 
-COMMENT ON FUNCTION @extschema@.provider_keys_encryption_report(regclass, boolean) IS
-'Keys per state (plaintext, current_key, previous_key, unverified, deleted), optionally per provider.';
+COMMENT ON FUNCTION @extschema@.provider_keys_encryption_report(regclass, boolean, text) IS
+'Keys per state (plaintext, current_key, previous_key, unverified, and deleted for base64) and key id, optionally per provider. format: base64 or llmgw (NULL: llmgw when the table has token_ciphertext). Whether a guard is installed: provider_keys_guard_status().';
 
 -- Privileges. PostgreSQL grants EXECUTE on new functions and procedures to PUBLIC; this file
 -- takes back what must not be public, and says why for what stays. Runs last.
@@ -1009,17 +1439,33 @@ COMMENT ON FUNCTION @extschema@.provider_keys_encryption_report(regclass, boolea
 -- (GRANT EXECUTE ON FUNCTION decrypt_token(text) TO <gateway role>).
 REVOKE ALL ON FUNCTION @extschema@.decrypt_token(text) FROM PUBLIC;
 
+-- llmgw_decrypt_token returns plaintext API keys too (the gateway's llmgw format): the same
+-- rule (GRANT EXECUTE ON FUNCTION llmgw_decrypt_token(text, text, text) TO <role>).
+REVOKE ALL ON FUNCTION @extschema@.llmgw_decrypt_token(text, text, text) FROM PUBLIC;
+
 -- decrypt_provider_keys writes plaintext back into the table: an administrator's rollback,
--- never a public one. It also needs EXECUTE on decrypt_token and UPDATE on the table.
+-- never a public one. It also needs EXECUTE on the format's decrypting function (decrypt_token,
+-- llmgw_decrypt_token) and UPDATE on the table.
 REVOKE ALL ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean, text) FROM PUBLIC;
 
 -- encrypt_token, is_encrypted_token, provider_keys_encrypt_fingerprint and
 -- provider_keys_encrypt_keys stay PUBLIC: encrypting reveals nothing, the verify check only
 -- says whether a value authenticates, and fingerprints are designed to be shown.
 
+-- llmgw_encrypt_token, llmgw_token_hash, llmgw_mask_token and llmgw_key_id stay PUBLIC, for
+-- the same reasons: sealing reveals nothing; the HMAC reveals nothing about the secret and, like
+-- a sealed token, is only worth something written into a row, which takes UPDATE on the table
+-- (the encrypt procedure computes it for any caller anyway); a mask is the gateway's
+-- shown-to-users form; key ids are one-way and stored in every token.
+
 -- encrypt_provider_keys, reencrypt_provider_keys and provider_keys_encryption_report stay
 -- PUBLIC: they run with the caller's rights (SELECT/UPDATE on the table) and never return a
 -- plaintext.
+
+-- provider_keys_encrypt_guard stays PUBLIC: putting it on a table needs the TRIGGER privilege
+-- on that table anyway, and it only encrypts (or refuses) what is being written.
+
+-- provider_keys_guard_status stays PUBLIC: it shows what pg_trigger shows everyone.
 
 -- The internals' schema: USAGE for everyone, because the public procedures run with the
 -- caller's rights and call into it; CREATE for nobody but its owner (the superuser who created
@@ -1029,8 +1475,13 @@ REVOKE ALL ON SCHEMA pke_internal FROM PUBLIC;
 GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 
 -- Functions in pke_internal stay executable by PUBLIC, and none reveals more than the public
--- surface: token_state and reencrypt say no more than is_encrypted_token and encrypt_token;
--- scrub decrypts only with the caller's own EXECUTE on decrypt_token; every internal that
--- reads or writes rows takes a mode by name from pke_internal.mode, which refuses an unknown
--- mode and a caller without EXECUTE on that mode's public procedure (and on decrypt_token when
--- the mode reveals plaintext). All of them run with the caller's rights.
+-- surface: token_state, llmgw_state, token_key_id and llmgw_key_id_of say no more than
+-- is_encrypted_token and the key ids; reencrypt and llmgw_reencrypt return a new token (as
+-- encrypt_token would) and, for llmgw, the token_hash of its plaintext (what the row's
+-- token_hash column holds: good for confirming a guess, never for reading a key), never the
+-- plaintext; guard_settings only parses trigger arguments; guards and guard_check read catalogs
+-- everyone can read; guard_install creates a trigger only with the caller's own TRIGGER
+-- privilege; scrub only replaces text; every internal that reads or writes rows takes a mode
+-- by name from pke_internal.mode, which refuses an unknown mode and a caller without EXECUTE
+-- on that mode's public procedure (and on the format's decrypting function when the mode
+-- writes plaintext). All of them run with the caller's rights.

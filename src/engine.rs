@@ -7,11 +7,13 @@
 //! * `types.sql`   — the private schema `pke_internal`, the token states, the run's state
 //! * `modes.sql`   — each mode (encrypt / decrypt / re-encrypt) described once
 //! * `table.sql`   — which table, and everything checked before a row is read
+//! * `guard.sql`   — the guard trigger's status, install and checks (the trigger: guard.rs)
 //! * `batch.sql`   — one batch: its statement, the savepoint strategy, failing rows
 //! * `run.sql`     — a run: start, steps, a durable finish, the summary
 //! * `api.sql`     — the procedures and the report users call
 //!
-//! This file holds the Rust the engine calls per row (classifying, re-sealing) and per run.
+//! This file holds the Rust the engine calls per row (classifying, re-sealing) and per run,
+//! for the base64 format; the llmgw format's per-row internals are in `llmgw.rs`.
 //! Everything in `pke_internal` is an internal: nobody but the extension can create objects
 //! there, and every function that does not COMMIT pins `search_path = pg_catalog, pg_temp`.
 
@@ -24,17 +26,42 @@ use crate::gucs::with_keyring;
 use crate::keys::TokenState;
 
 /// The labels of `pke_internal.token_state`, in the enum's order. One vocabulary: the engine,
-/// the report and the messages use exactly these names.
+/// the report and the messages use exactly these names, for every format.
 pub const TOKEN_STATE_LABELS: [&std::ffi::CStr; 4] =
     [c"plaintext", c"current_key", c"previous_key", c"unverified"];
 
-fn label_index(state: TokenState) -> usize {
-    match state {
-        TokenState::Plaintext => 0,
-        TokenState::Current => 1,
-        TokenState::Previous => 2,
-        TokenState::Unverified => 3,
+/// A `pke_internal.token_state` label, by its position in [`TOKEN_STATE_LABELS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StateLabel {
+    Plaintext = 0,
+    CurrentKey = 1,
+    PreviousKey = 2,
+    Unverified = 3,
+}
+
+impl From<TokenState> for StateLabel {
+    fn from(state: TokenState) -> StateLabel {
+        match state {
+            TokenState::Plaintext => StateLabel::Plaintext,
+            TokenState::Current => StateLabel::CurrentKey,
+            TokenState::Previous => StateLabel::PreviousKey,
+            TokenState::Unverified => StateLabel::Unverified,
+        }
     }
+}
+
+fn label_index(state: TokenState) -> usize {
+    StateLabel::from(state) as usize
+}
+
+/// The OID of `label` in the calling function's return type (`pke_internal.token_state`).
+///
+/// # Safety
+/// `fcinfo` must be the call's own, valid `FunctionCallInfo`, of a function declared to
+/// return `pke_internal.token_state`.
+pub(crate) unsafe fn state_oid(fcinfo: pg_sys::FunctionCallInfo, label: StateLabel) -> pg_sys::Oid {
+    // SAFETY: guaranteed by the caller.
+    unsafe { state_oids(fcinfo)[label as usize] }
 }
 
 /// The OIDs of the enum's labels, cached in the calling expression's `fn_extra` (so a
@@ -111,9 +138,32 @@ CREATE FUNCTION pke_internal.reencrypt(token text) RETURNS text
     requires = ["engine_types"]
 )]
 pub fn pke_reencrypt(token: &str) -> String {
-    with_keyring(|ring| ring.reencrypt(token))
-        .or_raise()
-        .or_raise()
+    with_keyring(|ring| {
+        let sealed = ring.reencrypt(token)?;
+        crate::guard::note_sealed(ring, &sealed);
+        Ok::<_, crate::token::TokenError>(sealed)
+    })
+    .or_raise()
+    .or_raise()
+}
+
+/// `pke_internal.token_key_id(token)`: the fingerprint of the configured key a token
+/// authenticates under (NULL: none), for the report. Fingerprints are public.
+#[pg_extern(
+    sql = "
+CREATE FUNCTION pke_internal.token_key_id(token text) RETURNS text
+    LANGUAGE c STRICT STABLE PARALLEL SAFE COST 10
+    AS 'MODULE_PATHNAME', 'pke_token_key_id_wrapper';
+",
+    requires = ["engine_types"]
+)]
+pub fn pke_token_key_id(token: &str) -> Option<String> {
+    with_keyring(|ring| {
+        ring.authenticating_key(token)
+            .map(|key| key.map(|k| k.fingerprint().to_owned()))
+    })
+    .or_raise()
+    .or_raise()
 }
 
 /// `pke_internal.may_commit()`: may the calling PL/pgSQL procedure COMMIT? True only when it
@@ -236,7 +286,16 @@ pgrx::extension_sql_file!(
         functions::encrypt_token,
         functions::decrypt_token,
         pke_reencrypt,
-        pke_token_state
+        pke_token_state,
+        pke_token_key_id,
+        llmgw::llmgw_encrypt_token,
+        llmgw::llmgw_decrypt_token,
+        llmgw::llmgw_token_hash,
+        llmgw::llmgw_mask_token,
+        llmgw::llmgw_key_id,
+        llmgw::llmgw_state,
+        llmgw::llmgw_reencrypt,
+        llmgw::llmgw_key_id_of
     ]
 );
 pgrx::extension_sql_file!(
@@ -245,9 +304,18 @@ pgrx::extension_sql_file!(
     requires = ["engine_modes"]
 );
 pgrx::extension_sql_file!(
+    "engine/guard.sql",
+    name = "engine_guard",
+    requires = [
+        "engine_table",
+        guard::provider_keys_encrypt_guard,
+        guard::pke_guard_settings
+    ]
+);
+pgrx::extension_sql_file!(
     "engine/batch.sql",
     name = "engine_batch",
-    requires = ["engine_table"]
+    requires = ["engine_guard"]
 );
 pgrx::extension_sql_file!(
     "engine/run.sql",

@@ -6,8 +6,11 @@
 //!   the keys, tested with plain `cargo test -p provider_keys_encrypt_core` and fuzzed
 //! * `gucs.rs`      — the settings and the cached key ring
 //! * `errors.rs`    — one error type, one SQLSTATE per cause
-//! * `functions.rs` — the SQL functions
+//! * `functions.rs` — the SQL functions (format base64)
+//! * `llmgw.rs`     — the SQL functions of the gateway's current format, llmgw, and its
+//!   per-row engine internals
 //! * `engine.rs` + `engine/*.sql` — the table engine: CALL encrypt_provider_keys() and siblings
+//! * `guard.rs`     — the guard trigger, provider_keys_encrypt_guard()
 //! * `privileges.sql` — GRANT/REVOKE, each with its reason
 
 use pgrx::prelude::*;
@@ -15,7 +18,9 @@ use pgrx::prelude::*;
 pub mod engine;
 pub mod errors;
 pub mod functions;
+pub mod guard;
 pub mod gucs;
+pub mod llmgw;
 
 pub use provider_keys_encrypt_core::{format_base64 as token, keys};
 

@@ -5,17 +5,33 @@
 -- (GRANT EXECUTE ON FUNCTION decrypt_token(text) TO <gateway role>).
 REVOKE ALL ON FUNCTION @extschema@.decrypt_token(text) FROM PUBLIC;
 
+-- llmgw_decrypt_token returns plaintext API keys too (the gateway's llmgw format): the same
+-- rule (GRANT EXECUTE ON FUNCTION llmgw_decrypt_token(text, text, text) TO <role>).
+REVOKE ALL ON FUNCTION @extschema@.llmgw_decrypt_token(text, text, text) FROM PUBLIC;
+
 -- decrypt_provider_keys writes plaintext back into the table: an administrator's rollback,
--- never a public one. It also needs EXECUTE on decrypt_token and UPDATE on the table.
+-- never a public one. It also needs EXECUTE on the format's decrypting function (decrypt_token,
+-- llmgw_decrypt_token) and UPDATE on the table.
 REVOKE ALL ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean, text) FROM PUBLIC;
 
 -- encrypt_token, is_encrypted_token, provider_keys_encrypt_fingerprint and
 -- provider_keys_encrypt_keys stay PUBLIC: encrypting reveals nothing, the verify check only
 -- says whether a value authenticates, and fingerprints are designed to be shown.
 
+-- llmgw_encrypt_token, llmgw_token_hash, llmgw_mask_token and llmgw_key_id stay PUBLIC, for
+-- the same reasons: sealing reveals nothing; the HMAC reveals nothing about the secret and, like
+-- a sealed token, is only worth something written into a row, which takes UPDATE on the table
+-- (the encrypt procedure computes it for any caller anyway); a mask is the gateway's
+-- shown-to-users form; key ids are one-way and stored in every token.
+
 -- encrypt_provider_keys, reencrypt_provider_keys and provider_keys_encryption_report stay
 -- PUBLIC: they run with the caller's rights (SELECT/UPDATE on the table) and never return a
 -- plaintext.
+
+-- provider_keys_encrypt_guard stays PUBLIC: putting it on a table needs the TRIGGER privilege
+-- on that table anyway, and it only encrypts (or refuses) what is being written.
+
+-- provider_keys_guard_status stays PUBLIC: it shows what pg_trigger shows everyone.
 
 -- The internals' schema: USAGE for everyone, because the public procedures run with the
 -- caller's rights and call into it; CREATE for nobody but its owner (the superuser who created
@@ -25,8 +41,13 @@ REVOKE ALL ON SCHEMA pke_internal FROM PUBLIC;
 GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 
 -- Functions in pke_internal stay executable by PUBLIC, and none reveals more than the public
--- surface: token_state and reencrypt say no more than is_encrypted_token and encrypt_token;
--- scrub decrypts only with the caller's own EXECUTE on decrypt_token; every internal that
--- reads or writes rows takes a mode by name from pke_internal.mode, which refuses an unknown
--- mode and a caller without EXECUTE on that mode's public procedure (and on decrypt_token when
--- the mode reveals plaintext). All of them run with the caller's rights.
+-- surface: token_state, llmgw_state, token_key_id and llmgw_key_id_of say no more than
+-- is_encrypted_token and the key ids; reencrypt and llmgw_reencrypt return a new token (as
+-- encrypt_token would) and, for llmgw, the token_hash of its plaintext (what the row's
+-- token_hash column holds: good for confirming a guess, never for reading a key), never the
+-- plaintext; guard_settings only parses trigger arguments; guards and guard_check read catalogs
+-- everyone can read; guard_install creates a trigger only with the caller's own TRIGGER
+-- privilege; scrub only replaces text; every internal that reads or writes rows takes a mode
+-- by name from pke_internal.mode, which refuses an unknown mode and a caller without EXECUTE
+-- on that mode's public procedure (and on the format's decrypting function when the mode
+-- writes plaintext). All of them run with the caller's rights.

@@ -412,6 +412,18 @@ impl KeyRing {
         })
     }
 
+    /// The configured key a value authenticates under, if any (its fingerprint is public: the
+    /// report shows it). Errors as [`KeyRing::classify`].
+    pub fn authenticating_key(&self, value: &str) -> Result<Option<&Key>, TokenError> {
+        let raw = match token::decode(value) {
+            Ok(raw) => raw,
+            Err(TokenError::OutOfMemory) => return Err(TokenError::OutOfMemory),
+            Err(_) => return Ok(None),
+        };
+        let mut scratch = token::plaintext_buffer(&raw)?;
+        Ok(self.open_raw(&raw, &mut scratch)?.map(|i| &self.keys[i]))
+    }
+
     /// Re-encrypt a token under the current key (key rotation). The plaintext never leaves
     /// a zeroizing buffer; its bytes are re-sealed as they are (no UTF-8 round trip).
     pub fn reencrypt(&self, token_text: &str) -> Result<String, TokenError> {
@@ -721,5 +733,25 @@ mod tests {
             r.previous()[0].fingerprint(),
             ring(Some(K2), None, None).current().fingerprint()
         );
+    }
+
+    #[test]
+    fn authenticating_key_names_the_key_a_token_opens_under() {
+        let old = ring(Some(K2), None, None);
+        let r = ring(Some(K1), None, Some(K2));
+        let t_new = r.encrypt(b"sk-new").unwrap();
+        let t_old = old.encrypt(b"sk-old").unwrap();
+        let fp = |t: &str| {
+            r.authenticating_key(t)
+                .unwrap()
+                .map(|k| k.fingerprint().to_owned())
+        };
+        assert_eq!(fp(&t_new).as_deref(), Some(r.current().fingerprint()));
+        assert_eq!(fp(&t_old).as_deref(), Some(r.previous()[0].fingerprint()));
+        assert_eq!(fp("sk-plain"), None);
+        let t_other = ring(Some(&STANDARD.encode([7u8; 32])), None, None)
+            .encrypt(b"x")
+            .unwrap();
+        assert_eq!(fp(&t_other), None);
     }
 }

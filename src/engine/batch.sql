@@ -4,7 +4,8 @@
 --
 --   a : the batch's rows (after the previous batch's last id, in id order, LIMIT batch_size;
 --       soft-deleted rows included, so the position always advances), each classified ONCE
---       (pke_internal.token_state, in Rust), aggregated in the same pass into the counts and
+--       (the format's state_sql: pke_internal.token_state or pke_internal.llmgw_state, in
+--       Rust), aggregated in the same pass into the counts and
 --       the ids of the rows whose state the mode writes;
 --   w : the UPDATE of those ids;
 --   and the counts over a and w, in the statement's one snapshot.
@@ -124,7 +125,7 @@ LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified);
+    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
     todo pke_internal.token_state[] := CASE WHEN write_none THEN '{}' ELSE m.todo END;
     stmt text := pke_internal.batch_sql(m, tbl, pke_internal.batch_range(after_id, ids), dry_run OR write_none,
                                         pke_internal.table_may_rewrite(tbl));
@@ -157,30 +158,23 @@ BEGIN
 END
 $fn$;
 
--- Remove a row's secrets from an error message before it is shown: the stored value (in
--- encrypt mode, the plaintext itself) and, in a mode that reveals plaintext, the decrypted
--- value (the caller may run decrypt_token: checked before the run started).
-CREATE FUNCTION pke_internal.scrub(message text, stored text, reveals_plaintext boolean)
+-- Remove a row's secrets from an error message before it is shown: the stored values (in
+-- encrypt mode, the plaintext itself, and for llmgw the mask computed from it) and, in a mode
+-- that writes plaintext, the decrypted value (batch_isolate computes it with the caller's own EXECUTE on the format's decrypting
+-- function, checked before the run started).
+CREATE FUNCTION pke_internal.scrub(message text, secrets text[])
 RETURNS text
-LANGUAGE plpgsql STABLE PARALLEL SAFE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    plain text;
+    s text;
 BEGIN
-    IF stored IS NOT NULL AND stored <> '' THEN
-        message := replace(message, stored, '[redacted]');
-    END IF;
-    IF reveals_plaintext AND stored IS NOT NULL THEN
-        BEGIN
-            plain := @extschema@.decrypt_token(stored);
-        EXCEPTION WHEN OTHERS THEN
-            plain := NULL;
-        END;
-        IF plain IS NOT NULL AND plain <> '' THEN
-            message := replace(message, plain, '[redacted]');
+    FOREACH s IN ARRAY secrets LOOP
+        IF s IS NOT NULL AND s <> '' THEN
+            message := replace(message, s, '[redacted]');
         END IF;
-    END IF;
+    END LOOP;
     RETURN message;
 END
 $fn$;
@@ -197,20 +191,21 @@ LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified);
+    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
     one_sql text := format('UPDATE %s t SET %s WHERE t.id::text = $1 AND NOT (%s) AND %s = ANY ($2)',
                            tbl, m.set_sql, m.deleted_sql, m.state_sql);
     x record;
     e_state text;
     e_msg text;
+    plain text;
 BEGIN
     good := '{}';
     errors := 0;
     FOR x IN EXECUTE format(
-        'SELECT t.id::text AS key, t.token::text AS stored, t.provider::text AS prov,
+        'SELECT t.id::text AS key, %s AS stored, t.provider::text AS prov,
                 CASE WHEN %s THEN NULL ELSE %s END AS st
            FROM %s t WHERE %s ORDER BY t.id LIMIT $2',
-        m.deleted_sql, m.state_sql, tbl, pke_internal.batch_range(after_id, ids))
+        m.stored_sql, m.deleted_sql, m.state_sql, tbl, pke_internal.batch_range(after_id, ids))
         USING after_id, batch_size, ids
     LOOP
         range_end := x.key;
@@ -230,8 +225,17 @@ BEGIN
                 WHEN OTHERS THEN
                     GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_msg = MESSAGE_TEXT;
                     errors := errors + 1;
+                    plain := NULL;
+                    IF m.plain_sql IS NOT NULL THEN
+                        BEGIN
+                            EXECUTE format('SELECT %s FROM %s t WHERE t.id::text = $1', m.plain_sql, tbl)
+                                INTO plain USING x.key;
+                        EXCEPTION WHEN OTHERS THEN
+                            plain := NULL;
+                        END;
+                    END IF;
                     RAISE WARNING 'Failed to % provider key % for provider % (SQLSTATE %): %',
-                        m.verb, x.key, x.prov, e_state, pke_internal.scrub(e_msg, x.stored, m.needs_decrypt);
+                        m.verb, x.key, x.prov, e_state, pke_internal.scrub(e_msg, x.stored || plain);
             END;
         END IF;
     END LOOP;
@@ -257,8 +261,7 @@ BEGIN
                     x.key, x.prov, CASE WHEN dry_run THEN 'would encrypt' ELSE 'encrypted' END
                     USING HINT = 'If it is a token written under another key, check ENCRYPTION_KEY and the previous keys; decrypt_provider_keys() gives the stored value back unchanged.';
             ELSE
-                RAISE WARNING 'Provider key % for provider % looks like a token but authenticates under no configured key: left unchanged',
-                    x.key, x.prov;
+                RAISE WARNING 'Provider key % for provider % %: left unchanged', x.key, x.prov, m.unverified_text;
             END IF;
         END LOOP;
     END IF;
@@ -289,7 +292,7 @@ LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified);
+    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
     r pke_internal.batch_rows;
     iso record;
     ids text[];

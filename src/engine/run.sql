@@ -4,7 +4,10 @@
 -- do.
 
 -- Everything global is checked here, before any row is read or written: the arguments, the
--- mode, the table, the privileges, the key. Then the banner and the number of rows to check.
+-- mode and format, the table (the columns the format needs), the privileges, the key, and the
+-- guard (may it be installed; for a mode that writes plaintext, is none installed). Then the
+-- banner, and the guard is installed when asked for; the caller commits it before run_count
+-- counts the rows to check.
 CREATE FUNCTION pke_internal.run_start(
     mode_name text, format_name text, tbl regclass, batch_size integer, dry_run boolean,
     notices boolean, encrypt_unverified boolean, guard boolean, may_commit boolean)
@@ -15,7 +18,7 @@ AS $fn$
 DECLARE
     m pke_internal.mode;
     r pke_internal.run;
-    fp text;
+    key_id text;
 BEGIN
     IF batch_size IS NULL OR batch_size < 1 OR batch_size > 100000 THEN
         RAISE EXCEPTION 'batch_size must be between 1 and 100000'
@@ -25,13 +28,26 @@ BEGIN
         RAISE EXCEPTION 'dry_run, verbose, encrypt_unverified and guard must not be NULL'
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    IF guard THEN
-        RAISE EXCEPTION 'the guard is not available yet'
+    m := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
+    IF guard AND m.format <> 'base64' THEN
+        -- Guard hook: for format llmgw the guard's trigger must seal into token_ciphertext,
+        -- token_hash and token_masked with the row's id and organization (crate::llmgw::seal_row).
+        RAISE EXCEPTION 'the guard protects format base64 only, not yet %', m.format
             USING ERRCODE = 'feature_not_supported';
     END IF;
-    m := pke_internal.mode(mode_name, format_name, encrypt_unverified);
-    PERFORM pke_internal.check_table(tbl, NOT dry_run);
-    fp := @extschema@.provider_keys_encrypt_fingerprint();  -- raises when there is no usable key
+    IF guard AND m.reveals IS NOT NULL THEN
+        RAISE EXCEPTION 'the guard cannot be installed by a run that writes plaintext'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pke_internal.check_table(tbl, m, NOT dry_run);
+    IF guard THEN
+        PERFORM pke_internal.guard_check(tbl);
+    END IF;
+    IF m.reveals IS NOT NULL THEN
+        -- a mode that reveals plaintext writes it into the table: the guard would undo it
+        PERFORM pke_internal.guard_absent(tbl);
+    END IF;
+    EXECUTE 'SELECT ' || m.key_sql INTO key_id;  -- raises when there is no usable key
 
     r.mode := mode_name;
     r.format := format_name;
@@ -48,13 +64,29 @@ BEGIN
     r.started := clock_timestamp();
     r.last_progress := r.started;
 
-    RAISE NOTICE '%', format('Starting provider key %s on %s (key fingerprint %s, batch size %s%s)',
-        m.job, tbl, fp, batch_size,
+    RAISE NOTICE '%', format('Starting provider key %s on %s (%s %s, batch size %s%s)',
+        m.job, tbl, m.key_word, key_id, batch_size,
         CASE WHEN dry_run THEN ', dry run: nothing will be written'
              WHEN NOT may_commit THEN ', inside the caller''s transaction'
              ELSE '' END);
-    EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s)', tbl, m.deleted_sql) INTO r.found;
-    RAISE NOTICE 'Found % provider keys to check', r.found;
+    IF guard THEN
+        PERFORM pke_internal.guard_install(tbl, encrypt_unverified, dry_run);
+    END IF;
+    RETURN r;
+END
+$fn$;
+
+-- The number of rows to check, for the progress line.
+CREATE FUNCTION pke_internal.run_count(r pke_internal.run)
+RETURNS pke_internal.run
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified, r.tbl);
+BEGIN
+    EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s)', r.tbl, m.deleted_sql) INTO r.found;
+    RAISE NOTICE 'Found % provider keys to check%', r.found, m.found_note;
     RETURN r;
 END
 $fn$;
@@ -120,18 +152,22 @@ BEGIN
 END
 $fn$;
 
--- The summary: total = done + skipped + errors, and what else the operator must know.
+-- The summary: total = done + skipped + errors, and what else the operator must know. After a
+-- rotation that wrote, the whole table is checked again: only then can it say that no row
+-- needs an older key (rows written meanwhile by a gateway still sealing under an older secret
+-- would be missed by counting alone).
 CREATE FUNCTION pke_internal.run_summary(r pke_internal.run)
 RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified);
+    m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified, r.tbl);
     summary text;
+    still_older bigint;
 BEGIN
     IF r.unverified > r.warned THEN
-        RAISE WARNING '% more provider keys look like tokens but authenticate under no configured key (warnings stopped after %)',
+        RAISE WARNING '% more unverified provider keys (warnings stopped after %)',
             r.unverified - r.warned, r.warned;
     END IF;
     summary := format('total=%s, %s=%s, skipped=%s, errors=%s',
@@ -139,7 +175,7 @@ BEGIN
     IF r.unverified > 0 THEN
         summary := summary || ', unverified=' || r.unverified;
     END IF;
-    IF r.previous > 0 AND r.mode <> 'reencrypt' THEN
+    IF r.previous > 0 AND m.retire_note IS NULL THEN
         summary := summary || ', previous_key=' || r.previous;
     END IF;
     IF r.changed > 0 THEN
@@ -152,6 +188,18 @@ BEGIN
             USING HINT = 'The rows named above were left unchanged; fix them and run the procedure again (it skips what is done).';
     ELSE
         RAISE NOTICE '%', summary;
+    END IF;
+    IF m.retire_note IS NOT NULL AND NOT r.dry_run THEN
+        EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s) AND (%s) = ''previous_key''',
+                       r.tbl, m.deleted_sql, m.state_sql) INTO still_older;
+        IF still_older = 0 THEN
+            RAISE NOTICE '%', m.retire_note || CASE WHEN r.unverified > 0 THEN format(
+                ' (The %s unverified provider keys open under none of the configured keys, older or not.)', r.unverified)
+                ELSE '' END;
+        ELSE
+            RAISE WARNING '% provider keys still open only under an older key: keep every key configured until a run has re-encrypted them', still_older
+                USING HINT = 'Rows written meanwhile under an older key (a gateway instance whose first secret is still the old one?) are re-encrypted by the next run.';
+        END IF;
     END IF;
 END
 $fn$;
@@ -172,6 +220,10 @@ BEGIN
                                 COALESCE(table_name, pg_catalog.to_regclass('provider_key')),
                                 batch_size, dry_run, notices, encrypt_unverified, guard,
                                 pke_internal.may_commit());
+    IF r.do_commit THEN
+        COMMIT;  -- the guard, if run_start installed it, holds writers back no longer
+    END IF;
+    r := pke_internal.run_count(r);
     LOOP
         r := pke_internal.run_step(r);
         EXIT WHEN r.done;

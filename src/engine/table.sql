@@ -2,17 +2,20 @@
 -- A global problem is one ERROR with its own SQLSTATE here, never a WARNING per row later.
 
 -- The checks, in order: a table without inheritance children (a unique index on the parent
--- does not cover them; partitions are fine); the columns, typed text or varchar, readable; id
--- NOT NULL; the column a run writes, updatable; a unique index on id; and nobody who could
--- make the table run code with the caller's rights (check_table_trust). (The caller's right to the mode
--- itself is checked by pke_internal.mode.)
-CREATE FUNCTION pke_internal.check_table(tbl regclass, writes boolean)
+-- does not cover them; partitions are fine); the columns the mode reads (its format says
+-- which), typed text or varchar, readable; the columns it sets to NULL, nullable; the columns
+-- it writes, updatable; a unique index on id; id NOT NULL; and nobody who could make the table
+-- run code with the caller's rights (check_table_trust). (The caller's right to the mode
+-- itself is checked by pke_internal.mode.) writes => false (a dry run, the report) skips the
+-- write privileges.
+CREATE FUNCTION pke_internal.check_table(tbl regclass, m pke_internal.mode, writes boolean)
 RETURNS void
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     col text;
+    required boolean;
     typ regtype;
 BEGIN
     IF tbl IS NULL THEN
@@ -29,14 +32,20 @@ BEGIN
             USING ERRCODE = 'feature_not_supported',
                   HINT = 'Its unique index on id does not cover the children. Run the procedure on each table of the hierarchy, or use declarative partitioning.';
     END IF;
-    FOREACH col IN ARRAY ARRAY['id', 'token', 'provider', 'status'] LOOP
+    FOR col, required IN
+        SELECT x.c, x.req
+          FROM (SELECT u.c, true AS req, u.o FROM unnest(m.reads) WITH ORDINALITY AS u(c, o)
+                UNION ALL
+                SELECT u.c, false, 1000 + u.o FROM unnest(m.optional) WITH ORDINALITY AS u(c, o)) x
+         ORDER BY x.o
+    LOOP
         SELECT a.atttypid::regtype INTO typ
           FROM pg_attribute a
          WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
         IF NOT FOUND THEN
+            CONTINUE WHEN NOT required;
             RAISE EXCEPTION 'column "%" of relation % does not exist', col, tbl
-                USING ERRCODE = 'undefined_column',
-                      HINT = 'The table needs the provider_key columns id, token, provider and status.';
+                USING ERRCODE = 'undefined_column', HINT = m.table_hint;
         END IF;
         IF typ NOT IN ('text'::regtype, 'character varying'::regtype) THEN
             RAISE EXCEPTION 'column "%" of relation % must be text or varchar, not %', col, tbl, typ
@@ -46,11 +55,20 @@ BEGIN
             RAISE EXCEPTION 'permission denied to read column "%" of table %', col, tbl
                 USING ERRCODE = 'insufficient_privilege';
         END IF;
+        IF writes AND col = ANY (m.writes) AND NOT has_column_privilege(tbl, col, 'UPDATE') THEN
+            RAISE EXCEPTION 'permission denied to update column "%" of table %', col, tbl
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
     END LOOP;
-    IF writes AND NOT has_column_privilege(tbl, 'token', 'UPDATE') THEN
-        RAISE EXCEPTION 'permission denied to update column "token" of table %', tbl
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
+    FOREACH col IN ARRAY m.sets_null LOOP
+        IF EXISTS (SELECT 1 FROM pg_attribute a
+                    WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped
+                      AND a.attnotnull) THEN
+            RAISE EXCEPTION 'column "%" of relation % is NOT NULL, and format % sets it to NULL', col, tbl, m.format
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = format('Each row keeps its key in exactly one column, as in the gateway''s rollout schema: ALTER TABLE %s ALTER COLUMN %I DROP NOT NULL;', tbl, col);
+        END IF;
+    END LOOP;
     IF NOT EXISTS (SELECT 1
                      FROM pg_index i
                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]

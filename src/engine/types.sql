@@ -62,10 +62,10 @@ CREATE TYPE pke_internal.token_state AS ENUM (
 );
 
 -- One engine mode (encrypt, decrypt, re-encrypt) for one token format: everything the engine
--- needs to know about it, built in one place (modes.sql).
+-- needs to know about it, built in one place (modes.sql). The SQL fragments read the row as t.
 CREATE TYPE pke_internal.mode AS (
     name text,                         -- encrypt | decrypt | reencrypt
-    format text,                       -- base64 (the seed guide's format)
+    format text,                       -- base64 (the seed guide's) | llmgw (the gateway's current)
     entry_point text,                  -- the public procedure's signature: EXECUTE on it is required
     job text,                          -- 'encryption migration', for the banner and summary
     done_word text,                    -- 'encrypted', for the summary
@@ -73,10 +73,24 @@ CREATE TYPE pke_internal.mode AS (
     verb text,                         -- 'encrypt', for a row's WARNING
     todo pke_internal.token_state[],   -- the states this mode writes
     target pke_internal.token_state[], -- the states a written row must end in
-    state_sql text,                    -- the state of row t (alias t), an SQL expression
+    state_sql text,                    -- the state of row t, an SQL expression
     set_sql text,                      -- the SET list that moves row t
     deleted_sql text,                  -- true for rows this mode leaves alone (soft-deleted)
-    needs_decrypt boolean              -- the mode reveals plaintext: EXECUTE on decrypt_token
+    reveals text,                      -- the decrypting function (signature) the mode needs EXECUTE
+                                       -- on, because it writes plaintext; NULL: it writes none
+    plain_sql text,                    -- row t's plaintext, to scrub from messages (when reveals)
+    stored_sql text,                   -- row t's stored secrets (text[]), to scrub from messages
+    key_id_sql text,                   -- the public id of the key row t's token belongs to (report)
+    key_sql text,                      -- the current key's public id (raises when no key)
+    key_word text,                     -- what key_sql shows: 'key fingerprint' | 'key id'
+    reads text[],                      -- columns read: must exist, text or varchar, readable
+    optional text[],                   -- columns read when the table has them ({token} in the SQL)
+    writes text[],                     -- columns written: UPDATE privilege
+    sets_null text[],                  -- columns set to NULL: must be nullable
+    table_hint text,                   -- the HINT when a column of reads is missing
+    found_note text,                   -- appended to 'Found N provider keys to check'
+    unverified_text text,              -- 'Provider key K for provider P <this>: left unchanged'
+    retire_note text                   -- rotation only: said once no row needs an older key
 );
 
 -- A run between batches: what the committing procedure carries from one step to the next.

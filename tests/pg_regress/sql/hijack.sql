@@ -17,10 +17,37 @@ INSERT INTO hk_text SELECT 'k' || g, 'sk-hijack-' || g, 'openai', CASE WHEN g % 
   FROM generate_series(1, 30) g;
 INSERT INTO hk_varchar SELECT * FROM hk_text;
 CREATE TABLE hk_originals AS SELECT id, token FROM hk_text;
+-- tables the guard will protect: the superuser's own writes go through it
+CREATE TABLE hk_guard_text (LIKE hk_text INCLUDING ALL);
+CREATE TABLE hk_guard_varchar (LIKE hk_varchar INCLUDING ALL);
+INSERT INTO hk_guard_text SELECT * FROM hk_text;
+INSERT INTO hk_guard_varchar SELECT * FROM hk_text;
 -- and a provider_key table, found through search_path
 CREATE SCHEMA hk;
 CREATE TABLE hk.provider_key (LIKE hk_text INCLUDING ALL);
 INSERT INTO hk.provider_key SELECT * FROM hk_text;
+-- The gateway's current format (llmgw): its rollout schema, text and varchar, with the XOR
+-- constraint; and a table on its final schema (no token column) holding v1 tokens to rotate (a
+-- v1 token is a v2 token without its key id: same data key, same associated data).
+CREATE TABLE hk_gw_text (id text PRIMARY KEY, token text, token_ciphertext text, token_hash text, token_masked text,
+                         provider text NOT NULL, status text, organization_id text,
+                         CHECK ((token IS NULL) <> (token_ciphertext IS NULL)));
+CREATE TABLE hk_gw_varchar (id varchar(64) PRIMARY KEY, token varchar, token_ciphertext varchar, token_hash varchar(64),
+                            token_masked varchar, provider varchar NOT NULL, status varchar, organization_id varchar,
+                            CHECK ((token IS NULL) <> (token_ciphertext IS NULL)));
+INSERT INTO hk_gw_text (id, token, provider, status, organization_id)
+  SELECT id, token, provider, status, CASE WHEN id LIKE '%2' THEN NULL ELSE 'org-' || length(id) END FROM hk_text;
+INSERT INTO hk_gw_varchar SELECT * FROM hk_gw_text;
+CREATE TABLE hk_gw_final (LIKE hk_gw_text INCLUDING ALL);
+INSERT INTO hk_gw_final SELECT * FROM hk_gw_text;
+ALTER TABLE hk_gw_final DROP COLUMN token;
+UPDATE hk_gw_final g
+   SET token_ciphertext = (SELECT 'llmgw:v1:' || split_part(c, ':', 4) || ':' || split_part(c, ':', 5) || ':' || split_part(c, ':', 6)
+                             FROM llmgw_encrypt_token(o.token, g.id, g.organization_id) AS c),
+       token_hash = 'older-hash', token_masked = llmgw_mask_token(o.token)
+  FROM hk_originals o
+ WHERE o.id = g.id;
+ALTER TABLE hk_gw_final ALTER COLUMN token_ciphertext SET NOT NULL;
 -- the failing-row path: a trigger (the superuser's own) that refuses one row
 CREATE FUNCTION hk_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -66,7 +93,11 @@ DECLARE
                         'to_regclass', 'format', 'replace', 'set_config', 'round', 'has_column_privilege',
                         'has_function_privilege', 'pg_has_role', 'array_to_string', 'provider_keys_encrypt_fingerprint',
                         'may_commit', 'pg_current_xact_id', 'clock_timestamp', 'getdatabaseencoding', 'unnest',
-                        'enum_range', 'date_part', 'greatest', 'max', 'count'];
+                        'enum_range', 'date_part', 'greatest', 'max', 'count', 'provider_keys_encrypt_guard',
+                        'guard_settings', 'guards', 'has_table_privilege', 'quote_ident', 'cardinality',
+                        'pg_partition_tree', 'provider_keys_guard_status',
+                        'llmgw_state', 'llmgw_reencrypt', 'llmgw_key_id_of', 'token_key_id', 'llmgw_key_id',
+                        'llmgw_token_hash', 'llmgw_mask_token', 'split_part'];
     f text; t text;
 BEGIN
     FOREACH f IN ARRAY fns LOOP
@@ -77,6 +108,27 @@ BEGIN
                                f, t, format('%s(%s)', f, t));
             EXCEPTION WHEN others THEN NULL;  -- exists already (ours, in public): can't be planted
             END;
+        END LOOP;
+    END LOOP;
+END
+$plant$;
+-- The llmgw functions take three arguments: overloads for every mix of text and varchar.
+DO $plant$
+DECLARE
+    f text; a text; b text; c text;
+BEGIN
+    FOREACH f IN ARRAY ARRAY['llmgw_encrypt_token', 'llmgw_decrypt_token', 'llmgw_reencrypt', 'llmgw_key_id_of'] LOOP
+        FOREACH a IN ARRAY ARRAY['varchar', 'text'] LOOP
+            FOREACH b IN ARRAY ARRAY['varchar', 'text'] LOOP
+                FOREACH c IN ARRAY ARRAY['varchar', 'text'] LOOP
+                    BEGIN
+                        EXECUTE format('CREATE FUNCTION public.%I(x %s, y %s, z %s) RETURNS text LANGUAGE plpgsql
+                                        AS $f$ BEGIN PERFORM public.hijack_note(%L); RETURN NULL; END $f$',
+                                       f, a, b, c, format('%s(%s, %s, %s)', f, a, b, c));
+                    EXCEPTION WHEN others THEN NULL;  -- ours (text, text, text): can't be planted
+                    END;
+                END LOOP;
+            END LOOP;
         END LOOP;
     END LOOP;
 END
@@ -105,6 +157,35 @@ CALL encrypt_provider_keys('hk_text', batch_size => 7);
 BEGIN;
 CALL decrypt_provider_keys('hk_text', batch_size => 7);
 ROLLBACK;
+-- the guard: installed by the run, then the superuser's own plaintext writes go through it
+-- (text and varchar), and its status is read; the test's own comparisons name pg_catalog's
+CALL encrypt_provider_keys('hk_guard_text', batch_size => 7, guard => true);
+CALL encrypt_provider_keys('hk_guard_varchar', batch_size => 7, guard => true);
+CALL encrypt_provider_keys('hk_guard_varchar', batch_size => 7, guard => true, verbose => false);
+INSERT INTO hk_guard_text VALUES ('g1', 'sk-hijack-guard-1', 'openai');
+INSERT INTO hk_guard_varchar VALUES ('g1', 'sk-hijack-guard-1', 'openai');
+UPDATE hk_guard_text SET token = 'sk-hijack-guard-2' WHERE id OPERATOR(pg_catalog.=) 'k1'::text;
+UPDATE hk_guard_varchar SET token = 'sk-hijack-guard-2'::varchar WHERE id OPERATOR(pg_catalog.=) 'k1'::varchar;
+UPDATE hk_guard_varchar SET status = 'active'::varchar WHERE id OPERATOR(pg_catalog.=) 'k7'::varchar;
+SELECT relation, enabled, covers_writes, mode FROM provider_keys_guard_status('hk_guard_varchar'::regclass);
+-- format llmgw: the backfill, the report, rotation on the final schema, the rollback, inside a
+-- block, and the failing-row path
+CALL encrypt_provider_keys('hk_gw_text', batch_size => 7, format => 'llmgw', dry_run => true);
+CALL encrypt_provider_keys('hk_gw_text', batch_size => 7, format => 'llmgw');
+CALL encrypt_provider_keys('hk_gw_varchar', batch_size => 7, format => 'llmgw');
+SELECT * FROM provider_keys_encryption_report('hk_gw_varchar');
+SELECT * FROM provider_keys_encryption_report('hk_gw_final', format => 'llmgw');
+CALL reencrypt_provider_keys('hk_gw_final', batch_size => 7, format => 'llmgw');
+CALL decrypt_provider_keys('hk_gw_varchar', batch_size => 7, format => 'llmgw');
+BEGIN;
+CALL encrypt_provider_keys('hk_gw_varchar', batch_size => 7, format => 'llmgw');
+CALL reencrypt_provider_keys('hk_gw_varchar', batch_size => 7, format => 'llmgw');
+COMMIT;
+CREATE TRIGGER hk_refuse BEFORE UPDATE ON hk_gw_text FOR EACH ROW EXECUTE FUNCTION hk_refuse();
+BEGIN;
+CALL decrypt_provider_keys('hk_gw_text', batch_size => 7, format => 'llmgw');
+ROLLBACK;
+CALL decrypt_provider_keys('hk_gw_text', batch_size => 7, format => 'llmgw');
 RESET search_path;
 RESET client_min_messages;
 
@@ -124,6 +205,31 @@ SELECT count(*) FILTER (WHERE is_encrypted_token(v.token::text, true)
   FROM hk_varchar v JOIN hk_originals o ON v.id::text OPERATOR(pg_catalog.=) o.id;
 
 SELECT count(*) AS hk_provider_key_encrypted FROM hk.provider_key WHERE is_encrypted_token(token::text, true);
+-- the guarded tables: every row not deleted is a token of its latest plaintext (k7 came back
+-- from deleted and was encrypted on the way)
+SELECT 'text' AS guarded, count(*) FILTER (WHERE status IS DISTINCT FROM 'deleted') AS live,
+       count(*) FILTER (WHERE status IS DISTINCT FROM 'deleted' AND is_encrypted_token(token, true)) AS encrypted,
+       string_agg(CASE WHEN is_encrypted_token(token, true) AND id IN ('g1', 'k1') THEN id || '=' || decrypt_token(token) END, ', ' ORDER BY id) AS latest
+  FROM hk_guard_text
+UNION ALL
+SELECT 'varchar', count(*) FILTER (WHERE status::text IS DISTINCT FROM 'deleted'),
+       count(*) FILTER (WHERE status::text IS DISTINCT FROM 'deleted' AND is_encrypted_token(token::text, true)),
+       string_agg(CASE WHEN is_encrypted_token(token::text, true) AND id::text IN ('g1', 'k1', 'k7') THEN id::text || '=' || decrypt_token(token::text) END, ', ' ORDER BY id::text)
+  FROM hk_guard_varchar;
+-- llmgw: hk_gw_varchar sealed (again) under the current key id, every row, soft-deleted ones
+-- too; hk_gw_final rotated from v1; hk_gw_text rolled back except k3 (refused by its trigger)
+SELECT count(*) FILTER (WHERE v.token IS NULL AND split_part(v.token_ciphertext::text, ':', 3) OPERATOR(pg_catalog.=) llmgw_key_id()
+                          AND llmgw_decrypt_token(v.token_ciphertext::text, v.id::text, v.organization_id::text) OPERATOR(pg_catalog.=) o.token
+                          AND v.token_hash::text OPERATOR(pg_catalog.=) llmgw_token_hash(o.token)) AS gw_varchar_sealed
+  FROM hk_gw_varchar v JOIN hk_originals o ON v.id::text OPERATOR(pg_catalog.=) o.id;
+SELECT count(*) FILTER (WHERE split_part(f.token_ciphertext, ':', 3) OPERATOR(pg_catalog.=) llmgw_key_id()
+                          AND llmgw_decrypt_token(f.token_ciphertext, f.id, f.organization_id) OPERATOR(pg_catalog.=) o.token
+                          AND f.token_hash OPERATOR(pg_catalog.=) llmgw_token_hash(o.token)) AS gw_final_rotated
+  FROM hk_gw_final f JOIN hk_originals o ON f.id OPERATOR(pg_catalog.=) o.id;
+SELECT count(*) FILTER (WHERE t.token OPERATOR(pg_catalog.=) o.token AND t.token_ciphertext IS NULL) AS gw_text_plain,
+       count(*) FILTER (WHERE t.token IS NULL
+                          AND llmgw_decrypt_token(t.token_ciphertext, t.id, t.organization_id) OPERATOR(pg_catalog.=) o.token) AS gw_text_sealed
+  FROM hk_gw_text t JOIN hk_originals o ON t.id OPERATOR(pg_catalog.=) o.id;
 
 -- A table owned by the attacker, with a trigger: a superuser's run refuses to execute the
 -- attacker's code with superuser rights; the owner itself may run it.
@@ -177,6 +283,17 @@ SELECT pke_internal.batch_apply('encrypt', 'base64', true, 'public.mallory_enc',
 SELECT count(*) AS still_one_token_deep FROM public.mallory_enc WHERE decrypt_token(token) OPERATOR(pg_catalog.=) 'sk-mallory-enc';
 RESET ROLE;
 REVOKE EXECUTE ON FUNCTION decrypt_token(text) FROM mallory;
+-- the same for llmgw: mallory may open llmgw tokens, but not run decrypt_provider_keys
+GRANT EXECUTE ON FUNCTION llmgw_decrypt_token(text, text, text) TO mallory;
+SET ROLE mallory;
+CREATE TABLE public.mallory_gw (id text PRIMARY KEY, token text, token_ciphertext text, token_hash text, token_masked text,
+                                provider text NOT NULL, status text, organization_id text);
+INSERT INTO public.mallory_gw (id, token_ciphertext, provider) VALUES ('e1', llmgw_encrypt_token('sk-mallory-gw', 'e1', NULL), 'openai');
+CALL pke_internal.run('decrypt', 'llmgw', 'public.mallory_gw', 100, false, false, false, false);
+SELECT pke_internal.batch_apply('decrypt', 'llmgw', false, 'public.mallory_gw', NULL, NULL, 100, false, false, false, false, false);
+SELECT count(*) AS still_sealed FROM public.mallory_gw WHERE token IS NULL AND token_ciphertext IS NOT NULL;
+RESET ROLE;
+REVOKE EXECUTE ON FUNCTION llmgw_decrypt_token(text, text, text) FROM mallory;
 
 -- An extension schema anyone can create in is refused at CREATE EXTENSION.
 CREATE DATABASE pke_writable_public;
@@ -192,7 +309,7 @@ SELECT extnamespace::regnamespace AS installed_in FROM pg_extension WHERE extnam
 DROP DATABASE pke_writable_public;
 
 -- clean up
-DROP TABLE public.mallory_keys, public.mallory_enc, hk_text, hk_varchar, hk_originals, hk_parted, hk_granted, public.hijacked CASCADE;
+DROP TABLE public.mallory_keys, public.mallory_enc, public.mallory_gw, hk_gw_text, hk_gw_varchar, hk_gw_final, hk_text, hk_varchar, hk_originals, hk_parted, hk_granted, hk_guard_text, hk_guard_varchar, public.hijacked CASCADE;
 DROP SCHEMA hk CASCADE;
 DROP FUNCTION hk_refuse();
 DROP OWNED BY mallory CASCADE;
