@@ -297,9 +297,10 @@ unsafe fn columns(rel: pg_sys::Relation, table: &str) -> Result<Columns, GuardEr
     // SAFETY: the relation is open (the trigger fires on it), so its descriptor is valid and
     // holds natts attributes.
     unsafe {
-        let tupdesc = (*rel).rd_att;
-        let attrs = (*tupdesc).attrs.as_slice((*tupdesc).natts as usize);
-        for (i, att) in attrs.iter().enumerate() {
+        // PgTupleDesc reads the attributes where each major keeps them (18 moved them behind
+        // compact_attrs); it borrows the relcache's descriptor and never frees it.
+        let tupdesc = PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+        for (i, att) in tupdesc.iter().enumerate() {
             if att.attisdropped {
                 continue;
             }

@@ -21,7 +21,7 @@ const major = Number(execFileSync(`${process.env.PKE_PG_BIN}/pg_config`, ["--ver
 const OOM = {
   enc: /^ERROR: {2}53200: out of memory\nLOCATION: {2}provider_keys_encrypt, errors\.rs:\d+$/,
   dec: major >= 16
-    ? /^ERROR: {2}53200: out of memory\n(DETAIL: {2}Failed on request of size \d+ in memory context "PortalContext"\.\nLOCATION: {2}MemoryContextAllocationFailure, mcxt\.c:\d+|LOCATION: {2}provider_keys_encrypt, errors\.rs:\d+)$/
+    ? /^ERROR: {2}53200: out of memory\n(DETAIL: {2}Failed on request of size \d+ in memory context "PortalContext"\.\nLOCATION: {2}\w+, mcxt\.c:\d+|LOCATION: {2}provider_keys_encrypt, errors\.rs:\d+)$/
     : /^ERROR: {2}53200: out of memory\nLOCATION: {2}provider_keys_encrypt, errors\.rs:\d+$/,
 };
 
