@@ -2,6 +2,7 @@
 import { execFileSync } from "node:child_process";
 import { readFileSync, writeFileSync, existsSync } from "node:fs";
 import os from "node:os";
+import { join } from "node:path";
 import { Cluster, TEST_KEY } from "../tests/integration/cluster.mjs";
 
 const argv = process.argv.slice(2);
@@ -72,9 +73,9 @@ function timeSql(sql, { reps = REPEAT } = {}) {
   return best;
 }
 
-function timeCall(sql, prepare) {
+function timeCall(sql, prepare, reps = REPEAT) {
   let best = Infinity;
-  for (let r = 0; r < REPEAT; r++) {
+  for (let r = 0; r < reps; r++) {
     prepare();
     db.psql("CHECKPOINT");
     const t0 = now();
@@ -138,7 +139,64 @@ add(2, "CALL encrypt_provider_keys() — 2nd run (all skipped)", active, timeCal
   results.push({ group: 3, name: "CALL encrypt_provider_keys(verbose => false)", rows: call.rows, secs: call.secs, rps: call.rps, baseline: "gateway Node script (pg, row by row)" });
 }
 
-// 5. format llmgw, the gateway's backfill: the CALL against a bare set-based UPDATE computing
+// 5. the guard: token writes with the guard installed, against the same writes without it, on
+// fresh copies of the same rows. The two of a pair are timed in turns (A B A B A B, best of
+// each), so that a change in the machine's load hits both alike.
+{
+  const guardOn = (t) => `CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON ${t}
+                          FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard()`;
+  const guarded = () => { fresh(); db.psql(guardOn("provider_key")); };
+  const inTurns = (a, b) => {
+    const best = [Infinity, Infinity];
+    for (let r = 0; r < REPEAT; r++) [a, b].forEach((f, i) => { best[i] = Math.min(best[i], f()); });
+    return best;
+  };
+  const pair = (what, sql, note, rows = active) => {
+    const base = `${what} — no guard`;
+    const [plain, withGuard] = inTurns(() => timeCall(sql, fresh, 1), () => timeCall(sql, guarded, 1));
+    add(5, base, rows, plain);
+    add(5, `${what} — guard (${note})`, rows, withGuard, base);
+  };
+  // a set-based UPDATE writing plaintext: the guard encrypts every row
+  pair("UPDATE … SET token = <plaintext>", "UPDATE provider_key SET token = 'sk-proj-' || md5(id) || md5(token) WHERE status IS DISTINCT FROM 'deleted'",
+       "encrypts each");
+  // writing tokens made elsewhere (the new gateway's): the guard opens each one
+  pair("UPDATE … SET token = <token made elsewhere>", "UPDATE provider_key p SET token = e.token FROM enc e WHERE e.id = p.id AND p.status IS DISTINCT FROM 'deleted'",
+       "opens each");
+  // the engine's own writes: tokens this backend has just sealed are not opened again
+  pair("UPDATE … SET token = encrypt_token(token)", "UPDATE provider_key SET token = encrypt_token(token) WHERE status IS DISTINCT FROM 'deleted'",
+       "just sealed: not opened again");
+  // the CALL that installs the guard first, against the CALL without it
+  {
+    const [plain, withGuard] = inTurns(() => timeCall("CALL encrypt_provider_keys(verbose => false)", fresh, 1),
+                                       () => timeCall("CALL encrypt_provider_keys(guard => true, verbose => false)", fresh, 1));
+    add(5, "CALL encrypt_provider_keys(verbose => false)", active, plain);
+    add(5, "CALL encrypt_provider_keys(guard => true, verbose => false)", active, withGuard, "CALL encrypt_provider_keys(verbose => false)");
+  }
+
+  // single-row INSERTs of plaintext from clients: pgbench, 4 connections, extended protocol
+  // (as node-postgres sends them), one autocommit INSERT per transaction
+  const clients = 4, perClient = smoke ? 50 : 25_000;
+  const script = join(db.dir, "insert.pgbench");
+  writeFileSync(script, "INSERT INTO ins (id, token, provider) VALUES ('ins-' || nextval('ins_seq'), 'sk-proj-' || md5(random()::text) || md5(random()::text), 'openai');\n");
+  const inserts = (guard) => {
+    db.script(`SET client_min_messages = warning; DROP TABLE IF EXISTS ins; DROP SEQUENCE IF EXISTS ins_seq;
+      CREATE TABLE ins (LIKE src INCLUDING ALL); CREATE SEQUENCE ins_seq; ${guard ? guardOn("ins") + ";" : ""} CHECKPOINT;`);
+    const out = execFileSync(`${process.env.PKE_PG_BIN}/pgbench`, ["-n", "-M", "extended", "-c", String(clients), "-j", "2",
+      "-t", String(perClient), "-f", script, "-h", db.dir, "-p", String(db.port), "-U", "postgres", "postgres"]).toString();
+    const tps = Number((out.match(/tps = ([\d.]+)/) ?? [])[1]);
+    if (!(tps > 0)) throw new Error(out);
+    if (guard && db.psql("SELECT count(*) FROM ins WHERE pke_internal.token_state(token) <> 'current_key'") !== "0") {
+      throw new Error("the guard let a plaintext INSERT through");
+    }
+    return (clients * perClient) / tps;
+  };
+  const [plainIns, guardIns] = inTurns(() => inserts(false), () => inserts(true));
+  const plain = "single-row INSERT of a plaintext key, 4 clients (pgbench) — no guard";
+  add(5, plain, clients * perClient, plainIns);
+  add(5, "single-row INSERT of a plaintext key, 4 clients (pgbench) — guard (encrypts each)", clients * perClient, guardIns, plain);
+
+// 6. format llmgw, the gateway's backfill: the CALL against a bare set-based UPDATE computing
 // the same four columns with the same functions, and against the gateway's own backfill (a
 // Node script with pg: batches of 100 rows, one UPDATE per row), all on the same rows
 const LLMGW_BARE = "bare UPDATE … SET token = NULL, token_ciphertext/hash/masked = llmgw_…(token)";
@@ -146,12 +204,12 @@ const LLMGW_CALL = "CALL encrypt_provider_keys(format => 'llmgw', verbose => fal
 const LLMGW_NODE = "gateway backfill script (pg, batches of 100, one UPDATE per row)";
 {
   const freshGw = () => makeGatewayTable("gw_key", "src");
-  add(5, LLMGW_BARE, N, timeCall(`UPDATE gw_key SET token = NULL,
+  add(6, LLMGW_BARE, N, timeCall(`UPDATE gw_key SET token = NULL,
       token_ciphertext = llmgw_encrypt_token(token, id, organization_id),
       token_hash = llmgw_token_hash(token), token_masked = llmgw_mask_token(token)
     WHERE token IS NOT NULL AND token_ciphertext IS NULL`, freshGw));
-  add(5, LLMGW_CALL, N, timeCall("CALL encrypt_provider_keys('gw_key', format => 'llmgw', verbose => false)", freshGw), LLMGW_BARE);
-  add(5, "CALL … format => 'llmgw' — 2nd run (all skipped)", N,
+  add(6, LLMGW_CALL, N, timeCall("CALL encrypt_provider_keys('gw_key', format => 'llmgw', verbose => false)", freshGw), LLMGW_BARE);
+  add(6, "CALL … format => 'llmgw' — 2nd run (all skipped)", N,
     timeCall("CALL encrypt_provider_keys('gw_key', format => 'llmgw', verbose => false)", () => {}), LLMGW_BARE);
   makeGatewayTable("gw_key", "gw_src");
   const out = execFileSync("node", [new URL("./gateway_backfill.mjs", import.meta.url).pathname], {
@@ -160,7 +218,7 @@ const LLMGW_NODE = "gateway backfill script (pg, batches of 100, one UPDATE per 
   }).toString();
   const m = JSON.parse(out.trim().split("\n").pop());
   if (m.moved !== NODE_N) throw new Error(`the gateway backfill moved ${m.moved} of ${NODE_N} rows`);
-  add(5, LLMGW_NODE, m.moved, m.seconds);
+  add(6, LLMGW_NODE, m.moved, m.seconds);
   const call = results.find((r) => r.name === LLMGW_CALL);
   results.push({ ...call, baseline: LLMGW_NODE });
 }

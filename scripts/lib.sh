@@ -7,8 +7,11 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 EXT=provider_keys_encrypt
 PGRX_VERSION=0.18.1
 
-# The PostgreSQL major that CI builds and tests. Everything below that depends on the major
-# takes it as a parameter, so another major can sit beside it.
+# The PostgreSQL majors: 15 is Debian 12's own (copied), 16-18 come from pinned PyPI wheels
+# (scripts/majors.sh: versions, hashes, layout). PKE_PG_MAJOR is the one major that scripts/demo,
+# scripts/package, scripts/package-check and bench/run work on (default 15; the last three take
+# --pg N); scripts/test runs every major, or those PKE_PG names (e.g. PKE_PG=17).
+source "$ROOT/scripts/majors.sh"
 export PKE_PG_MAJOR=${PKE_PG_MAJOR:-15}
 # The key every test server gets through its environment, like production (tests only, never a
 # real key). The single definition: tests/integration/cluster.mjs reads it from the environment.
@@ -35,19 +38,42 @@ export PKE_PORT_OFFSET=${PKE_PORT_OFFSET:-0}
 # Debian's PostgreSQL: the system's installation. Only the demo installs into it; tests copy it.
 sys_pg_bindir() { echo "/usr/lib/postgresql/$1/bin"; }
 
-# The private installation of a major: a copy of Debian's files under $WORK/pgN/root, laid out as
-# Debian lays them out (usr/lib/postgresql/N, usr/share/postgresql/N, usr/include/postgresql/N),
-# so PostgreSQL's relocatable paths (pg_config, postgres, initdb) resolve inside the copy.
-# Tests, regress, integration clusters and the benchmark install into and run from it.
-pg_root() { echo "$WORK/pg$1/root"; }
-pg_bindir() { echo "$(pg_root "$1")/usr/lib/postgresql/$1/bin"; }
+# The private installation of a major, where tests, regress, integration clusters and the
+# benchmark install into and run from:
+#   15:     a copy of Debian's files under $WORK/pg15/root, laid out as Debian lays them out
+#           (usr/lib/postgresql/15, usr/share/postgresql/15, usr/include/postgresql/15)
+#   16..18: the unpacked wheel under $WORK/pgN/wheel (majors.sh: major_root is its installation)
+# Either way PostgreSQL's relocatable paths (pg_config, postgres, initdb) resolve inside it.
+pg_root() { if major_is_wheel "$1"; then echo "$WORK/pg$1/wheel"; else echo "$WORK/pg$1/root"; fi; }
+pg_bindir() {
+  if major_is_wheel "$1"; then echo "$(major_root "$1")/bin"; else echo "$(pg_root "$1")/usr/lib/postgresql/$1/bin"; fi
+}
 # pgrx's view of it: initdb/pg_ctl wrappers that run as `postgres` when we are root, and a
 # pg_config that reports this directory as --bindir (scripts/setup writes them).
 pg_wrapdir() { echo "$WORK/pg$1/wrap"; }
-WRAP=$(pg_wrapdir "$PKE_PG_MAJOR")
-# The private bin directory of the tested major: what integration tests and the benchmark run.
-export PKE_PG_BIN
-PKE_PG_BIN=$(pg_bindir "$PKE_PG_MAJOR")
+# Work on major $1 from here on. The one place that says which PostgreSQL a script, the
+# integration tests (tests/integration/cluster.mjs reads PKE_PG_BIN) and the benchmark use.
+use_major() {
+  export PKE_PG_MAJOR=$1
+  WRAP=$(pg_wrapdir "$1")
+  export PKE_PG_BIN
+  PKE_PG_BIN=$(pg_bindir "$1")
+}
+use_major "$PKE_PG_MAJOR"
+# `--pg N` among a script's arguments: use_major N, and leave the other arguments in ARGS.
+take_pg_option() {
+  ARGS=()
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --pg) [ $# -ge 2 ] || { echo "--pg needs a major (${PKE_ALL_MAJORS[*]})" >&2; exit 2; }; use_major "$2"; shift 2 ;;
+      --pg=*) use_major "${1#--pg=}"; shift ;;
+      *) ARGS+=("$1"); shift ;;
+    esac
+  done
+  case " ${PKE_ALL_MAJORS[*]} " in *" $PKE_PG_MAJOR "*) ;; *)
+    echo "PostgreSQL $PKE_PG_MAJOR is not one of the majors this checkout builds (${PKE_ALL_MAJORS[*]})" >&2; exit 2 ;;
+  esac
+}
 
 # Copy Debian's PostgreSQL $1 into the private root $2, leaving out every file of this extension
 # (whatever a demo or an older checkout installed there). Server headers included: pgrx's
@@ -57,6 +83,37 @@ copy_debian_pg() {
   mkdir -p "$dest"
   tar -C / --exclude="*$EXT*" -cf - usr/lib/postgresql/"$m" usr/share/postgresql/"$m" \
     usr/include/postgresql/"$m"/server | tar -C "$dest" -xf -
+}
+
+# The private installation of major $1 laid out at Debian's paths under $2, without any file of
+# this extension: what a server with Debian's postgresql-$1 package looks like, for
+# scripts/package-check. 15 is Debian's own copy. A wheel major is rearranged: its programs go to
+# usr/lib/postgresql/N/bin, its libraries to usr/lib/postgresql/N/lib, its share files to
+# usr/share/postgresql/N, and symbolic links at the wheel's relative places (e.g. lib/postgresql)
+# lead the relocatable programs there; the wheel's bundled libraries (*.libs) go where the
+# programs' RPATH ($ORIGIN/../../../pgserver.libs) looks.
+debian_layout_pg() {
+  local m=$1 dest=$2
+  if ! major_is_wheel "$m"; then copy_debian_pg "$m" "$dest"; return; fi
+  local src pgc bin lib share rel_lib rel_share d
+  src=$(major_root "$m"); pgc=$src/bin/pg_config
+  bin=$dest/usr/lib/postgresql/$m/bin; lib=$dest/usr/lib/postgresql/$m/lib; share=$dest/usr/share/postgresql/$m
+  rel_lib=$(realpath -m --relative-to="$src/bin" "$("$pgc" --pkglibdir)")
+  rel_share=$(realpath -m --relative-to="$src/bin" "$("$pgc" --sharedir)")
+  mkdir -p "$bin" "$lib" "$share"
+  tar -C "$src/bin" -cf - . | tar -C "$bin" -xf -
+  tar -C "$("$pgc" --pkglibdir)" --exclude="*$EXT*" -cf - . | tar -C "$lib" -xf -
+  tar -C "$("$pgc" --sharedir)" --exclude="*$EXT*" -cf - . | tar -C "$share" -xf -
+  for d in "$(pg_root "$m")"/*.libs; do [ -d "$d" ] && cp -r "$d" "$dest/usr/lib/"; done
+  if [ "$(realpath -m "$bin/$rel_lib")" != "$lib" ]; then
+    mkdir -p "$(dirname "$bin/$rel_lib")"
+    ln -sfn "$(realpath -m --relative-to="$(dirname "$bin/$rel_lib")" "$lib")" "$bin/$rel_lib"
+  fi
+  mkdir -p "$(dirname "$bin/$rel_share")"
+  ln -sfn "$(realpath -m --relative-to="$(dirname "$bin/$rel_share")" "$share")" "$bin/$rel_share"
+  # the rearranged programs must find those files, or the check would test nothing
+  [ "$(realpath "$("$bin/pg_config" --pkglibdir)")" = "$lib" ] && [ "$(realpath "$("$bin/pg_config" --sharedir)")" = "$share" ] \
+    || { echo "pg$m at Debian's paths: pg_config reports $("$bin/pg_config" --pkglibdir) and $("$bin/pg_config" --sharedir)" >&2; return 1; }
 }
 
 log() { printf '\033[1;34m==>\033[0m %s\n' "$*"; }

@@ -176,9 +176,70 @@ CREATE TYPE pke_internal.batch_rows AS (
     overridden_providers text[]
 );
 
+CREATE  FUNCTION "llmgw_decrypt_token"(
+	"token" TEXT, /* Option < & str > */
+	"id" TEXT, /* Option < & str > */
+	"organization_id" TEXT /* Option < & str > */
+) RETURNS text /* Option < SecretText > */
+STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'llmgw_decrypt_token_wrapper';
+
+CREATE  FUNCTION "llmgw_encrypt_token"(
+	"plaintext" TEXT, /* Option < & str > */
+	"id" TEXT, /* Option < & str > */
+	"organization_id" TEXT /* Option < & str > */
+) RETURNS TEXT /* Option < String > */
+VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'llmgw_encrypt_token_wrapper';
+
+CREATE  FUNCTION "llmgw_key_id"() RETURNS TEXT /* String */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'llmgw_key_id_wrapper';
+
+CREATE FUNCTION pke_internal.llmgw_key_id_of(token_ciphertext text, id text, organization_id text)
+    RETURNS text
+    LANGUAGE c STABLE PARALLEL SAFE COST 10
+    AS 'MODULE_PATHNAME', 'llmgw_key_id_of_wrapper';
+
+CREATE  FUNCTION "llmgw_mask_token"(
+	"plaintext" TEXT /* & str */
+) RETURNS TEXT /* String */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'llmgw_mask_token_wrapper';
+
+CREATE FUNCTION pke_internal.llmgw_reencrypt(token_ciphertext text, id text, organization_id text)
+    RETURNS TABLE (token_ciphertext text, token_hash text)
+    LANGUAGE c VOLATILE PARALLEL SAFE ROWS 1
+    AS 'MODULE_PATHNAME', 'llmgw_reencrypt_wrapper';
+
+CREATE FUNCTION pke_internal.llmgw_state(token text, token_ciphertext text, id text, organization_id text)
+    RETURNS pke_internal.token_state
+    LANGUAGE c STABLE PARALLEL SAFE COST 10
+    AS 'MODULE_PATHNAME', 'llmgw_state_wrapper';
+COMMENT ON FUNCTION pke_internal.llmgw_state(text, text, text, text) IS
+    'Engine internal: the state of a row in the llmgw format (plaintext, current_key, previous_key or unverified).';
+
+CREATE  FUNCTION "llmgw_token_hash"(
+	"plaintext" TEXT /* & str */
+) RETURNS TEXT /* String */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'llmgw_token_hash_wrapper';
+
 CREATE FUNCTION pke_internal.flush_wal() RETURNS void
     LANGUAGE c VOLATILE PARALLEL UNSAFE
     AS 'MODULE_PATHNAME', 'pke_flush_wal_wrapper';
+
+CREATE FUNCTION pke_internal.guard_settings(nargs smallint, args bytea)
+RETURNS TABLE (mode text, format text, unverified text, problem text)
+    LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
+    AS 'MODULE_PATHNAME', 'pke_guard_settings_wrapper';
+COMMENT ON FUNCTION pke_internal.guard_settings(smallint, bytea) IS
+    'Engine internal: a guard trigger''s settings from pg_trigger.tgnargs and tgargs.';
 
 CREATE FUNCTION pke_internal.may_commit() RETURNS boolean
     LANGUAGE c VOLATILE PARALLEL UNSAFE
@@ -191,6 +252,10 @@ CREATE FUNCTION pke_internal.reencrypt(token text) RETURNS text
 CREATE FUNCTION pke_internal.subxact_status() RETURNS TABLE (cached integer, overflowed boolean)
     LANGUAGE c VOLATILE PARALLEL UNSAFE
     AS 'MODULE_PATHNAME', 'pke_subxact_status_wrapper';
+
+CREATE FUNCTION pke_internal.token_key_id(token text) RETURNS text
+    LANGUAGE c STRICT STABLE PARALLEL SAFE COST 10
+    AS 'MODULE_PATHNAME', 'pke_token_key_id_wrapper';
 
 CREATE FUNCTION pke_internal.token_state(token text) RETURNS pke_internal.token_state
     LANGUAGE c STRICT STABLE PARALLEL SAFE COST 10
@@ -524,6 +589,152 @@ BEGIN
     END IF;
 END
 $fn$;
+
+CREATE FUNCTION provider_keys_encrypt_guard() RETURNS trigger
+    LANGUAGE c
+    AS 'MODULE_PATHNAME', 'provider_keys_encrypt_guard_wrapper';
+COMMENT ON FUNCTION provider_keys_encrypt_guard() IS
+'The guard: BEFORE INSERT OR UPDATE OF token, status ... FOR EACH ROW. Encrypts a plaintext token on write (mode=reject: refuses it); tokens and deleted rows pass.';
+
+-- The guard (src/guard.rs): a trigger that encrypts, or refuses, a plaintext token written
+-- while a run goes on or after it. Here: which guards a table has, the checks before a run
+-- installs one, the install itself, and the status users read.
+
+-- Every guard trigger on tbl and its partitions (tbl NULL: on every table), with its settings
+-- as the trigger itself reads them (pke_internal.guard_settings: the same parser), whether it
+-- fires (enabled: in ordinary sessions) and whether it sees every write that can bring a
+-- plaintext back (covers_writes: BEFORE, FOR EACH ROW, INSERT and UPDATE of token and status,
+-- no WHEN clause).
+CREATE FUNCTION pke_internal.guards(tbl regclass)
+RETURNS TABLE (relation regclass, trigger_name text, enabled boolean, covers_writes boolean,
+               mode text, format text, unverified text, problem text)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT tg.tgrelid::regclass, tg.tgname::text, tg.tgenabled IN ('O', 'A'),
+           (tg.tgtype & 1) <> 0          -- FOR EACH ROW
+           AND (tg.tgtype & 2) <> 0      -- BEFORE
+           AND (tg.tgtype & 4) <> 0      -- INSERT
+           AND (tg.tgtype & 16) <> 0     -- UPDATE
+           AND tg.tgqual IS NULL
+           AND (cardinality(tg.tgattr::int2[]) = 0
+                OR (SELECT count(*) FROM pg_attribute a
+                     WHERE a.attrelid = tg.tgrelid AND a.attname IN ('token', 'status')
+                       AND a.attnum = ANY (tg.tgattr::int2[])) = 2),
+           s.mode, s.format, s.unverified, s.problem
+      FROM pg_trigger tg
+     CROSS JOIN LATERAL pke_internal.guard_settings(tg.tgnargs, tg.tgargs) s
+     WHERE tg.tgfoid = '@extschema@.provider_keys_encrypt_guard()'::regprocedure
+       AND (tbl IS NULL OR tg.tgrelid = tbl OR tg.tgrelid IN (SELECT p.relid FROM pg_partition_tree(tbl) p))
+     ORDER BY tg.tgrelid::regclass::text, tg.tgname
+$fn$;
+
+-- Before a run that installs the guard touches anything: the caller may create the trigger
+-- (the TRIGGER privilege on the table, which its owner has, and EXECUTE on the guard), and
+-- no half-working guard or foreign trigger of the same name is in the way.
+CREATE FUNCTION pke_internal.guard_check(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    g record;
+BEGIN
+    IF NOT has_table_privilege(tbl, 'TRIGGER') THEN
+        RAISE EXCEPTION 'permission denied to install the guard on table %', tbl
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Installing the guard creates a trigger, which needs the TRIGGER privilege on the table (its owner has it).',
+                  HINT = format('Run it as the table''s owner (SET ROLE %s), or without guard => true.',
+                                (SELECT c.relowner::regrole FROM pg_class c WHERE c.oid = tbl));
+    END IF;
+    IF NOT has_function_privilege('@extschema@.provider_keys_encrypt_guard()', 'EXECUTE') THEN
+        RAISE EXCEPTION 'permission denied for function provider_keys_encrypt_guard'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pke_internal.guards(tbl) x
+                WHERE x.relation = tbl AND x.enabled AND x.covers_writes AND x.problem IS NULL) THEN
+        RETURN;  -- installed and working: the run says so and goes on
+    END IF;
+    SELECT * INTO g FROM pke_internal.guards(tbl) x WHERE x.relation = tbl LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'table % has a guard that does not protect it: trigger %', tbl, quote_ident(g.trigger_name)
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = CASE WHEN g.problem IS NOT NULL THEN g.problem
+                                WHEN NOT g.enabled THEN 'The trigger is disabled.'
+                                ELSE 'It does not fire BEFORE INSERT OR UPDATE OF token, status FOR EACH ROW on every row.' END,
+                  HINT = format('Drop it (DROP TRIGGER %I ON %s) and run again: the run installs a working one.', g.trigger_name, tbl);
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = tbl AND tg.tgname = 'provider_keys_encrypt_guard') THEN
+        RAISE EXCEPTION 'table % already has a trigger named provider_keys_encrypt_guard that is not the guard', tbl
+            USING ERRCODE = 'duplicate_object';
+    END IF;
+END
+$fn$;
+
+-- Install the guard on tbl, once (after guard_check, and after every other check of the run).
+-- It gets the run's treatment of unverified values: encrypt_unverified => false installs it
+-- with 'unverified=keep'. The caller commits right after, so that writers wait for the
+-- trigger's lock as briefly as possible.
+CREATE FUNCTION pke_internal.guard_install(tbl regclass, encrypt_unverified boolean, dry_run boolean)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    g record;
+BEGIN
+    SELECT * INTO g FROM pke_internal.guards(tbl) x
+     WHERE x.relation = tbl AND x.enabled AND x.covers_writes AND x.problem IS NULL
+     ORDER BY x.trigger_name LIMIT 1;
+    IF FOUND THEN
+        RAISE NOTICE '%', format('The guard is already installed on %s: trigger %s (mode=%s, unverified=%s)',
+                                 tbl, quote_ident(g.trigger_name), g.mode, g.unverified);
+        RETURN;
+    END IF;
+    IF dry_run THEN
+        RAISE NOTICE '%', format('Would install the guard on %s (dry run: not installed)', tbl);
+        RETURN;
+    END IF;
+    EXECUTE format('CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION @extschema@.provider_keys_encrypt_guard(%s)',
+                   tbl, CASE WHEN encrypt_unverified THEN '' ELSE '''unverified=keep''' END);
+    RAISE NOTICE '%', format('Installed the guard on %s: a plaintext token written to it from now on is encrypted on write (remove it with: DROP TRIGGER provider_keys_encrypt_guard ON %s)',
+                             tbl, tbl);
+END
+$fn$;
+
+-- A mode that writes plaintext (decrypt) refuses to run while an enabled guard is on the
+-- table: the guard would encrypt again (or refuse) every row it writes.
+CREATE FUNCTION pke_internal.guard_absent(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    g record;
+BEGIN
+    SELECT * INTO g FROM pke_internal.guards(tbl) x WHERE x.enabled LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'table % has the guard installed (trigger % on %): it would encrypt again every key written back in plaintext',
+                tbl, quote_ident(g.trigger_name), g.relation
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Remove the guard first, then run again: DROP TRIGGER %I ON %s;', g.trigger_name, g.relation);
+    END IF;
+END
+$fn$;
+
+-- What users call.
+CREATE FUNCTION @extschema@.provider_keys_guard_status(table_name regclass DEFAULT NULL)
+RETURNS TABLE (relation regclass, trigger_name text, enabled boolean, covers_writes boolean,
+               mode text, format text, unverified text, problem text)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT * FROM pke_internal.guards(table_name)
+$fn$;
+
+COMMENT ON FUNCTION @extschema@.provider_keys_guard_status(regclass) IS
+'The guard triggers on a table and its partitions (NULL: on every table): enabled, covering every write, mode, format, unverified treatment, and what is wrong with their arguments.';
 
 -- One batch. A run walks the table in id order, batch_size rows at a time (keyset pagination
 -- on the unique index on id: memory stays flat, each batch is an index range scan), and each
@@ -866,8 +1077,10 @@ $fn$;
 -- do.
 
 -- Everything global is checked here, before any row is read or written: the arguments, the
--- mode and format, the table (the columns the format needs), the privileges, the key. Then the
--- banner and the number of rows to check.
+-- mode and format, the table (the columns the format needs), the privileges, the key, and the
+-- guard (may it be installed; for a mode that writes plaintext, is none installed). Then the
+-- banner, and the guard is installed when asked for; the caller commits it before run_count
+-- counts the rows to check.
 CREATE FUNCTION pke_internal.run_start(
     mode_name text, format_name text, tbl regclass, batch_size integer, dry_run boolean,
     notices boolean, encrypt_unverified boolean, guard boolean, may_commit boolean)
@@ -888,14 +1101,25 @@ BEGIN
         RAISE EXCEPTION 'dry_run, verbose, encrypt_unverified and guard must not be NULL'
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    -- Guard hook: for format llmgw the guard's trigger must seal into token_ciphertext,
-    -- token_hash and token_masked with the row's id and organization (crate::llmgw::seal_row).
-    IF guard THEN
-        RAISE EXCEPTION 'the guard is not available yet'
+    m := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
+    IF guard AND m.format <> 'base64' THEN
+        -- Guard hook: for format llmgw the guard's trigger must seal into token_ciphertext,
+        -- token_hash and token_masked with the row's id and organization (crate::llmgw::seal_row).
+        RAISE EXCEPTION 'the guard protects format base64 only, not yet %', m.format
             USING ERRCODE = 'feature_not_supported';
     END IF;
-    m := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
+    IF guard AND m.reveals IS NOT NULL THEN
+        RAISE EXCEPTION 'the guard cannot be installed by a run that writes plaintext'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     PERFORM pke_internal.check_table(tbl, m, NOT dry_run);
+    IF guard THEN
+        PERFORM pke_internal.guard_check(tbl);
+    END IF;
+    IF m.reveals IS NOT NULL THEN
+        -- a mode that reveals plaintext writes it into the table: the guard would undo it
+        PERFORM pke_internal.guard_absent(tbl);
+    END IF;
     EXECUTE 'SELECT ' || m.key_sql INTO key_id;  -- raises when there is no usable key
 
     r.mode := mode_name;
@@ -918,7 +1142,23 @@ BEGIN
         CASE WHEN dry_run THEN ', dry run: nothing will be written'
              WHEN NOT may_commit THEN ', inside the caller''s transaction'
              ELSE '' END);
-    EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s)', tbl, m.deleted_sql) INTO r.found;
+    IF guard THEN
+        PERFORM pke_internal.guard_install(tbl, encrypt_unverified, dry_run);
+    END IF;
+    RETURN r;
+END
+$fn$;
+
+-- The number of rows to check, for the progress line.
+CREATE FUNCTION pke_internal.run_count(r pke_internal.run)
+RETURNS pke_internal.run
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified, r.tbl);
+BEGIN
+    EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s)', r.tbl, m.deleted_sql) INTO r.found;
     RAISE NOTICE 'Found % provider keys to check%', r.found, m.found_note;
     RETURN r;
 END
@@ -1053,6 +1293,10 @@ BEGIN
                                 COALESCE(table_name, pg_catalog.to_regclass('provider_key')),
                                 batch_size, dry_run, notices, encrypt_unverified, guard,
                                 pke_internal.may_commit());
+    IF r.do_commit THEN
+        COMMIT;  -- the guard, if run_start installed it, holds writers back no longer
+    END IF;
+    r := pke_internal.run_count(r);
     LOOP
         r := pke_internal.run_step(r);
         EXIT WHEN r.done;
@@ -1090,7 +1334,7 @@ END
 $proc$;
 
 COMMENT ON PROCEDURE @extschema@.encrypt_provider_keys(regclass, integer, boolean, boolean, boolean, text, boolean) IS
-'Encrypt, in place, every plaintext key of a provider_key table. format base64: in column token, rows whose status is ''deleted'' left alone; format llmgw: the gateway''s backfill, from token into token_ciphertext, token_hash and token_masked, on every row. Idempotent; commits every batch_size rows when called outside a transaction block.';
+'Encrypt, in place, every plaintext key of a provider_key table. format base64: in column token, rows whose status is ''deleted'' left alone; format llmgw: the gateway''s backfill, from token into token_ciphertext, token_hash and token_masked, on every row. Idempotent; commits every batch_size rows when called outside a transaction block. guard => true first installs the guard trigger, so that no plaintext written meanwhile survives.';
 
 CREATE PROCEDURE @extschema@.decrypt_provider_keys(
     table_name regclass DEFAULT NULL,
@@ -1108,7 +1352,7 @@ END
 $proc$;
 
 COMMENT ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean, text) IS
-'Rollback of encrypt_provider_keys: turn every token (under the current or a previous key) back into its plaintext (format llmgw: back into column token).';
+'Rollback of encrypt_provider_keys: turn every token (under the current or a previous key) back into its plaintext (format llmgw: back into column token). Refuses while a guard trigger is installed on the table.';
 
 CREATE PROCEDURE @extschema@.reencrypt_provider_keys(
     table_name regclass DEFAULT NULL,
@@ -1186,67 +1430,7 @@ AS $fn$
 $fn$;
 
 COMMENT ON FUNCTION @extschema@.provider_keys_encryption_report(regclass, boolean, text) IS
-'Keys per state (plaintext, current_key, previous_key, unverified, and deleted for base64) and key id, optionally per provider. format: base64 or llmgw (NULL: llmgw when the table has token_ciphertext).';
-
--- 0.2.0: the gateway's current format, llmgw (src/llmgw.rs), and the report's key ids.
-
-CREATE FUNCTION @extschema@."llmgw_encrypt_token"(
-	"plaintext" TEXT,
-	"id" TEXT,
-	"organization_id" TEXT
-) RETURNS TEXT
-VOLATILE PARALLEL SAFE
-LANGUAGE c
-AS 'MODULE_PATHNAME', 'llmgw_encrypt_token_wrapper';
-
-CREATE FUNCTION @extschema@."llmgw_decrypt_token"(
-	"token" TEXT,
-	"id" TEXT,
-	"organization_id" TEXT
-) RETURNS text
-STABLE PARALLEL SAFE
-LANGUAGE c
-AS 'MODULE_PATHNAME', 'llmgw_decrypt_token_wrapper';
-
-CREATE FUNCTION @extschema@."llmgw_token_hash"(
-	"plaintext" TEXT
-) RETURNS TEXT
-STRICT STABLE PARALLEL SAFE
-LANGUAGE c
-AS 'MODULE_PATHNAME', 'llmgw_token_hash_wrapper';
-
-CREATE FUNCTION @extschema@."llmgw_mask_token"(
-	"plaintext" TEXT
-) RETURNS TEXT
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c
-AS 'MODULE_PATHNAME', 'llmgw_mask_token_wrapper';
-
-CREATE FUNCTION @extschema@."llmgw_key_id"() RETURNS TEXT
-STRICT STABLE PARALLEL SAFE
-LANGUAGE c
-AS 'MODULE_PATHNAME', 'llmgw_key_id_wrapper';
-
-CREATE FUNCTION pke_internal.llmgw_state(token text, token_ciphertext text, id text, organization_id text)
-    RETURNS pke_internal.token_state
-    LANGUAGE c STABLE PARALLEL SAFE COST 10
-    AS 'MODULE_PATHNAME', 'llmgw_state_wrapper';
-COMMENT ON FUNCTION pke_internal.llmgw_state(text, text, text, text) IS
-    'Engine internal: the state of a row in the llmgw format (plaintext, current_key, previous_key or unverified).';
-
-CREATE FUNCTION pke_internal.llmgw_reencrypt(token_ciphertext text, id text, organization_id text)
-    RETURNS TABLE (token_ciphertext text, token_hash text)
-    LANGUAGE c VOLATILE PARALLEL SAFE ROWS 1
-    AS 'MODULE_PATHNAME', 'llmgw_reencrypt_wrapper';
-
-CREATE FUNCTION pke_internal.llmgw_key_id_of(token_ciphertext text, id text, organization_id text)
-    RETURNS text
-    LANGUAGE c STABLE PARALLEL SAFE COST 10
-    AS 'MODULE_PATHNAME', 'llmgw_key_id_of_wrapper';
-
-CREATE FUNCTION pke_internal.token_key_id(token text) RETURNS text
-    LANGUAGE c STRICT STABLE PARALLEL SAFE COST 10
-    AS 'MODULE_PATHNAME', 'pke_token_key_id_wrapper';
+'Keys per state (plaintext, current_key, previous_key, unverified, and deleted for base64) and key id, optionally per provider. format: base64 or llmgw (NULL: llmgw when the table has token_ciphertext). Whether a guard is installed: provider_keys_guard_status().';
 
 -- Privileges. PostgreSQL grants EXECUTE on new functions and procedures to PUBLIC; this file
 -- takes back what must not be public, and says why for what stays. Runs last.
@@ -1278,6 +1462,11 @@ REVOKE ALL ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boo
 -- PUBLIC: they run with the caller's rights (SELECT/UPDATE on the table) and never return a
 -- plaintext.
 
+-- provider_keys_encrypt_guard stays PUBLIC: putting it on a table needs the TRIGGER privilege
+-- on that table anyway, and it only encrypts (or refuses) what is being written.
+
+-- provider_keys_guard_status stays PUBLIC: it shows what pg_trigger shows everyone.
+
 -- The internals' schema: USAGE for everyone, because the public procedures run with the
 -- caller's rights and call into it; CREATE for nobody but its owner (the superuser who created
 -- the extension), so no role can plant a function, an operator or a type where the engine
@@ -1290,7 +1479,9 @@ GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 -- is_encrypted_token and the key ids; reencrypt and llmgw_reencrypt return a new token (as
 -- encrypt_token would) and, for llmgw, the token_hash of its plaintext (what the row's
 -- token_hash column holds: good for confirming a guess, never for reading a key), never the
--- plaintext; scrub only replaces text; every internal that reads or writes rows takes a mode
+-- plaintext; guard_settings only parses trigger arguments; guards and guard_check read catalogs
+-- everyone can read; guard_install creates a trigger only with the caller's own TRIGGER
+-- privilege; scrub only replaces text; every internal that reads or writes rows takes a mode
 -- by name from pke_internal.mode, which refuses an unknown mode and a caller without EXECUTE
 -- on that mode's public procedure (and on the format's decrypting function when the mode
 -- writes plaintext). All of them run with the caller's rights.

@@ -7,6 +7,7 @@
 //! * `types.sql`   — the private schema `pke_internal`, the token states, the run's state
 //! * `modes.sql`   — each mode (encrypt / decrypt / re-encrypt) described once
 //! * `table.sql`   — which table, and everything checked before a row is read
+//! * `guard.sql`   — the guard trigger's status, install and checks (the trigger: guard.rs)
 //! * `batch.sql`   — one batch: its statement, the savepoint strategy, failing rows
 //! * `run.sql`     — a run: start, steps, a durable finish, the summary
 //! * `api.sql`     — the procedures and the report users call
@@ -137,9 +138,13 @@ CREATE FUNCTION pke_internal.reencrypt(token text) RETURNS text
     requires = ["engine_types"]
 )]
 pub fn pke_reencrypt(token: &str) -> String {
-    with_keyring(|ring| ring.reencrypt(token))
-        .or_raise()
-        .or_raise()
+    with_keyring(|ring| {
+        let sealed = ring.reencrypt(token)?;
+        crate::guard::note_sealed(ring, &sealed);
+        Ok::<_, crate::token::TokenError>(sealed)
+    })
+    .or_raise()
+    .or_raise()
 }
 
 /// `pke_internal.token_key_id(token)`: the fingerprint of the configured key a token
@@ -299,9 +304,18 @@ pgrx::extension_sql_file!(
     requires = ["engine_modes"]
 );
 pgrx::extension_sql_file!(
+    "engine/guard.sql",
+    name = "engine_guard",
+    requires = [
+        "engine_table",
+        guard::provider_keys_encrypt_guard,
+        guard::pke_guard_settings
+    ]
+);
+pgrx::extension_sql_file!(
     "engine/batch.sql",
     name = "engine_batch",
-    requires = ["engine_table"]
+    requires = ["engine_guard"]
 );
 pgrx::extension_sql_file!(
     "engine/run.sql",

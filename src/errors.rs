@@ -28,7 +28,19 @@
 //! | OS random generator failed                     | 58000    | system_error                     |
 //! | NULL row id given to an llmgw function         | 22004    | null_value_not_allowed           |
 //!
-//! Messages are fixed strings or name a setting: never a key, a token or a plaintext.
+//! The guard trigger (`Error::Guard`, see `guard.rs`):
+//!
+//! | cause                                              | SQLSTATE | condition name                   |
+//! |----------------------------------------------------|----------|----------------------------------|
+//! | mode=reject: a token that is not encrypted         | 23000    | integrity_constraint_violation   |
+//! | unknown or repeated trigger argument               | 22023    | invalid_parameter_value          |
+//! | not fired BEFORE INSERT/UPDATE FOR EACH ROW        | 39P01    | trigger_protocol_violated        |
+//! | the table lacks id, token, provider or status      | 42703    | undefined_column                 |
+//! | one of those columns is not text or varchar        | 42804    | datatype_mismatch                |
+//! | the sealed token is longer than a varchar(n) token | 22001    | string_data_right_truncation     |
+//!
+//! Messages are fixed strings or name a setting, a table, a column or a row's id: never a key,
+//! a token or a plaintext.
 
 use std::borrow::Cow;
 
@@ -55,6 +67,42 @@ pub enum Error {
     /// An llmgw token is bound to its row's id: there is no token for a NULL id.
     #[error("id must not be NULL: an llmgw token is bound to its row's id")]
     NullRowId,
+    /// The guard trigger: its arguments, its table, and what it refuses.
+    #[error(transparent)]
+    Guard(#[from] GuardError),
+}
+
+/// Why the guard trigger (`provider_keys_encrypt_guard()`) raised. Names tables, columns, row
+/// ids and trigger arguments (none of them secret), never a token or a plaintext.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GuardError {
+    /// mode=reject: the row's new token does not authenticate under any configured key.
+    #[error("the guard on table \"{table}\" refused provider key {id}: {why}")]
+    Refused {
+        table: String,
+        id: String,
+        why: &'static str,
+    },
+    /// An unknown, malformed or repeated trigger argument (the text is the argument's, which
+    /// is not secret: it is in pg_trigger for everyone to read).
+    #[error("provider_keys_encrypt_guard(): {0}")]
+    Argument(String),
+    /// Fired other than BEFORE INSERT OR UPDATE ... FOR EACH ROW.
+    #[error("provider_keys_encrypt_guard() must be fired BEFORE INSERT OR UPDATE, FOR EACH ROW")]
+    Protocol,
+    #[error("column \"{column}\" of relation \"{table}\" does not exist")]
+    MissingColumn { table: String, column: &'static str },
+    #[error(
+        "column \"{column}\" of relation \"{table}\" must be text or varchar, not {type_name}"
+    )]
+    ColumnType {
+        table: String,
+        column: &'static str,
+        type_name: String,
+    },
+    /// The token the guard sealed does not fit a varchar(n) column.
+    #[error("value too long for type character varying({max})")]
+    TooLong { max: usize, id: String },
 }
 
 impl Error {
@@ -89,6 +137,14 @@ impl Error {
                 LlmgwError::TooLong => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
                 LlmgwError::NoRandomness => ERRCODE_SYSTEM_ERROR,
             },
+            Error::Guard(e) => match e {
+                GuardError::Refused { .. } => ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION,
+                GuardError::Argument(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+                GuardError::Protocol => ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                GuardError::MissingColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
+                GuardError::ColumnType { .. } => ERRCODE_DATATYPE_MISMATCH,
+                GuardError::TooLong { .. } => ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
+            },
             Error::NullRowId => ERRCODE_NULL_VALUE_NOT_ALLOWED,
         }
     }
@@ -114,6 +170,15 @@ impl Error {
             Error::Setup(SetupError::KeyGiven { more, .. }) if *more > 0 => {
                 Some(format!("{more} more such setting(s) found."))
             }
+            Error::Guard(GuardError::Refused { .. }) => Some(
+                "Its guard (mode=reject) accepts only tokens that authenticate under the current \
+                 or a previous key."
+                    .into(),
+            ),
+            Error::Guard(GuardError::TooLong { id, .. }) => Some(format!(
+                "The guard encrypted the token of provider key {id}; the encrypted token does not \
+                 fit the column."
+            )),
             _ => None,
         }
     }
@@ -140,6 +205,23 @@ impl Error {
             Error::Llmgw(LlmgwError::UnknownKeyId(_)) => Some(
                 "Add the secret that key id belongs to (the gateway's previous secret) after the \
                  current one in GATEWAY_API_KEY_HASH_SECRET, comma-separated.",
+            ),
+            Error::Guard(GuardError::Refused { .. }) => Some(
+                "Write the key encrypted (the gateway's ENCRYPTION_KEY, or encrypt_token() in \
+                 SQL), or give the guard mode=encrypt to encrypt such writes instead.",
+            ),
+            Error::Guard(GuardError::Argument(_)) => Some(
+                "The guard's arguments are mode=encrypt|reject, unverified=plaintext|keep and \
+                 format=base64, each at most once; none gives the defaults (mode=encrypt, \
+                 unverified=plaintext, format=base64).",
+            ),
+            Error::Guard(GuardError::Protocol) => Some(
+                "CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, \
+                 status ON <table> FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard();",
+            ),
+            Error::Guard(GuardError::TooLong { .. }) => Some(
+                "The gateway's schema stores tokens as text: ALTER TABLE ... ALTER COLUMN token \
+                 TYPE text.",
             ),
             _ => None,
         }

@@ -20,9 +20,14 @@ use crate::token;
 /// format: base64(nonce ‖ tag ‖ ciphertext), with a fresh random nonce every call.
 #[pg_extern(volatile, strict, parallel_safe)]
 pub fn encrypt_token(plaintext: &str) -> String {
-    with_keyring(|ring| ring.encrypt(plaintext.as_bytes()))
-        .or_raise()
-        .or_raise()
+    with_keyring(|ring| {
+        let token = ring.encrypt(plaintext.as_bytes())?;
+        // the guard, if the token is written next, need not open it again
+        crate::guard::note_sealed(ring, &token);
+        Ok::<_, crate::token::TokenError>(token)
+    })
+    .or_raise()
+    .or_raise()
 }
 
 /// Decrypt a token written by this extension or by the gateway, under the current key or any

@@ -10,6 +10,7 @@
 //! * `llmgw.rs`     — the SQL functions of the gateway's current format, llmgw, and its
 //!   per-row engine internals
 //! * `engine.rs` + `engine/*.sql` — the table engine: CALL encrypt_provider_keys() and siblings
+//! * `guard.rs`     — the guard trigger, provider_keys_encrypt_guard()
 //! * `privileges.sql` — GRANT/REVOKE, each with its reason
 
 use pgrx::prelude::*;
@@ -17,6 +18,7 @@ use pgrx::prelude::*;
 pub mod engine;
 pub mod errors;
 pub mod functions;
+pub mod guard;
 pub mod gucs;
 pub mod llmgw;
 

@@ -436,6 +436,179 @@ mod tests {
         );
     }
 
+    /// A table shaped like the gateway's, with the guard on it (`when`: the trigger's timing and
+    /// events, `args`: its arguments).
+    fn guarded_table(name: &str, when: &str, args: &str) {
+        Spi::run(&format!(
+            "DROP TABLE IF EXISTS {name};
+             CREATE TABLE {name} (id text PRIMARY KEY, token text, provider text NOT NULL, status text);
+             CREATE TRIGGER guard {when} ON {name} FOR EACH ROW
+                 EXECUTE FUNCTION provider_keys_encrypt_guard({args})"
+        ))
+        .unwrap();
+    }
+
+    /// Each way the guard can fail, with its own SQLSTATE (never XX000).
+    #[pg_test]
+    fn guard_failures_have_their_own_sqlstate() {
+        let insert = "INSERT INTO g_t VALUES ('a', 'sk-guard-sqlstate', 'openai', NULL)";
+        let hex = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        for (when, args, sql, state) in [
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'mode=reject'",
+                insert.to_owned(),
+                "23000",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'mode=reject'",
+                format!("INSERT INTO g_t VALUES ('a', '{hex}', 'openai', NULL)"),
+                "23000",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'mode=reject', 'unverified=keep'",
+                format!("INSERT INTO g_t VALUES ('a', '{hex}', 'openai', NULL)"),
+                "00000",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'mode=reject'",
+                "INSERT INTO g_t VALUES ('a', 'sk-deleted', 'openai', 'deleted')".to_owned(),
+                "00000",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'mode=reject'",
+                "INSERT INTO g_t VALUES ('a', encrypt_token('sk'), 'openai', NULL)".to_owned(),
+                "00000",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'mode=reject'",
+                "INSERT INTO g_t VALUES ('a', NULL, 'openai', NULL)".to_owned(),
+                "00000",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'mode=nope'",
+                insert.to_owned(),
+                "22023",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'unverified=keep', 'unverified=keep'",
+                insert.to_owned(),
+                "22023",
+            ),
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'format=llmgw'",
+                insert.to_owned(),
+                "22023",
+            ),
+            ("AFTER INSERT", "", insert.to_owned(), "39P01"),
+            (
+                "BEFORE INSERT",
+                "",
+                "INSERT INTO g_t VALUES ('a', repeat('x', 70000), 'openai', NULL)".to_owned(),
+                "54000",
+            ),
+        ] {
+            guarded_table("g_t", when, args);
+            assert_eq!(sqlstate(&sql), state, "{when} ({args}): {sql}");
+        }
+        // fired by a DELETE
+        guarded_table("g_t", "BEFORE DELETE", "");
+        Spi::run(insert).unwrap();
+        assert_eq!(sqlstate("DELETE FROM g_t"), "39P01");
+        // a statement-level trigger
+        Spi::run(
+            "DROP TABLE g_t; CREATE TABLE g_t (id text PRIMARY KEY, token text, provider text, status text);
+             CREATE TRIGGER guard BEFORE INSERT ON g_t FOR EACH STATEMENT EXECUTE FUNCTION provider_keys_encrypt_guard()",
+        )
+        .unwrap();
+        assert_eq!(sqlstate(insert), "39P01");
+        // the table's shape
+        for (ddl, state) in [
+            ("CREATE TABLE g_s (id text, token text, provider text)", "42703"),
+            ("CREATE TABLE g_s (id integer, token text, provider text, status text)", "42804"),
+            ("CREATE TABLE g_s (id text, token bytea, provider text, status text)", "42804"),
+            ("CREATE TABLE g_s (id text, token varchar(40), provider text, status text)", "22001"),
+            ("CREATE TABLE g_s (id varchar, token varchar(200), provider varchar, status varchar)", "00000"),
+        ] {
+            Spi::run(&format!(
+                "DROP TABLE IF EXISTS g_s; {ddl};
+                 CREATE TRIGGER guard BEFORE INSERT ON g_s FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard()"
+            ))
+            .unwrap();
+            let values = if ddl.contains("status") { "('1', 'sk-shape', 'p', NULL)" } else { "('1', 'sk-shape', 'p')" };
+            assert_eq!(sqlstate(&format!("INSERT INTO g_s VALUES {values}")), state, "{ddl}");
+        }
+    }
+
+    /// The engine's own writes: a token this backend has just sealed is passed without being
+    /// opened again, but only while the key it was sealed under is still the current key.
+    #[pg_test]
+    fn the_guard_does_not_open_again_what_this_backend_just_sealed() {
+        use crate::guard::counts;
+        guarded_table("g_f", "BEFORE INSERT OR UPDATE OF token, status", "");
+        let delta = |sql: &str| {
+            let (fast0, full0) = counts();
+            Spi::run(sql).unwrap();
+            let (fast1, full1) = counts();
+            (fast1 - fast0, full1 - full0)
+        };
+        // plaintext from the application: classified, then sealed
+        assert_eq!(
+            delta("INSERT INTO g_f SELECT 'r' || g, 'sk-fast-' || g, 'openai', NULL FROM generate_series(1, 100) g"),
+            (0, 100)
+        );
+        // what the engine writes: UPDATE ... SET token = encrypt_token(...)
+        assert_eq!(
+            delta("UPDATE g_f SET token = encrypt_token(decrypt_token(token))"),
+            (100, 0)
+        );
+        // the same tokens written again, not just sealed: opened in full
+        Spi::run("SELECT encrypt_token('something else sealed last')").unwrap();
+        assert_eq!(delta("UPDATE g_f SET token = token || ''"), (0, 100));
+        // rotation: tokens under the previous key are opened (and pass); what reencrypt writes
+        // is not opened again
+        let old = token_under(PREV_KEY, "sk-rotate-through-the-guard");
+        assert_eq!(delta(&format!("UPDATE g_f SET token = '{old}'")), (0, 100));
+        assert_eq!(
+            delta("UPDATE g_f SET token = pke_internal.reencrypt(token)"),
+            (100, 0)
+        );
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM g_f WHERE pke_internal.token_state(token) = 'current_key'"
+            ),
+            Some(100)
+        );
+        // the record counts only for the key that is current: a token noted as sealed under
+        // another key is opened in full, and what it is then decides (mode=reject refuses a
+        // token under no configured key)
+        let other = crate::keys::KeyRing::from_config(None, Some(OTHER_KEY), None).unwrap();
+        let token = other.encrypt(b"sk-sealed-under-another-key").unwrap();
+        crate::guard::note_sealed(&other, &token);
+        guarded_table(
+            "g_r",
+            "BEFORE INSERT OR UPDATE OF token, status",
+            "'mode=reject'",
+        );
+        let (fast0, full0) = counts();
+        assert_eq!(
+            sqlstate(&format!(
+                "INSERT INTO g_r VALUES ('k', '{token}', 'openai', NULL)"
+            )),
+            "23000"
+        );
+        let (fast1, full1) = counts();
+        assert_eq!((fast1 - fast0, full1 - full0), (0, 1));
+    }
+
     /// The llmgw row state, case by case (scripts/test gives the server a gateway keyring).
     #[pg_test]
     fn llmgw_row_states() {

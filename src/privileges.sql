@@ -28,6 +28,11 @@ REVOKE ALL ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boo
 -- PUBLIC: they run with the caller's rights (SELECT/UPDATE on the table) and never return a
 -- plaintext.
 
+-- provider_keys_encrypt_guard stays PUBLIC: putting it on a table needs the TRIGGER privilege
+-- on that table anyway, and it only encrypts (or refuses) what is being written.
+
+-- provider_keys_guard_status stays PUBLIC: it shows what pg_trigger shows everyone.
+
 -- The internals' schema: USAGE for everyone, because the public procedures run with the
 -- caller's rights and call into it; CREATE for nobody but its owner (the superuser who created
 -- the extension), so no role can plant a function, an operator or a type where the engine
@@ -40,7 +45,9 @@ GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 -- is_encrypted_token and the key ids; reencrypt and llmgw_reencrypt return a new token (as
 -- encrypt_token would) and, for llmgw, the token_hash of its plaintext (what the row's
 -- token_hash column holds: good for confirming a guess, never for reading a key), never the
--- plaintext; scrub only replaces text; every internal that reads or writes rows takes a mode
+-- plaintext; guard_settings only parses trigger arguments; guards and guard_check read catalogs
+-- everyone can read; guard_install creates a trigger only with the caller's own TRIGGER
+-- privilege; scrub only replaces text; every internal that reads or writes rows takes a mode
 -- by name from pke_internal.mode, which refuses an unknown mode and a caller without EXECUTE
 -- on that mode's public procedure (and on the format's decrypting function when the mode
 -- writes plaintext). All of them run with the caller's rights.

@@ -23,7 +23,7 @@ END
 $proc$;
 
 COMMENT ON PROCEDURE @extschema@.encrypt_provider_keys(regclass, integer, boolean, boolean, boolean, text, boolean) IS
-'Encrypt, in place, every plaintext key of a provider_key table. format base64: in column token, rows whose status is ''deleted'' left alone; format llmgw: the gateway''s backfill, from token into token_ciphertext, token_hash and token_masked, on every row. Idempotent; commits every batch_size rows when called outside a transaction block.';
+'Encrypt, in place, every plaintext key of a provider_key table. format base64: in column token, rows whose status is ''deleted'' left alone; format llmgw: the gateway''s backfill, from token into token_ciphertext, token_hash and token_masked, on every row. Idempotent; commits every batch_size rows when called outside a transaction block. guard => true first installs the guard trigger, so that no plaintext written meanwhile survives.';
 
 CREATE PROCEDURE @extschema@.decrypt_provider_keys(
     table_name regclass DEFAULT NULL,
@@ -41,7 +41,7 @@ END
 $proc$;
 
 COMMENT ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean, text) IS
-'Rollback of encrypt_provider_keys: turn every token (under the current or a previous key) back into its plaintext (format llmgw: back into column token).';
+'Rollback of encrypt_provider_keys: turn every token (under the current or a previous key) back into its plaintext (format llmgw: back into column token). Refuses while a guard trigger is installed on the table.';
 
 CREATE PROCEDURE @extschema@.reencrypt_provider_keys(
     table_name regclass DEFAULT NULL,
@@ -119,4 +119,4 @@ AS $fn$
 $fn$;
 
 COMMENT ON FUNCTION @extschema@.provider_keys_encryption_report(regclass, boolean, text) IS
-'Keys per state (plaintext, current_key, previous_key, unverified, and deleted for base64) and key id, optionally per provider. format: base64 or llmgw (NULL: llmgw when the table has token_ciphertext).';
+'Keys per state (plaintext, current_key, previous_key, unverified, and deleted for base64) and key id, optionally per provider. format: base64 or llmgw (NULL: llmgw when the table has token_ciphertext). Whether a guard is installed: provider_keys_guard_status().';

@@ -4,8 +4,10 @@
 -- do.
 
 -- Everything global is checked here, before any row is read or written: the arguments, the
--- mode and format, the table (the columns the format needs), the privileges, the key. Then the
--- banner and the number of rows to check.
+-- mode and format, the table (the columns the format needs), the privileges, the key, and the
+-- guard (may it be installed; for a mode that writes plaintext, is none installed). Then the
+-- banner, and the guard is installed when asked for; the caller commits it before run_count
+-- counts the rows to check.
 CREATE FUNCTION pke_internal.run_start(
     mode_name text, format_name text, tbl regclass, batch_size integer, dry_run boolean,
     notices boolean, encrypt_unverified boolean, guard boolean, may_commit boolean)
@@ -26,14 +28,25 @@ BEGIN
         RAISE EXCEPTION 'dry_run, verbose, encrypt_unverified and guard must not be NULL'
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    -- Guard hook: for format llmgw the guard's trigger must seal into token_ciphertext,
-    -- token_hash and token_masked with the row's id and organization (crate::llmgw::seal_row).
-    IF guard THEN
-        RAISE EXCEPTION 'the guard is not available yet'
+    m := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
+    IF guard AND m.format <> 'base64' THEN
+        -- Guard hook: for format llmgw the guard's trigger must seal into token_ciphertext,
+        -- token_hash and token_masked with the row's id and organization (crate::llmgw::seal_row).
+        RAISE EXCEPTION 'the guard protects format base64 only, not yet %', m.format
             USING ERRCODE = 'feature_not_supported';
     END IF;
-    m := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
+    IF guard AND m.reveals IS NOT NULL THEN
+        RAISE EXCEPTION 'the guard cannot be installed by a run that writes plaintext'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     PERFORM pke_internal.check_table(tbl, m, NOT dry_run);
+    IF guard THEN
+        PERFORM pke_internal.guard_check(tbl);
+    END IF;
+    IF m.reveals IS NOT NULL THEN
+        -- a mode that reveals plaintext writes it into the table: the guard would undo it
+        PERFORM pke_internal.guard_absent(tbl);
+    END IF;
     EXECUTE 'SELECT ' || m.key_sql INTO key_id;  -- raises when there is no usable key
 
     r.mode := mode_name;
@@ -56,7 +69,23 @@ BEGIN
         CASE WHEN dry_run THEN ', dry run: nothing will be written'
              WHEN NOT may_commit THEN ', inside the caller''s transaction'
              ELSE '' END);
-    EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s)', tbl, m.deleted_sql) INTO r.found;
+    IF guard THEN
+        PERFORM pke_internal.guard_install(tbl, encrypt_unverified, dry_run);
+    END IF;
+    RETURN r;
+END
+$fn$;
+
+-- The number of rows to check, for the progress line.
+CREATE FUNCTION pke_internal.run_count(r pke_internal.run)
+RETURNS pke_internal.run
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified, r.tbl);
+BEGIN
+    EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s)', r.tbl, m.deleted_sql) INTO r.found;
     RAISE NOTICE 'Found % provider keys to check%', r.found, m.found_note;
     RETURN r;
 END
@@ -191,6 +220,10 @@ BEGIN
                                 COALESCE(table_name, pg_catalog.to_regclass('provider_key')),
                                 batch_size, dry_run, notices, encrypt_unverified, guard,
                                 pke_internal.may_commit());
+    IF r.do_commit THEN
+        COMMIT;  -- the guard, if run_start installed it, holds writers back no longer
+    END IF;
+    r := pke_internal.run_count(r);
     LOOP
         r := pke_internal.run_step(r);
         EXIT WHEN r.done;

@@ -29,7 +29,10 @@ test(`SQL fuzzing: ${FUZZ_N.toLocaleString("en")} malformed inputs each to decry
   // changes, single-bit flips, invalid and non-canonical base64, whitespace, random bytes as
   // text, random base64, and 1 MB values.
   db.script(`
-    CREATE EXTENSION IF NOT EXISTS pgcrypto;
+    -- random bytes without pgcrypto: not every PostgreSQL installation has contrib modules
+    CREATE FUNCTION rand_bytes(n integer) RETURNS bytea LANGUAGE sql VOLATILE AS $f$
+      SELECT substr(decode(string_agg(md5(random()::text || g::text), ''), 'hex'), 1, n)
+        FROM generate_series(0, n / 16) g $f$;
     CREATE UNLOGGED TABLE fuzz_src AS SELECT i, encrypt_token(repeat(chr(65 + i % 26), i % 97)) AS tok FROM generate_series(1, 2000) i;
     CREATE UNLOGGED TABLE fuzz AS
     SELECT n, CASE n % 12
@@ -40,8 +43,8 @@ test(`SQL fuzzing: ${FUZZ_N.toLocaleString("en")} malformed inputs each to decry
       WHEN 4 THEN tok || '='
       WHEN 5 THEN overlay(tok placing (ARRAY['-', '_', '!', ' ', E'\\n', E'\\t', '.', 'é'])[1 + n % 8] from 1 + (random() * (length(tok) - 1))::int for 1)
       WHEN 6 THEN ' ' || tok
-      WHEN 7 THEN replace(encode(gen_random_bytes(1 + (random() * 120)::int), 'base64'), E'\\n', '')
-      WHEN 8 THEN convert_from(decode(replace(replace(replace(encode(gen_random_bytes(1 + (random() * 80)::int), 'hex'), '00', '01'), '80', '41'), 'c0', '42'), 'hex'), 'LATIN1')
+      WHEN 7 THEN replace(encode(rand_bytes(1 + (random() * 120)::int), 'base64'), E'\\n', '')
+      WHEN 8 THEN convert_from(decode(replace(replace(replace(encode(rand_bytes(1 + (random() * 80)::int), 'hex'), '00', '01'), '80', '41'), 'c0', '42'), 'hex'), 'LATIN1')
       WHEN 9 THEN substr(tok, 1, 12) || reverse(substr(tok, 13))
       WHEN 10 THEN CASE WHEN n % 1000 = 10 THEN repeat('A', 1048576) WHEN n % 1000 = 22 THEN repeat('!', 1048576) ELSE lower(tok) END
       ELSE tok || tok

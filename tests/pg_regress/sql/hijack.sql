@@ -17,6 +17,11 @@ INSERT INTO hk_text SELECT 'k' || g, 'sk-hijack-' || g, 'openai', CASE WHEN g % 
   FROM generate_series(1, 30) g;
 INSERT INTO hk_varchar SELECT * FROM hk_text;
 CREATE TABLE hk_originals AS SELECT id, token FROM hk_text;
+-- tables the guard will protect: the superuser's own writes go through it
+CREATE TABLE hk_guard_text (LIKE hk_text INCLUDING ALL);
+CREATE TABLE hk_guard_varchar (LIKE hk_varchar INCLUDING ALL);
+INSERT INTO hk_guard_text SELECT * FROM hk_text;
+INSERT INTO hk_guard_varchar SELECT * FROM hk_text;
 -- and a provider_key table, found through search_path
 CREATE SCHEMA hk;
 CREATE TABLE hk.provider_key (LIKE hk_text INCLUDING ALL);
@@ -88,9 +93,11 @@ DECLARE
                         'to_regclass', 'format', 'replace', 'set_config', 'round', 'has_column_privilege',
                         'has_function_privilege', 'pg_has_role', 'array_to_string', 'provider_keys_encrypt_fingerprint',
                         'may_commit', 'pg_current_xact_id', 'clock_timestamp', 'getdatabaseencoding', 'unnest',
-                        'enum_range', 'date_part', 'greatest', 'max', 'count',
+                        'enum_range', 'date_part', 'greatest', 'max', 'count', 'provider_keys_encrypt_guard',
+                        'guard_settings', 'guards', 'has_table_privilege', 'quote_ident', 'cardinality',
+                        'pg_partition_tree', 'provider_keys_guard_status',
                         'llmgw_state', 'llmgw_reencrypt', 'llmgw_key_id_of', 'token_key_id', 'llmgw_key_id',
-                        'llmgw_token_hash', 'llmgw_mask_token', 'split_part', 'cardinality'];
+                        'llmgw_token_hash', 'llmgw_mask_token', 'split_part'];
     f text; t text;
 BEGIN
     FOREACH f IN ARRAY fns LOOP
@@ -150,6 +157,17 @@ CALL encrypt_provider_keys('hk_text', batch_size => 7);
 BEGIN;
 CALL decrypt_provider_keys('hk_text', batch_size => 7);
 ROLLBACK;
+-- the guard: installed by the run, then the superuser's own plaintext writes go through it
+-- (text and varchar), and its status is read; the test's own comparisons name pg_catalog's
+CALL encrypt_provider_keys('hk_guard_text', batch_size => 7, guard => true);
+CALL encrypt_provider_keys('hk_guard_varchar', batch_size => 7, guard => true);
+CALL encrypt_provider_keys('hk_guard_varchar', batch_size => 7, guard => true, verbose => false);
+INSERT INTO hk_guard_text VALUES ('g1', 'sk-hijack-guard-1', 'openai');
+INSERT INTO hk_guard_varchar VALUES ('g1', 'sk-hijack-guard-1', 'openai');
+UPDATE hk_guard_text SET token = 'sk-hijack-guard-2' WHERE id OPERATOR(pg_catalog.=) 'k1'::text;
+UPDATE hk_guard_varchar SET token = 'sk-hijack-guard-2'::varchar WHERE id OPERATOR(pg_catalog.=) 'k1'::varchar;
+UPDATE hk_guard_varchar SET status = 'active'::varchar WHERE id OPERATOR(pg_catalog.=) 'k7'::varchar;
+SELECT relation, enabled, covers_writes, mode FROM provider_keys_guard_status('hk_guard_varchar'::regclass);
 -- format llmgw: the backfill, the report, rotation on the final schema, the rollback, inside a
 -- block, and the failing-row path
 CALL encrypt_provider_keys('hk_gw_text', batch_size => 7, format => 'llmgw', dry_run => true);
@@ -187,6 +205,17 @@ SELECT count(*) FILTER (WHERE is_encrypted_token(v.token::text, true)
   FROM hk_varchar v JOIN hk_originals o ON v.id::text OPERATOR(pg_catalog.=) o.id;
 
 SELECT count(*) AS hk_provider_key_encrypted FROM hk.provider_key WHERE is_encrypted_token(token::text, true);
+-- the guarded tables: every row not deleted is a token of its latest plaintext (k7 came back
+-- from deleted and was encrypted on the way)
+SELECT 'text' AS guarded, count(*) FILTER (WHERE status IS DISTINCT FROM 'deleted') AS live,
+       count(*) FILTER (WHERE status IS DISTINCT FROM 'deleted' AND is_encrypted_token(token, true)) AS encrypted,
+       string_agg(CASE WHEN is_encrypted_token(token, true) AND id IN ('g1', 'k1') THEN id || '=' || decrypt_token(token) END, ', ' ORDER BY id) AS latest
+  FROM hk_guard_text
+UNION ALL
+SELECT 'varchar', count(*) FILTER (WHERE status::text IS DISTINCT FROM 'deleted'),
+       count(*) FILTER (WHERE status::text IS DISTINCT FROM 'deleted' AND is_encrypted_token(token::text, true)),
+       string_agg(CASE WHEN is_encrypted_token(token::text, true) AND id::text IN ('g1', 'k1', 'k7') THEN id::text || '=' || decrypt_token(token::text) END, ', ' ORDER BY id::text)
+  FROM hk_guard_varchar;
 -- llmgw: hk_gw_varchar sealed (again) under the current key id, every row, soft-deleted ones
 -- too; hk_gw_final rotated from v1; hk_gw_text rolled back except k3 (refused by its trigger)
 SELECT count(*) FILTER (WHERE v.token IS NULL AND split_part(v.token_ciphertext::text, ':', 3) OPERATOR(pg_catalog.=) llmgw_key_id()
@@ -280,7 +309,7 @@ SELECT extnamespace::regnamespace AS installed_in FROM pg_extension WHERE extnam
 DROP DATABASE pke_writable_public;
 
 -- clean up
-DROP TABLE public.mallory_keys, public.mallory_enc, public.mallory_gw, hk_gw_text, hk_gw_varchar, hk_gw_final, hk_text, hk_varchar, hk_originals, hk_parted, hk_granted, public.hijacked CASCADE;
+DROP TABLE public.mallory_keys, public.mallory_enc, public.mallory_gw, hk_gw_text, hk_gw_varchar, hk_gw_final, hk_text, hk_varchar, hk_originals, hk_parted, hk_granted, hk_guard_text, hk_guard_varchar, public.hijacked CASCADE;
 DROP SCHEMA hk CASCADE;
 DROP FUNCTION hk_refuse();
 DROP OWNED BY mallory CASCADE;

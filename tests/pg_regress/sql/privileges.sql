@@ -1,4 +1,7 @@
 -- Who can do what. Superusers aside, nobody reads the key, not even pg_monitor members.
+-- privileges_1.out is the same session on PostgreSQL 16 and later, which word the refusal to
+-- examine a superuser-only setting differently: 'permission denied to examine "..."' plus a
+-- DETAIL line, where 15 says 'must be superuser or have privileges of pg_read_all_settings ...'.
 \set VERBOSITY default
 \set SHOW_CONTEXT never
 SET client_min_messages = warning;

@@ -1,0 +1,139 @@
+-- The guard (src/guard.rs): a trigger that encrypts, or refuses, a plaintext token written
+-- while a run goes on or after it. Here: which guards a table has, the checks before a run
+-- installs one, the install itself, and the status users read.
+
+-- Every guard trigger on tbl and its partitions (tbl NULL: on every table), with its settings
+-- as the trigger itself reads them (pke_internal.guard_settings: the same parser), whether it
+-- fires (enabled: in ordinary sessions) and whether it sees every write that can bring a
+-- plaintext back (covers_writes: BEFORE, FOR EACH ROW, INSERT and UPDATE of token and status,
+-- no WHEN clause).
+CREATE FUNCTION pke_internal.guards(tbl regclass)
+RETURNS TABLE (relation regclass, trigger_name text, enabled boolean, covers_writes boolean,
+               mode text, format text, unverified text, problem text)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT tg.tgrelid::regclass, tg.tgname::text, tg.tgenabled IN ('O', 'A'),
+           (tg.tgtype & 1) <> 0          -- FOR EACH ROW
+           AND (tg.tgtype & 2) <> 0      -- BEFORE
+           AND (tg.tgtype & 4) <> 0      -- INSERT
+           AND (tg.tgtype & 16) <> 0     -- UPDATE
+           AND tg.tgqual IS NULL
+           AND (cardinality(tg.tgattr::int2[]) = 0
+                OR (SELECT count(*) FROM pg_attribute a
+                     WHERE a.attrelid = tg.tgrelid AND a.attname IN ('token', 'status')
+                       AND a.attnum = ANY (tg.tgattr::int2[])) = 2),
+           s.mode, s.format, s.unverified, s.problem
+      FROM pg_trigger tg
+     CROSS JOIN LATERAL pke_internal.guard_settings(tg.tgnargs, tg.tgargs) s
+     WHERE tg.tgfoid = '@extschema@.provider_keys_encrypt_guard()'::regprocedure
+       AND (tbl IS NULL OR tg.tgrelid = tbl OR tg.tgrelid IN (SELECT p.relid FROM pg_partition_tree(tbl) p))
+     ORDER BY tg.tgrelid::regclass::text, tg.tgname
+$fn$;
+
+-- Before a run that installs the guard touches anything: the caller may create the trigger
+-- (the TRIGGER privilege on the table, which its owner has, and EXECUTE on the guard), and
+-- no half-working guard or foreign trigger of the same name is in the way.
+CREATE FUNCTION pke_internal.guard_check(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    g record;
+BEGIN
+    IF NOT has_table_privilege(tbl, 'TRIGGER') THEN
+        RAISE EXCEPTION 'permission denied to install the guard on table %', tbl
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Installing the guard creates a trigger, which needs the TRIGGER privilege on the table (its owner has it).',
+                  HINT = format('Run it as the table''s owner (SET ROLE %s), or without guard => true.',
+                                (SELECT c.relowner::regrole FROM pg_class c WHERE c.oid = tbl));
+    END IF;
+    IF NOT has_function_privilege('@extschema@.provider_keys_encrypt_guard()', 'EXECUTE') THEN
+        RAISE EXCEPTION 'permission denied for function provider_keys_encrypt_guard'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pke_internal.guards(tbl) x
+                WHERE x.relation = tbl AND x.enabled AND x.covers_writes AND x.problem IS NULL) THEN
+        RETURN;  -- installed and working: the run says so and goes on
+    END IF;
+    SELECT * INTO g FROM pke_internal.guards(tbl) x WHERE x.relation = tbl LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'table % has a guard that does not protect it: trigger %', tbl, quote_ident(g.trigger_name)
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = CASE WHEN g.problem IS NOT NULL THEN g.problem
+                                WHEN NOT g.enabled THEN 'The trigger is disabled.'
+                                ELSE 'It does not fire BEFORE INSERT OR UPDATE OF token, status FOR EACH ROW on every row.' END,
+                  HINT = format('Drop it (DROP TRIGGER %I ON %s) and run again: the run installs a working one.', g.trigger_name, tbl);
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = tbl AND tg.tgname = 'provider_keys_encrypt_guard') THEN
+        RAISE EXCEPTION 'table % already has a trigger named provider_keys_encrypt_guard that is not the guard', tbl
+            USING ERRCODE = 'duplicate_object';
+    END IF;
+END
+$fn$;
+
+-- Install the guard on tbl, once (after guard_check, and after every other check of the run).
+-- It gets the run's treatment of unverified values: encrypt_unverified => false installs it
+-- with 'unverified=keep'. The caller commits right after, so that writers wait for the
+-- trigger's lock as briefly as possible.
+CREATE FUNCTION pke_internal.guard_install(tbl regclass, encrypt_unverified boolean, dry_run boolean)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    g record;
+BEGIN
+    SELECT * INTO g FROM pke_internal.guards(tbl) x
+     WHERE x.relation = tbl AND x.enabled AND x.covers_writes AND x.problem IS NULL
+     ORDER BY x.trigger_name LIMIT 1;
+    IF FOUND THEN
+        RAISE NOTICE '%', format('The guard is already installed on %s: trigger %s (mode=%s, unverified=%s)',
+                                 tbl, quote_ident(g.trigger_name), g.mode, g.unverified);
+        RETURN;
+    END IF;
+    IF dry_run THEN
+        RAISE NOTICE '%', format('Would install the guard on %s (dry run: not installed)', tbl);
+        RETURN;
+    END IF;
+    EXECUTE format('CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION @extschema@.provider_keys_encrypt_guard(%s)',
+                   tbl, CASE WHEN encrypt_unverified THEN '' ELSE '''unverified=keep''' END);
+    RAISE NOTICE '%', format('Installed the guard on %s: a plaintext token written to it from now on is encrypted on write (remove it with: DROP TRIGGER provider_keys_encrypt_guard ON %s)',
+                             tbl, tbl);
+END
+$fn$;
+
+-- A mode that writes plaintext (decrypt) refuses to run while an enabled guard is on the
+-- table: the guard would encrypt again (or refuse) every row it writes.
+CREATE FUNCTION pke_internal.guard_absent(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    g record;
+BEGIN
+    SELECT * INTO g FROM pke_internal.guards(tbl) x WHERE x.enabled LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'table % has the guard installed (trigger % on %): it would encrypt again every key written back in plaintext',
+                tbl, quote_ident(g.trigger_name), g.relation
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Remove the guard first, then run again: DROP TRIGGER %I ON %s;', g.trigger_name, g.relation);
+    END IF;
+END
+$fn$;
+
+-- What users call.
+CREATE FUNCTION @extschema@.provider_keys_guard_status(table_name regclass DEFAULT NULL)
+RETURNS TABLE (relation regclass, trigger_name text, enabled boolean, covers_writes boolean,
+               mode text, format text, unverified text, problem text)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT * FROM pke_internal.guards(table_name)
+$fn$;
+
+COMMENT ON FUNCTION @extschema@.provider_keys_guard_status(regclass) IS
+'The guard triggers on a table and its partitions (NULL: on every table): enabled, covering every write, mode, format, unverified treatment, and what is wrong with their arguments.';
