@@ -14,6 +14,9 @@ import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { mkdirSync, rmSync, chownSync, appendFileSync, readFileSync, existsSync } from "node:fs";
 import { join } from "node:path";
 
+// a placeholder setting Cluster.reload() writes to postgresql.conf
+export const RELOAD_MARKER = "pke_test.reload_marker";
+
 function env(name) {
   const v = process.env[name];
   if (!v) throw new Error(`${name} is not set: run the tests through scripts/test, or \`source scripts/lib.sh\` first`);
@@ -71,6 +74,20 @@ export class Cluster {
 
   // Append lines to postgresql.conf (takes effect at the next reload or restart).
   appendConf(lines) { appendFileSync(join(this.data, "postgresql.conf"), lines.join("\n") + "\n"); }
+
+  // pg_reload_conf(), returning once the reload is done: when a new session sees the marker
+  // written with it. The postmaster reads the files (and logs what it refuses) before it forks
+  // that session; pg_reload_conf() itself only sends a signal, and a "received SIGHUP" line in
+  // the log comes before what the reload then logs.
+  reload() {
+    const marker = `m${Date.now()}${Math.random().toString(16).slice(2)}`;
+    this.appendConf([`${RELOAD_MARKER} = '${marker}'`]);
+    this.psql("SELECT pg_reload_conf()");
+    for (let i = 0; this.psql(`SELECT current_setting('${RELOAD_MARKER}', true)`) !== marker; i++) {
+      if (i > 1500) throw new Error("the server did not reload its configuration within 30 s");
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20);
+    }
+  }
 
   pgctl(args) {
     const [c, a] = asPg(`${PG_BIN}/pg_ctl`, ["-D", this.data, ...args]);

@@ -129,7 +129,7 @@ test("the server log never carries a key or a plaintext (log_statement = all, de
   for (const s of ["log_statement = 'all'", "log_min_messages = 'debug1'", "log_min_error_statement = 'debug1'"]) {
     db.psql(`ALTER SYSTEM SET ${s}`);
   }
-  db.psql("SELECT pg_reload_conf()");
+  db.reload();
   const mark = db.log().length;
   const enc = db.run("CALL encrypt_provider_keys('lg', batch_size => 8)", { tuples: false });
   assert.match(enc.err, /Failed to encrypt provider key r000007 .*\[redacted\]/);
@@ -138,7 +138,7 @@ test("the server log never carries a key or a plaintext (log_statement = all, de
   db.run("CALL decrypt_provider_keys('lg')", { tuples: false });
   db.run("SELECT decrypt_token('bm90LWEtdG9rZW4tYnV0LWxvbmctZW5vdWdoLXRvLWRlY29kZQ==')", { allowFail: true });
   db.psql("ALTER SYSTEM RESET ALL");
-  db.psql("SELECT pg_reload_conf()");
+  db.reload();
   const log = db.log().slice(mark);
   assert.ok(log.includes("CALL encrypt_provider_keys"), "statements were logged");
   assert.ok(!log.includes("PLAINTEXT"), "no plaintext in the server log");

@@ -14,7 +14,7 @@ import { createHmac, randomBytes } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { execFileSync } from "node:child_process";
-import { Cluster } from "./cluster.mjs";
+import { Cluster, RELOAD_MARKER } from "./cluster.mjs";
 
 const major = Number(execFileSync(`${process.env.PKE_PG_BIN}/pg_config`, ["--version"]).toString().match(/PostgreSQL (\d+)/)[1]);
 
@@ -95,14 +95,10 @@ function use(c) {
   return { state: s, err: r.err };
 }
 
-async function waitForReload(c, before) {
-  const count = (t) => t.split("received SIGHUP, reloading configuration files").length;
-  while (count(c.log()) <= count(before)) await new Promise((r) => setTimeout(r, 20));
-}
-
 const confPath = (c) => join(c.data, "postgresql.conf");
 function setConfLines(c, lines) {
-  const kept = readFileSync(confPath(c), "utf8").split("\n").filter((l) => !l.startsWith("provider_keys_encrypt."));
+  const kept = readFileSync(confPath(c), "utf8").split("\n")
+    .filter((l) => !l.startsWith("provider_keys_encrypt.") && !l.startsWith(RELOAD_MARKER));
   writeFileSync(confPath(c), [...kept.filter(Boolean), ...lines].join("\n") + "\n");
 }
 
@@ -135,7 +131,7 @@ const PATHS = [
   sqlPath("`SET LOCAL`", "kept as a placeholder", (n, v) => `SET LOCAL ${n} = '${v}';`, { before: "BEGIN;" }),
   sqlPath("`set_config()`", "kept as a placeholder", (n, v) => `SELECT set_config('${n}', '${v}', false);`),
   sqlPath("`ALTER SYSTEM`", "written to postgresql.auto.conf", (n, v) => `ALTER SYSTEM SET ${n} = '${v}';`,
-    { cleanup: (c) => c.probe(SETTINGS.map(([n]) => `ALTER SYSTEM RESET ${n};`).join("\n") + "\nSELECT pg_reload_conf();") }),
+    { cleanup: (c) => { c.probe(SETTINGS.map(([n]) => `ALTER SYSTEM RESET ${n};`).join("\n")); c.reload(); } }),
   sqlPath("`ALTER DATABASE … SET`", "stored in pg_db_role_setting", (n, v) => `ALTER DATABASE postgres SET ${n} = '${v}';`,
     { cleanup: (c) => c.probe(SETTINGS.map(([n]) => `ALTER DATABASE postgres RESET ${n};`).join("\n")) }),
   sqlPath("`ALTER ROLE … SET`", "stored in pg_db_role_setting", (n, v) => `ALTER ROLE app SET ${n} = '${v}';`,
@@ -157,16 +153,13 @@ const PATHS = [
   {
     label: "postgresql.conf (reloaded, changed and reloaded, restarted)", okLabel: "kept as a placeholder", sqlText: false,
     async give(c, values) {
-      let before = c.log();
       setConfLines(c, SETTINGS.map(([n], i) => `${n} = '${values[i]}'`));
-      c.psql("SELECT pg_reload_conf()");
-      await waitForReload(c, before);
+      c.reload();
       const changed = fresh();
       values.push(...changed);
-      before = c.log();
+      const before = c.log();
       setConfLines(c, SETTINGS.map(([n], i) => `${n} = '${changed[i]}'`));
-      c.psql("SELECT pg_reload_conf()");
-      await waitForReload(c, before);
+      c.reload();
       return { given: fileGiven(c, before), sessions: [], afterObserve: () => c.restart() };
     },
     cleanup(c) { setConfLines(c, []); c.restart(); },
