@@ -365,7 +365,8 @@ BEGIN
          'run and nothing is left to encrypt; rotate with CALL reencrypt_provider_keys(format => ''llmgw'').',
          ', soft-deleted ones included: the gateway''s next migration sets token_ciphertext, token_hash and token_masked NOT NULL on every row',
          'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
-         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token, or the row has no token at all',
+         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
+         '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
          NULL),
         ('decrypt', 'llmgw', 'decrypt_provider_keys(regclass,integer,boolean,boolean,text)', 'decryption (llmgw)', 'decrypted', 'Decrypted', 'decrypt',
          '{current_key,previous_key}'::pke_internal.token_state[],
@@ -385,7 +386,8 @@ BEGIN
          '(ALTER TABLE provider_key ADD COLUMN token text, ALTER COLUMN token_ciphertext DROP NOT NULL).',
          ', soft-deleted ones included',
          'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
-         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token, or the row has no token at all',
+         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
+         '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
          NULL),
         ('reencrypt', 'llmgw', 'reencrypt_provider_keys(regclass,integer,boolean,boolean,text)', 're-encryption (llmgw)', 'reencrypted', 'Re-encrypted', 're-encrypt',
          '{previous_key}'::pke_internal.token_state[],
@@ -402,7 +404,8 @@ BEGIN
          'Rotation needs id, provider, token_ciphertext, token_hash and organization_id (the gateway''s rollout or final schema).',
          ', soft-deleted ones included: a row left under an older secret stops opening once that secret is dropped',
          'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
-         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token, or the row has no token at all',
+         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
+         '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
          'No provider key needs an older secret any more: GATEWAY_API_KEY_HASH_SECRET can be cut down to its first '
          '(current) secret, on the gateway and on this server.')
       ) AS v(name, format, entry_point, job, done_word, past, verb, todo, target, state_sql, set_sql, deleted_sql,
@@ -1184,11 +1187,15 @@ DECLARE
     todo bigint := 0;
     previous bigint := 0;
     unverified bigint := 0;
+    classified bigint := 0;  -- rows with a state (a NULL token has none, and a walk skips it)
 BEGIN
     r.found := 0;
     FOR x IN EXECUTE format('SELECT c.s, count(*) AS n FROM (SELECT %s AS s FROM %s t WHERE NOT (%s)) c GROUP BY c.s',
                             m.state_sql, r.tbl, m.deleted_sql) LOOP
         r.found := r.found + x.n;
+        IF x.s IS NOT NULL THEN
+            classified := classified + x.n;
+        END IF;
         IF x.s = ANY (m.todo) THEN
             todo := todo + x.n;
         END IF;
@@ -1200,7 +1207,7 @@ BEGIN
     END LOOP;
     RAISE NOTICE 'Found % provider keys to check%', r.found, m.found_note;
     IF todo = 0 AND unverified = 0 THEN
-        r.examined := r.found;
+        r.examined := classified;
         r.previous := previous;
         r.done := true;
     END IF;

@@ -129,7 +129,9 @@ pub fn llmgw_key_id() -> String {
 ///   v2 under an older secret: to rotate), `unverified` (opens under no secret for this row,
 ///   or is not an llmgw token at all);
 /// * no ciphertext and a `token`: `plaintext` (to move), unless the token is itself an llmgw
-///   token (`unverified`: never sealed twice);
+///   token, or a base64 token of this extension that authenticates under `ENCRYPTION_KEY` (a
+///   table encrypted in format base64 before): `unverified`, never sealed as if it were the API
+///   key (the gateway would then read the base64 token as the key);
 /// * neither, or a NULL id: `unverified` (nothing the gateway can read).
 ///
 /// Never raises on odd input (only when the keyring is missing).
@@ -164,11 +166,23 @@ pub(crate) fn llmgw_state(
                 State::Plaintext | State::Unverified => StateLabel::Unverified,
             }
         }
-        (None, Some(t), Some(_)) if !t.starts_with(llmgw::PREFIX) => StateLabel::Plaintext,
+        (None, Some(t), Some(_)) if !t.starts_with(llmgw::PREFIX) && !is_base64_token(t) => {
+            StateLabel::Plaintext
+        }
         _ => StateLabel::Unverified,
     };
     // SAFETY: pgrx hands us this call's fcinfo.
     unsafe { crate::engine::state_oid(fcinfo, label) }
+}
+
+/// Does `token` authenticate as a base64 token under `ENCRYPTION_KEY` (or a previous key)?
+/// Without that key configured nothing can: false.
+fn is_base64_token(token: &str) -> bool {
+    use crate::keys::TokenState;
+    matches!(
+        crate::gucs::with_keyring(|ring| ring.classify(token)),
+        Ok(Ok(TokenState::Current | TokenState::Previous))
+    )
 }
 
 /// `pke_internal.llmgw_reencrypt(token_ciphertext, id, organization_id)`: rotation. The

@@ -98,11 +98,15 @@ DECLARE
     todo bigint := 0;
     previous bigint := 0;
     unverified bigint := 0;
+    classified bigint := 0;  -- rows with a state (a NULL token has none, and a walk skips it)
 BEGIN
     r.found := 0;
     FOR x IN EXECUTE format('SELECT c.s, count(*) AS n FROM (SELECT %s AS s FROM %s t WHERE NOT (%s)) c GROUP BY c.s',
                             m.state_sql, r.tbl, m.deleted_sql) LOOP
         r.found := r.found + x.n;
+        IF x.s IS NOT NULL THEN
+            classified := classified + x.n;
+        END IF;
         IF x.s = ANY (m.todo) THEN
             todo := todo + x.n;
         END IF;
@@ -114,7 +118,7 @@ BEGIN
     END LOOP;
     RAISE NOTICE 'Found % provider keys to check%', r.found, m.found_note;
     IF todo = 0 AND unverified = 0 THEN
-        r.examined := r.found;
+        r.examined := classified;
         r.previous := previous;
         r.done := true;
     END IF;

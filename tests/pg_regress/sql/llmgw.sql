@@ -171,7 +171,25 @@ ALTER TABLE seed_key ADD COLUMN token_ciphertext text, ADD COLUMN token_hash tex
 CALL encrypt_provider_keys('seed_key', format => 'llmgw');
 CALL encrypt_provider_keys('seed_key', format => 'llmgw2');
 
-DROP TABLE gw_key, gw_key_plain, seed_key;
+-- A table encrypted in format base64 before (this extension's first format): its tokens are
+-- no API keys, so the backfill leaves them in token and says how to move them; a real
+-- plaintext next to them moves. Rolled back to plaintext first, they move too.
+CREATE TABLE was_base64 (id text PRIMARY KEY, token text, token_ciphertext text, token_hash text,
+                         token_masked text, provider text NOT NULL, status text, organization_id text);
+INSERT INTO was_base64 (id, token, provider) VALUES ('b1', encrypt_token('sk-was-base64'), 'openai'),
+                                                    ('b2', 'sk-plain-next-to-it', 'anthropic');
+CALL encrypt_provider_keys('was_base64', format => 'llmgw');
+SELECT id, decrypt_token(token) AS base64_token_opens_to, llmgw_decrypt_token(token_ciphertext, id, organization_id) AS moved
+  FROM was_base64 ORDER BY id;
+CALL decrypt_provider_keys('was_base64', format => 'base64');
+CALL encrypt_provider_keys('was_base64', format => 'llmgw');
+SELECT id, token, llmgw_decrypt_token(token_ciphertext, id, organization_id) AS moved FROM was_base64 ORDER BY id;
+-- runs with nothing left to do end after one classification scan, with the counts a walk
+-- would give (format base64 finds no token at all in column token here: total=0)
+CALL encrypt_provider_keys('was_base64', format => 'llmgw');
+CALL encrypt_provider_keys('was_base64');
+
+DROP TABLE gw_key, gw_key_plain, seed_key, was_base64;
 DROP FUNCTION gw_refuse();
 DROP OWNED BY gw_operator;
 DROP ROLE gw_operator;
