@@ -47,9 +47,10 @@ AS $fn$
 $fn$;
 
 -- Before a run that installs the guard touches anything: the caller may create the trigger
--- (the TRIGGER privilege on the table, which its owner has, and EXECUTE on the guard), the
--- columns the guard fires on exist, and no half-working guard, guard for the other format or
--- foreign trigger of the same name is in the way. m: the run's mode (its format, guard_args).
+-- (the TRIGGER privilege on the table, which its owner has, and EXECUTE on the guard), and
+-- no half-working guard, guard for the other format or foreign trigger of the same name is in
+-- the way. m: the run's mode (its format, guard_args). (The columns the guard watches exist:
+-- check_table has checked the mode's reads, which include them.)
 CREATE FUNCTION pke_internal.guard_check(tbl regclass, m pke_internal.mode)
 RETURNS void
 LANGUAGE plpgsql STABLE PARALLEL SAFE
@@ -68,15 +69,6 @@ BEGIN
     IF NOT has_function_privilege('@extschema@.provider_keys_encrypt_guard()', 'EXECUTE') THEN
         RAISE EXCEPTION 'permission denied for function provider_keys_encrypt_guard'
             USING ERRCODE = 'insufficient_privilege';
-    END IF;
-    SELECT c.col INTO g FROM unnest(pke_internal.guard_watches(m.guard_args)) c(col)
-     WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a
-                        WHERE a.attrelid = tbl AND a.attname::text = c.col AND a.attnum > 0 AND NOT a.attisdropped)
-     LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION 'column "%" of relation % does not exist: the guard has nothing to protect', g.col, tbl
-            USING ERRCODE = 'undefined_column',
-                  HINT = 'Without that column nothing can write a plaintext key: run without guard => true.';
     END IF;
     SELECT * INTO g FROM pke_internal.guards(tbl) x
      WHERE x.relation = tbl AND x.enabled AND x.covers_writes AND x.problem IS NULL
