@@ -630,10 +630,11 @@ AS $fn$
            AND (tg.tgtype & 4) <> 0      -- INSERT
            AND (tg.tgtype & 16) <> 0     -- UPDATE
            AND tg.tgqual IS NULL
-           AND (cardinality(tg.tgattr::int2[]) = 0
-                OR (SELECT count(*) FROM pg_attribute a
-                     WHERE a.attrelid = tg.tgrelid AND a.attname::text = ANY (s.watches)
-                       AND a.attnum = ANY (tg.tgattr::int2[])) = cardinality(s.watches)),
+           AND coalesce(cardinality(tg.tgattr::int2[]) = 0
+                        OR (SELECT count(*) FROM pg_attribute a
+                             WHERE a.attrelid = tg.tgrelid AND a.attname::text = ANY (s.watches)
+                               AND a.attnum = ANY (tg.tgattr::int2[])) = cardinality(s.watches),
+                        false),  -- arguments it cannot read: it watches nothing for sure
            s.mode, s.format, s.unverified, s.problem
       FROM pg_trigger tg
      CROSS JOIN LATERAL pke_internal.guard_settings(tg.tgnargs, tg.tgargs) s
@@ -1517,8 +1518,8 @@ GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 -- is_encrypted_token and the key ids; reencrypt and llmgw_reencrypt return a new token (as
 -- encrypt_token would) and, for llmgw, the token_hash of its plaintext (what the row's
 -- token_hash column holds: good for confirming a guess, never for reading a key), never the
--- plaintext; guard_settings only parses trigger arguments; guards and guard_check read catalogs
--- everyone can read; guard_install creates a trigger only with the caller's own TRIGGER
+-- plaintext; guard_settings and guard_watches only parse trigger arguments; guards and
+-- guard_check read catalogs everyone can read; guard_install creates a trigger only with the caller's own TRIGGER
 -- privilege; scrub only replaces text; every internal that reads or writes rows takes a mode
 -- by name from pke_internal.mode, which refuses an unknown mode and a caller without EXECUTE
 -- on that mode's public procedure (and on the format's decrypting function when the mode

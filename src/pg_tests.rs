@@ -711,6 +711,19 @@ mod tests {
             one::<bool>("SELECT covers_writes FROM provider_keys_guard_status('gl')"),
             Some(false)
         );
+        // arguments it cannot read, with a column list: not covering (false, not NULL)
+        Spi::run(
+            "DROP TRIGGER guard ON gl;
+             CREATE TRIGGER guard BEFORE INSERT OR UPDATE OF token ON gl FOR EACH ROW
+                 EXECUTE FUNCTION provider_keys_encrypt_guard('format=nope')",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<bool>(
+                "SELECT covers_writes FROM provider_keys_guard_status('gl') WHERE problem IS NOT NULL"
+            ),
+            Some(false)
+        );
     }
 
     /// format=llmgw: mode=reject, an llmgw token in column token, a NULL id, the table's shape.

@@ -20,10 +20,11 @@ AS $fn$
            AND (tg.tgtype & 4) <> 0      -- INSERT
            AND (tg.tgtype & 16) <> 0     -- UPDATE
            AND tg.tgqual IS NULL
-           AND (cardinality(tg.tgattr::int2[]) = 0
-                OR (SELECT count(*) FROM pg_attribute a
-                     WHERE a.attrelid = tg.tgrelid AND a.attname::text = ANY (s.watches)
-                       AND a.attnum = ANY (tg.tgattr::int2[])) = cardinality(s.watches)),
+           AND coalesce(cardinality(tg.tgattr::int2[]) = 0
+                        OR (SELECT count(*) FROM pg_attribute a
+                             WHERE a.attrelid = tg.tgrelid AND a.attname::text = ANY (s.watches)
+                               AND a.attnum = ANY (tg.tgattr::int2[])) = cardinality(s.watches),
+                        false),  -- arguments it cannot read: it watches nothing for sure
            s.mode, s.format, s.unverified, s.problem
       FROM pg_trigger tg
      CROSS JOIN LATERAL pke_internal.guard_settings(tg.tgnargs, tg.tgargs) s
