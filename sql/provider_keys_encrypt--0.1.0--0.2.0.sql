@@ -117,7 +117,8 @@ CREATE TYPE pke_internal.mode AS (
     table_hint text,                   -- the HINT when a column of reads is missing
     found_note text,                   -- appended to 'Found N provider keys to check'
     unverified_text text,              -- 'Provider key K for provider P <this>: left unchanged'
-    retire_note text                   -- rotation only: said once no row needs an older key
+    retire_note text,                  -- rotation only: said once no row needs an older key
+    guard_args text[]                  -- the guard trigger's arguments for this format (guard => true)
 );
 
 -- A run between batches: what the committing procedure carries from one step to the next.
@@ -235,11 +236,11 @@ CREATE FUNCTION pke_internal.flush_wal() RETURNS void
     AS 'MODULE_PATHNAME', 'pke_flush_wal_wrapper';
 
 CREATE FUNCTION pke_internal.guard_settings(nargs smallint, args bytea)
-RETURNS TABLE (mode text, format text, unverified text, problem text)
+RETURNS TABLE (mode text, format text, unverified text, watches text[], problem text)
     LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
     AS 'MODULE_PATHNAME', 'pke_guard_settings_wrapper';
 COMMENT ON FUNCTION pke_internal.guard_settings(smallint, bytea) IS
-    'Engine internal: a guard trigger''s settings from pg_trigger.tgnargs and tgargs.';
+    'Engine internal: a guard trigger''s settings from pg_trigger.tgnargs and tgargs, and the columns whose UPDATE it must fire on.';
 
 CREATE FUNCTION pke_internal.may_commit() RETURNS boolean
     LANGUAGE c VOLATILE PARALLEL UNSAFE
@@ -283,9 +284,14 @@ COMMENT ON FUNCTION pke_internal.token_state(text) IS
 --           encrypt_unverified does not apply: the llmgw: prefix is unambiguous, so a value
 --           that has it is never taken for a plaintext.
 --
--- Guard hook (src/guard.rs, another branch): the guard's trigger for llmgw seals into
--- token_ciphertext/token_hash/token_masked with the row's id and organization
--- (crate::llmgw::seal_row); add its per-format trigger here as a column when it lands.
+-- The guard (src/guard.rs, guard.sql): guard_args are the arguments guard => true installs
+-- the trigger with. base64: none, or 'unverified=keep' when encrypt_unverified is false (the
+-- run's treatment of unverified values). llmgw: 'format=llmgw'; the trigger then seals a
+-- plaintext token into token_ciphertext/token_hash/token_masked with the row's id and
+-- organization (crate::llmgw::seal_row, what set_sql writes) and sets token NULL. Its default
+-- unverified=keep is the engine's treatment: an llmgw token found in column token is never
+-- sealed twice (encrypt_unverified does not apply to llmgw). The columns whose UPDATE fires the
+-- trigger follow from its arguments (guard_watches: token, status for base64; token for llmgw).
 --
 -- Every internal that reads or writes rows gets its mode from here, and here the caller's
 -- right to the mode is checked: EXECUTE on its public procedure and, for a mode that writes
@@ -318,7 +324,8 @@ BEGIN
          'The table needs the provider_key columns id, token, provider and status.',
          '',
          'looks like a token but authenticates under no configured key',
-         NULL),
+         NULL,
+         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[]),
         ('decrypt', 'base64', 'decrypt_provider_keys(regclass,integer,boolean,boolean,text)', 'decryption', 'decrypted', 'Decrypted', 'decrypt',
          '{current_key,previous_key}'::pke_internal.token_state[],
          '{plaintext,unverified}'::pke_internal.token_state[],
@@ -331,7 +338,8 @@ BEGIN
          'The table needs the provider_key columns id, token, provider and status.',
          '',
          'looks like a token but authenticates under no configured key',
-         NULL),
+         NULL,
+         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[]),
         ('reencrypt', 'base64', 'reencrypt_provider_keys(regclass,integer,boolean,boolean,text)', 're-encryption', 'reencrypted', 'Re-encrypted', 're-encrypt',
          '{previous_key}'::pke_internal.token_state[],
          '{current_key}'::pke_internal.token_state[],
@@ -344,7 +352,8 @@ BEGIN
          'The table needs the provider_key columns id, token, provider and status.',
          '',
          'looks like a token but authenticates under no configured key',
-         'No provider key needs a previous key any more: provider_keys_encrypt.previous_keys can be emptied.'),
+         'No provider key needs a previous key any more: provider_keys_encrypt.previous_keys can be emptied.',
+         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[]),
         -- llmgw ----------------------------------------------------------------------------
         ('encrypt', 'llmgw', 'encrypt_provider_keys(regclass,integer,boolean,boolean,boolean,text,boolean)', 'backfill (llmgw)', 'encrypted', 'Encrypted', 'encrypt',
          '{plaintext}'::pke_internal.token_state[],
@@ -367,7 +376,8 @@ BEGIN
          'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
          '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
          '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
-         NULL),
+         NULL,
+         '{format=llmgw}'::text[]),
         ('decrypt', 'llmgw', 'decrypt_provider_keys(regclass,integer,boolean,boolean,text)', 'decryption (llmgw)', 'decrypted', 'Decrypted', 'decrypt',
          '{current_key,previous_key}'::pke_internal.token_state[],
          '{plaintext,unverified}'::pke_internal.token_state[],
@@ -388,7 +398,8 @@ BEGIN
          'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
          '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
          '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
-         NULL),
+         NULL,
+         '{format=llmgw}'::text[]),
         ('reencrypt', 'llmgw', 'reencrypt_provider_keys(regclass,integer,boolean,boolean,text)', 're-encryption (llmgw)', 'reencrypted', 'Re-encrypted', 're-encrypt',
          '{previous_key}'::pke_internal.token_state[],
          '{current_key}'::pke_internal.token_state[],
@@ -407,10 +418,11 @@ BEGIN
          '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
          '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
          'No provider key needs an older secret any more: GATEWAY_API_KEY_HASH_SECRET can be cut down to its first '
-         '(current) secret, on the gateway and on this server.')
+         '(current) secret, on the gateway and on this server.',
+         '{format=llmgw}'::text[])
       ) AS v(name, format, entry_point, job, done_word, past, verb, todo, target, state_sql, set_sql, deleted_sql,
              reveals, plain_sql, stored_sql, key_id_sql, key_sql, key_word, reads, optional, writes, sets_null,
-             table_hint, found_note, unverified_text, retire_note)
+             table_hint, found_note, unverified_text, retire_note, guard_args)
      WHERE v.format = format_name
     LOOP
         found_format := true;
@@ -597,7 +609,7 @@ CREATE FUNCTION provider_keys_encrypt_guard() RETURNS trigger
     LANGUAGE c
     AS 'MODULE_PATHNAME', 'provider_keys_encrypt_guard_wrapper';
 COMMENT ON FUNCTION provider_keys_encrypt_guard() IS
-'The guard: BEFORE INSERT OR UPDATE OF token, status ... FOR EACH ROW. Encrypts a plaintext token on write (mode=reject: refuses it); tokens and deleted rows pass.';
+'The guard: BEFORE INSERT OR UPDATE OF token, status ... FOR EACH ROW (format=llmgw: UPDATE OF token). Encrypts a plaintext token on write (format=llmgw: moves it into token_ciphertext, token_hash and token_masked; mode=reject: refuses it); tokens and deleted rows pass (llmgw: rows with token NULL pass).';
 
 -- The guard (src/guard.rs): a trigger that encrypts, or refuses, a plaintext token written
 -- while a run goes on or after it. Here: which guards a table has, the checks before a run
@@ -606,8 +618,9 @@ COMMENT ON FUNCTION provider_keys_encrypt_guard() IS
 -- Every guard trigger on tbl and its partitions (tbl NULL: on every table), with its settings
 -- as the trigger itself reads them (pke_internal.guard_settings: the same parser), whether it
 -- fires (enabled: in ordinary sessions) and whether it sees every write that can bring a
--- plaintext back (covers_writes: BEFORE, FOR EACH ROW, INSERT and UPDATE of token and status,
--- no WHEN clause).
+-- plaintext back (covers_writes: BEFORE, FOR EACH ROW, INSERT and UPDATE of the columns its
+-- format watches, no WHEN clause: token and status for base64, token for llmgw; the list comes
+-- from the trigger's own parser).
 CREATE FUNCTION pke_internal.guards(tbl regclass)
 RETURNS TABLE (relation regclass, trigger_name text, enabled boolean, covers_writes boolean,
                mode text, format text, unverified text, problem text)
@@ -620,10 +633,11 @@ AS $fn$
            AND (tg.tgtype & 4) <> 0      -- INSERT
            AND (tg.tgtype & 16) <> 0     -- UPDATE
            AND tg.tgqual IS NULL
-           AND (cardinality(tg.tgattr::int2[]) = 0
-                OR (SELECT count(*) FROM pg_attribute a
-                     WHERE a.attrelid = tg.tgrelid AND a.attname IN ('token', 'status')
-                       AND a.attnum = ANY (tg.tgattr::int2[])) = 2),
+           AND coalesce(cardinality(tg.tgattr::int2[]) = 0
+                        OR (SELECT count(*) FROM pg_attribute a
+                             WHERE a.attrelid = tg.tgrelid AND a.attname::text = ANY (s.watches)
+                               AND a.attnum = ANY (tg.tgattr::int2[])) = cardinality(s.watches),
+                        false),  -- arguments it cannot read: it watches nothing for sure
            s.mode, s.format, s.unverified, s.problem
       FROM pg_trigger tg
      CROSS JOIN LATERAL pke_internal.guard_settings(tg.tgnargs, tg.tgargs) s
@@ -632,10 +646,26 @@ AS $fn$
      ORDER BY tg.tgrelid::regclass::text, tg.tgname
 $fn$;
 
+-- The columns whose UPDATE a guard with these arguments must fire on, from the trigger's own
+-- parser (pke_internal.guard_settings reads them as pg_trigger.tgargs: each followed by a NUL).
+CREATE FUNCTION pke_internal.guard_watches(args text[])
+RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT s.watches
+      FROM pke_internal.guard_settings(
+               cardinality(args)::smallint,
+               coalesce((SELECT string_agg(convert_to(a.arg, 'UTF8') || '\x00'::bytea, ''::bytea ORDER BY a.n)
+                           FROM unnest(args) WITH ORDINALITY a(arg, n)), ''::bytea)) s
+$fn$;
+
 -- Before a run that installs the guard touches anything: the caller may create the trigger
 -- (the TRIGGER privilege on the table, which its owner has, and EXECUTE on the guard), and
--- no half-working guard or foreign trigger of the same name is in the way.
-CREATE FUNCTION pke_internal.guard_check(tbl regclass)
+-- no half-working guard, guard for the other format or foreign trigger of the same name is in
+-- the way. m: the run's mode (its format, guard_args). (The columns the guard watches exist:
+-- check_table has checked the mode's reads, which include them.)
+CREATE FUNCTION pke_internal.guard_check(tbl regclass, m pke_internal.mode)
 RETURNS void
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
@@ -654,9 +684,17 @@ BEGIN
         RAISE EXCEPTION 'permission denied for function provider_keys_encrypt_guard'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
-    IF EXISTS (SELECT 1 FROM pke_internal.guards(tbl) x
-                WHERE x.relation = tbl AND x.enabled AND x.covers_writes AND x.problem IS NULL) THEN
+    SELECT * INTO g FROM pke_internal.guards(tbl) x
+     WHERE x.relation = tbl AND x.enabled AND x.covers_writes AND x.problem IS NULL
+     ORDER BY x.format = m.format DESC, x.trigger_name LIMIT 1;
+    IF FOUND AND g.format = m.format THEN
         RETURN;  -- installed and working: the run says so and goes on
+    ELSIF FOUND THEN
+        RAISE EXCEPTION 'table % has a guard for format %, not %: trigger %', tbl, g.format, m.format, quote_ident(g.trigger_name)
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A guard seals a plaintext token in its own format only; the run''s format is the one the gateway reads.',
+                  HINT = format('Check the format => argument. To change the guard''s format, drop it (DROP TRIGGER %I ON %s) and run again: the run installs one for format %s.',
+                                g.trigger_name, tbl, m.format);
     END IF;
     SELECT * INTO g FROM pke_internal.guards(tbl) x WHERE x.relation = tbl LIMIT 1;
     IF FOUND THEN
@@ -664,7 +702,8 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   DETAIL = CASE WHEN g.problem IS NOT NULL THEN g.problem
                                 WHEN NOT g.enabled THEN 'The trigger is disabled.'
-                                ELSE 'It does not fire BEFORE INSERT OR UPDATE OF token, status FOR EACH ROW on every row.' END,
+                                ELSE format('It does not fire BEFORE INSERT OR UPDATE OF %s FOR EACH ROW on every row.',
+                                            array_to_string(pke_internal.guard_watches(m.guard_args), ', ')) END,
                   HINT = format('Drop it (DROP TRIGGER %I ON %s) and run again: the run installs a working one.', g.trigger_name, tbl);
     END IF;
     IF EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = tbl AND tg.tgname = 'provider_keys_encrypt_guard') THEN
@@ -674,11 +713,13 @@ BEGIN
 END
 $fn$;
 
--- Install the guard on tbl, once (after guard_check, and after every other check of the run).
--- It gets the run's treatment of unverified values: encrypt_unverified => false installs it
--- with 'unverified=keep'. The caller commits right after, so that writers wait for the
--- trigger's lock as briefly as possible.
-CREATE FUNCTION pke_internal.guard_install(tbl regclass, encrypt_unverified boolean, dry_run boolean)
+-- Install the guard on tbl, once (after guard_check, and after every other check of the run),
+-- with the mode's guard_args (modes.sql): the format, and for base64 the run's treatment of
+-- unverified values (encrypt_unverified => false: 'unverified=keep'). It fires on INSERT and
+-- on an UPDATE of the columns those arguments watch (base64: token, status; llmgw: token).
+-- The caller commits right after, so that writers wait for the trigger's lock as briefly as
+-- possible.
+CREATE FUNCTION pke_internal.guard_install(tbl regclass, m pke_internal.mode, dry_run boolean)
 RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -698,9 +739,13 @@ BEGIN
         RAISE NOTICE '%', format('Would install the guard on %s (dry run: not installed)', tbl);
         RETURN;
     END IF;
-    EXECUTE format('CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON %s '
+    EXECUTE format('CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF %s ON %s '
                    'FOR EACH ROW EXECUTE FUNCTION @extschema@.provider_keys_encrypt_guard(%s)',
-                   tbl, CASE WHEN encrypt_unverified THEN '' ELSE '''unverified=keep''' END);
+                   (SELECT string_agg(quote_ident(c.col), ', ' ORDER BY c.n)
+                      FROM unnest(pke_internal.guard_watches(m.guard_args)) WITH ORDINALITY c(col, n)),
+                   tbl,
+                   coalesce((SELECT string_agg(quote_literal(a.arg), ', ' ORDER BY a.n)
+                               FROM unnest(m.guard_args) WITH ORDINALITY a(arg, n)), ''));
     RAISE NOTICE '%', format('Installed the guard on %s: a plaintext token written to it from now on is encrypted on write (remove it with: DROP TRIGGER provider_keys_encrypt_guard ON %s)',
                              tbl, tbl);
 END
@@ -1118,19 +1163,13 @@ BEGIN
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
     m := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
-    IF guard AND m.format <> 'base64' THEN
-        -- Guard hook: for format llmgw the guard's trigger must seal into token_ciphertext,
-        -- token_hash and token_masked with the row's id and organization (crate::llmgw::seal_row).
-        RAISE EXCEPTION 'the guard protects format base64 only, not yet %', m.format
-            USING ERRCODE = 'feature_not_supported';
-    END IF;
     IF guard AND m.reveals IS NOT NULL THEN
         RAISE EXCEPTION 'the guard cannot be installed by a run that writes plaintext'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     PERFORM pke_internal.check_table(tbl, m, NOT dry_run);
     IF guard THEN
-        PERFORM pke_internal.guard_check(tbl);
+        PERFORM pke_internal.guard_check(tbl, m);
     END IF;
     IF m.reveals IS NOT NULL THEN
         -- a mode that reveals plaintext writes it into the table: the guard would undo it
@@ -1159,7 +1198,7 @@ BEGIN
              WHEN NOT may_commit THEN ', inside the caller''s transaction'
              ELSE '' END);
     IF guard THEN
-        PERFORM pke_internal.guard_install(tbl, encrypt_unverified, dry_run);
+        PERFORM pke_internal.guard_install(tbl, m, dry_run);
     END IF;
     RETURN r;
 END
@@ -1533,8 +1572,8 @@ GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 -- is_encrypted_token and the key ids; reencrypt and llmgw_reencrypt return a new token (as
 -- encrypt_token would) and, for llmgw, the token_hash of its plaintext (what the row's
 -- token_hash column holds: good for confirming a guess, never for reading a key), never the
--- plaintext; guard_settings only parses trigger arguments; guards and guard_check read catalogs
--- everyone can read; guard_install creates a trigger only with the caller's own TRIGGER
+-- plaintext; guard_settings and guard_watches only parse trigger arguments; guards and
+-- guard_check read catalogs everyone can read; guard_install creates a trigger only with the caller's own TRIGGER
 -- privilege; scrub only replaces text; every internal that reads or writes rows takes a mode
 -- by name from pke_internal.mode, which refuses an unknown mode and a caller without EXECUTE
 -- on that mode's public procedure (and on the format's decrypting function when the mode

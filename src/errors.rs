@@ -32,12 +32,13 @@
 //!
 //! | cause                                              | SQLSTATE | condition name                   |
 //! |----------------------------------------------------|----------|----------------------------------|
-//! | mode=reject: a token that is not encrypted         | 23000    | integrity_constraint_violation   |
+//! | mode=reject: a token that is not encrypted (llmgw: a non-NULL `token`) | 23000 | integrity_constraint_violation |
 //! | unknown or repeated trigger argument               | 22023    | invalid_parameter_value          |
 //! | not fired BEFORE INSERT/UPDATE FOR EACH ROW        | 39P01    | trigger_protocol_violated        |
-//! | the table lacks id, token, provider or status      | 42703    | undefined_column                 |
+//! | the table lacks a column the format needs (base64: id, token, provider, status; llmgw: id, token, provider, token_ciphertext, token_hash, token_masked, organization_id) | 42703 | undefined_column |
 //! | one of those columns is not text or varchar        | 42804    | datatype_mismatch                |
-//! | the sealed token is longer than a varchar(n) token | 22001    | string_data_right_truncation     |
+//! | a sealed value is longer than its varchar(n) column | 22001   | string_data_right_truncation     |
+//! | llmgw: a plaintext `token` on a row whose id is NULL | 22004  | null_value_not_allowed           |
 //!
 //! Messages are fixed strings or name a setting, a table, a column or a row's id: never a key,
 //! a token or a plaintext.
@@ -47,6 +48,7 @@ use std::borrow::Cow;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
+use crate::guard::Format;
 use crate::gucs::{ConfigPlace, Setting};
 use crate::keys::KeyError;
 use crate::token::TokenError;
@@ -76,12 +78,14 @@ pub enum Error {
 /// ids and trigger arguments (none of them secret), never a token or a plaintext.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GuardError {
-    /// mode=reject: the row's new token does not authenticate under any configured key.
+    /// mode=reject: the row's new token does not authenticate under any configured key
+    /// (format=llmgw: the row's `token` is not NULL).
     #[error("the guard on table \"{table}\" refused provider key {id}: {why}")]
     Refused {
         table: String,
         id: String,
         why: &'static str,
+        format: Format,
     },
     /// An unknown, malformed or repeated trigger argument (the text is the argument's, which
     /// is not secret: it is in pg_trigger for everyone to read).
@@ -100,9 +104,13 @@ pub enum GuardError {
         column: &'static str,
         type_name: String,
     },
-    /// The token the guard sealed does not fit a varchar(n) column.
+    /// A value the guard sealed does not fit a varchar(n) column.
     #[error("value too long for type character varying({max})")]
-    TooLong { max: usize, id: String },
+    TooLong {
+        max: usize,
+        id: String,
+        column: &'static str,
+    },
 }
 
 impl Error {
@@ -161,6 +169,12 @@ impl Error {
                      ENCRYPTION_KEY_PREVIOUS, GATEWAY_API_KEY_HASH_SECRET."
                 )))
             }
+            Error::Guard(GuardError::TooLong { column, .. }) => {
+                return Some(Cow::Owned(format!(
+                    "The gateway's schema stores tokens as text: ALTER TABLE ... ALTER COLUMN \
+                     {column} TYPE text."
+                )))
+            }
             _ => return self.static_hint().map(Cow::Borrowed),
         }))
     }
@@ -170,14 +184,31 @@ impl Error {
             Error::Setup(SetupError::KeyGiven { more, .. }) if *more > 0 => {
                 Some(format!("{more} more such setting(s) found."))
             }
-            Error::Guard(GuardError::Refused { .. }) => Some(
+            Error::Guard(GuardError::Refused {
+                format: Format::Base64,
+                ..
+            }) => Some(
                 "Its guard (mode=reject) accepts only tokens that authenticate under the current \
                  or a previous key."
                     .into(),
             ),
-            Error::Guard(GuardError::TooLong { id, .. }) => Some(format!(
-                "The guard encrypted the token of provider key {id}; the encrypted token does not \
-                 fit the column."
+            Error::Guard(GuardError::Refused {
+                format: Format::Llmgw,
+                ..
+            }) => Some(
+                "Its guard (mode=reject, format=llmgw) accepts only rows whose column token is \
+                 NULL."
+                    .into(),
+            ),
+            Error::Guard(GuardError::TooLong { id, column, .. }) if *column == "token" => {
+                Some(format!(
+                    "The guard encrypted the token of provider key {id}; the encrypted token \
+                     does not fit the column."
+                ))
+            }
+            Error::Guard(GuardError::TooLong { id, column, .. }) => Some(format!(
+                "The guard sealed the token of provider key {id}; the value it writes to column \
+                 {column} does not fit."
             )),
             _ => None,
         }
@@ -206,22 +237,28 @@ impl Error {
                 "Add the secret that key id belongs to (the gateway's previous secret) after the \
                  current one in GATEWAY_API_KEY_HASH_SECRET, comma-separated.",
             ),
+            Error::Guard(GuardError::Refused {
+                format: Format::Llmgw,
+                ..
+            }) => Some(
+                "Write token NULL and the key sealed in token_ciphertext, token_hash and \
+                 token_masked (llmgw_encrypt_token(), llmgw_token_hash() and llmgw_mask_token() \
+                 in SQL), or give the guard mode=encrypt to move such writes instead.",
+            ),
             Error::Guard(GuardError::Refused { .. }) => Some(
                 "Write the key encrypted (the gateway's ENCRYPTION_KEY, or encrypt_token() in \
                  SQL), or give the guard mode=encrypt to encrypt such writes instead.",
             ),
             Error::Guard(GuardError::Argument(_)) => Some(
                 "The guard's arguments are mode=encrypt|reject, unverified=plaintext|keep and \
-                 format=base64, each at most once; none gives the defaults (mode=encrypt, \
-                 unverified=plaintext, format=base64).",
+                 format=base64|llmgw, each at most once; none gives the defaults (mode=encrypt, \
+                 format=base64, unverified=plaintext; for format=llmgw unverified=keep).",
             ),
             Error::Guard(GuardError::Protocol) => Some(
                 "CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, \
-                 status ON <table> FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard();",
-            ),
-            Error::Guard(GuardError::TooLong { .. }) => Some(
-                "The gateway's schema stores tokens as text: ALTER TABLE ... ALTER COLUMN token \
-                 TYPE text.",
+                 status ON <table> FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard(); \
+                 for the llmgw layout: BEFORE INSERT OR UPDATE OF token ... \
+                 provider_keys_encrypt_guard('format=llmgw').",
             ),
             _ => None,
         }

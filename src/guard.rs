@@ -6,9 +6,13 @@
 //! CREATE TRIGGER provider_keys_encrypt_guard
 //!     BEFORE INSERT OR UPDATE OF token, status ON provider_key
 //!     FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard();   -- or ('mode=reject')
+//! -- the gateway's llmgw layout (token -> token_ciphertext, token_hash, token_masked):
+//! CREATE TRIGGER provider_keys_encrypt_guard
+//!     BEFORE INSERT OR UPDATE OF token ON provider_key
+//!     FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard('format=llmgw');
 //! ```
 //!
-//! For each row written (the new version of the row):
+//! `format=base64` (the default). For each row written (the new version of the row):
 //! * `status = 'deleted'`, or a NULL token: written as given.
 //! * a token that authenticates under the current or a previous key: written as given (the
 //!   same test as the engine's: `KeyRing::classify`, so `reencrypt_provider_keys` and the guard
@@ -19,20 +23,42 @@
 //!   the row, then as plaintext (`unverified=plaintext`, the default) or written as given
 //!   (`unverified=keep`).
 //!
+//! `format=llmgw` (the gateway's rollout layout: `token` NULL or plaintext, `token_ciphertext`,
+//! `token_hash`, `token_masked`, `organization_id`; status does not matter: every row moves, as
+//! in the engine's backfill). For each row written:
+//! * `token` NULL: written as given, without touching the keyring. The gateway's new code and
+//!   the engine's own backfill (`SET token = NULL, token_ciphertext = …`) write this, so a run
+//!   pays nothing for the guard.
+//! * a plaintext `token`: `mode=encrypt` seals it for the row's own id and organization (NULL:
+//!   the managed scope) with [`crate::llmgw::seal_row`], exactly what the backfill writes, into
+//!   `token_ciphertext`, `token_hash` and `token_masked`, and sets `token` NULL (so the
+//!   gateway's `CHECK ((token IS NULL) <> (token_ciphertext IS NULL))` holds); the last
+//!   plaintext written wins over an older ciphertext. `mode=reject` raises 23000. A NULL id
+//!   raises 22004, as the llmgw functions do.
+//! * an llmgw token in `token` (`llmgw:` prefix): the engine's `unverified` for llmgw (it never
+//!   seals a token twice): a WARNING naming the row, then written as given
+//!   (`unverified=keep`, the default for llmgw, the engine's treatment) or sealed as a
+//!   plaintext (`unverified=plaintext`). `encrypt_unverified` does not apply to llmgw in the
+//!   engine, so a run installs `('format=llmgw')` whatever it is given.
+//!
+//! The UPDATE columns the guard must fire on are [`Format::watches`]: token and status for
+//! base64 (un-deleting a row brings its plaintext back), token alone for llmgw;
+//! `pke_internal.guard_settings` reports them and `provider_keys_guard_status().covers_writes`
+//! checks them.
+//!
 //! The guard runs no SQL: it reads the row's columns straight from the tuple, so nothing on
 //! anyone's search_path (a planted operator or overload) can run through it.
 //!
 //! Arguments are `key=value`, each key at most once; anything else is an error (22023) the
-//! first time the trigger fires. `format=base64` is the only format today. Adding the
-//! gateway's llmgw format means a `Format::Llmgw` variant here and its branch in
-//! [`Format::columns_to_write`] (it reads `token` and writes `token_ciphertext`, `token_hash`
-//! and `token_masked`); the decision (pass / seal / refuse) does not change.
+//! first time the trigger fires. What a format reads and writes: [`Format::required`] and
+//! [`SealedRow::columns_to_write`]; the decision (pass / seal / refuse): `decide` (base64) and
+//! `decide_llmgw`, both plain Rust.
 //!
-//! The engine's own writes: `UPDATE ... SET token = encrypt_token(t.token)` fires the guard on
-//! the token this backend has just sealed. [`note_sealed`] keeps the last token sealed in this
-//! backend and the fingerprint of the key it was sealed under; a token equal to it byte for
-//! byte, while that key is still the current key, is known to authenticate under the current
-//! key and is passed without opening it again.
+//! The engine's own writes (base64): `UPDATE ... SET token = encrypt_token(t.token)` fires the
+//! guard on the token this backend has just sealed. [`note_sealed`] keeps the last token sealed
+//! in this backend and the fingerprint of the key it was sealed under; a token equal to it byte
+//! for byte, while that key is still the current key, is known to authenticate under the
+//! current key and is passed without opening it again.
 
 use std::cell::{Cell, RefCell};
 use std::ffi::CStr;
@@ -42,8 +68,11 @@ use pgrx::prelude::*;
 use pgrx::{PgLogLevel, PgSqlErrorCode, PgTupleDesc};
 
 use crate::errors::{Error, GuardError, OrRaise};
-use crate::gucs::with_keyring;
+use crate::gucs::{with_gateway_keyring, with_keyring};
 use crate::keys::{KeyRing, TokenState};
+use crate::llmgw::seal_row;
+use provider_keys_encrypt_core::format_llmgw::LlmgwError;
+use provider_keys_encrypt_core::RowContext;
 
 /// What the guard does with a plaintext token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +88,10 @@ pub enum Mode {
 pub enum Format {
     /// base64(nonce ‖ tag ‖ ciphertext) in `token`, key ENCRYPTION_KEY (the seed guide's).
     Base64,
+    /// The gateway's rollout layout: the plaintext in `token` moves to `token_ciphertext`
+    /// (`llmgw:v2:…`, bound to the row's id and organization), `token_hash` and
+    /// `token_masked`, keyring GATEWAY_API_KEY_HASH_SECRET; `token` is set NULL.
+    Llmgw,
 }
 
 /// What the guard does with a token-shaped value that no configured key opens.
@@ -85,10 +118,12 @@ impl Config {
         unverified: Unverified::Plaintext,
     };
 
-    /// Parse trigger arguments: `mode=encrypt|reject`, `format=base64`,
-    /// `unverified=plaintext|keep`, each at most once, in any order.
+    /// Parse trigger arguments: `mode=encrypt|reject`, `format=base64|llmgw`,
+    /// `unverified=plaintext|keep`, each at most once, in any order. Without `unverified`, the
+    /// format's default: `plaintext` for base64, `keep` for llmgw (see the module doc).
     pub fn parse<'a>(args: impl IntoIterator<Item = &'a [u8]>) -> Result<Config, GuardError> {
         let mut config = Config::DEFAULT;
+        let mut unverified = None;
         let mut seen = [false; 3];
         for arg in args {
             let text = std::str::from_utf8(arg)
@@ -111,11 +146,16 @@ impl Config {
                 ("mode", "encrypt") => config.mode = Mode::Encrypt,
                 ("mode", "reject") => config.mode = Mode::Reject,
                 ("format", "base64") => config.format = Format::Base64,
-                ("unverified", "plaintext") => config.unverified = Unverified::Plaintext,
-                ("unverified", "keep") => config.unverified = Unverified::Keep,
+                ("format", "llmgw") => config.format = Format::Llmgw,
+                ("unverified", "plaintext") => unverified = Some(Unverified::Plaintext),
+                ("unverified", "keep") => unverified = Some(Unverified::Keep),
                 _ => return Err(unknown()),
             }
         }
+        config.unverified = unverified.unwrap_or(match config.format {
+            Format::Base64 => Unverified::Plaintext,
+            Format::Llmgw => Unverified::Keep,
+        });
         Ok(config)
     }
 
@@ -128,6 +168,7 @@ impl Config {
             },
             match self.format {
                 Format::Base64 => "base64",
+                Format::Llmgw => "llmgw",
             },
             match self.unverified {
                 Unverified::Plaintext => "plaintext",
@@ -138,12 +179,61 @@ impl Config {
 }
 
 impl Format {
-    /// The columns a sealed row writes, given the token sealed from the plaintext in `token`.
-    /// base64: the token column itself. (llmgw, to come: token_ciphertext, token_hash and
-    /// token_masked, with the plaintext moved out of `token`.)
-    fn columns_to_write(self, columns: &Columns, sealed: String) -> Vec<(i32, String)> {
+    /// The columns whose UPDATE can bring a plaintext back: the guard must fire on an UPDATE
+    /// of each (`BEFORE INSERT OR UPDATE OF <these>`). base64 passes soft-deleted rows, so an
+    /// UPDATE of status (un-deleting a row) matters; llmgw moves every row whatever its status.
+    pub fn watches(self) -> &'static [&'static str] {
         match self {
-            Format::Base64 => vec![(columns.token, sealed)],
+            Format::Base64 => &["token", "status"],
+            Format::Llmgw => &["token"],
+        }
+    }
+
+    /// The columns the guard reads or writes: each must exist and be text or varchar.
+    fn required(self) -> &'static [Col] {
+        match self {
+            Format::Base64 => &[Col::Id, Col::Token, Col::Provider, Col::Status],
+            Format::Llmgw => &[
+                Col::Id,
+                Col::Token,
+                Col::Provider,
+                Col::TokenCiphertext,
+                Col::TokenHash,
+                Col::TokenMasked,
+                Col::OrganizationId,
+            ],
+        }
+    }
+}
+
+/// What the guard sealed from one plaintext.
+enum SealedRow {
+    /// base64: the token for column `token`.
+    Token(String),
+    /// llmgw: (token_ciphertext, token_hash, token_masked), from `crate::llmgw::seal_row`.
+    Llmgw {
+        ciphertext: String,
+        hash: String,
+        masked: String,
+    },
+}
+
+impl SealedRow {
+    /// The columns a sealed row writes (None: set NULL). llmgw moves the plaintext out of
+    /// `token`.
+    fn columns_to_write(self) -> Vec<(Col, Option<String>)> {
+        match self {
+            SealedRow::Token(token) => vec![(Col::Token, Some(token))],
+            SealedRow::Llmgw {
+                ciphertext,
+                hash,
+                masked,
+            } => vec![
+                (Col::Token, None),
+                (Col::TokenCiphertext, Some(ciphertext)),
+                (Col::TokenHash, Some(hash)),
+                (Col::TokenMasked, Some(masked)),
+            ],
         }
     }
 }
@@ -273,27 +363,137 @@ fn decide(config: &Config, ring: &KeyRing, token: &[u8]) -> Result<(Outcome, boo
 }
 
 // ---------------------------------------------------------------------------------------------
-// The trigger.
+// llmgw: the decision for one row, pure Rust over the row's `token` bytes.
 
-/// Attribute numbers of the columns the guard reads, and the token column's varchar limit.
-struct Columns {
-    id: i32,
-    token: i32,
-    provider: i32,
-    status: i32,
-    /// varchar(n): n; text or unconstrained varchar: None.
-    token_max: Option<usize>,
+/// What the llmgw guard does with a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LlmgwDecision {
+    /// Write the row as given (`token` NULL: the gateway's new code and the engine's own
+    /// backfill; or an llmgw token kept as given).
+    Pass,
+    /// Seal `token` as a plaintext into token_ciphertext, token_hash and token_masked, and set
+    /// `token` NULL.
+    Seal,
+    /// mode=reject: refuse the write; why (never the value).
+    Refuse(&'static str),
 }
 
-/// Find id, token, provider and status in the table's descriptor: each must be text or
-/// varchar (as the engine requires).
+/// The prefix of every llmgw token (`llmgw:v1:`, `llmgw:v2:`, …): never a plaintext key.
+const LLMGW_PREFIX: &[u8] = b"llmgw:";
+
+/// What to do with a new row's `token` (None: NULL), and whether it is `unverified` (an llmgw
+/// token in `token`, or a token `base64_token` recognises as one of this extension's base64
+/// tokens, as the engine's llmgw_state does: the caller warns). No keyring is needed to decide
+/// a NULL `token`: it costs nothing.
+fn decide_llmgw(
+    config: &Config,
+    token: Option<&[u8]>,
+    base64_token: impl FnOnce(&[u8]) -> bool,
+) -> (LlmgwDecision, bool) {
+    let Some(token) = token else {
+        return (LlmgwDecision::Pass, false);
+    };
+    let unverified = token.starts_with(LLMGW_PREFIX) || base64_token(token);
+    if unverified && config.unverified == Unverified::Keep {
+        return (LlmgwDecision::Pass, true);
+    }
+    match config.mode {
+        Mode::Reject if unverified => (
+            LlmgwDecision::Refuse(
+                "its column token holds a token (llmgw, or base64 of this extension), not a key",
+            ),
+            false,
+        ),
+        Mode::Reject => (
+            LlmgwDecision::Refuse("its column token holds a plaintext key"),
+            false,
+        ),
+        Mode::Encrypt => (LlmgwDecision::Seal, unverified),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trigger.
+
+/// The columns the guard may read or write; which ones a format needs: [`Format::required`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Col {
+    Id,
+    Token,
+    Provider,
+    Status,
+    TokenCiphertext,
+    TokenHash,
+    TokenMasked,
+    OrganizationId,
+}
+
+const COLUMN_NAMES: [&CStr; 8] = [
+    c"id",
+    c"token",
+    c"provider",
+    c"status",
+    c"token_ciphertext",
+    c"token_hash",
+    c"token_masked",
+    c"organization_id",
+];
+
+impl Col {
+    const ALL: [Col; 8] = [
+        Col::Id,
+        Col::Token,
+        Col::Provider,
+        Col::Status,
+        Col::TokenCiphertext,
+        Col::TokenHash,
+        Col::TokenMasked,
+        Col::OrganizationId,
+    ];
+
+    fn name(self) -> &'static str {
+        [
+            "id",
+            "token",
+            "provider",
+            "status",
+            "token_ciphertext",
+            "token_hash",
+            "token_masked",
+            "organization_id",
+        ][self as usize]
+    }
+}
+
+/// Attribute numbers of the columns the format needs (0: not there), and each one's varchar
+/// limit.
+struct Columns {
+    attnum: [i32; 8],
+    /// varchar(n): n; text or unconstrained varchar: None.
+    max: [Option<usize>; 8],
+}
+
+impl Columns {
+    fn at(&self, col: Col) -> i32 {
+        self.attnum[col as usize]
+    }
+}
+
+/// Find the columns `format` needs in the table's descriptor: each must be there and be text
+/// or varchar (as the engine requires).
 ///
 /// # Safety
 /// `rel` must be the trigger's open relation.
-unsafe fn columns(rel: pg_sys::Relation, table: &str) -> Result<Columns, GuardError> {
-    const NAMES: [&CStr; 4] = [c"id", c"token", c"provider", c"status"];
-    let mut found = [0i32; 4];
-    let mut token_typmod = -1;
+unsafe fn columns(
+    rel: pg_sys::Relation,
+    table: &str,
+    format: Format,
+) -> Result<Columns, GuardError> {
+    let required = format.required();
+    let mut found = Columns {
+        attnum: [0; 8],
+        max: [None; 8],
+    };
     // SAFETY: the relation is open (the trigger fires on it), so its descriptor is valid and
     // holds natts attributes.
     unsafe {
@@ -305,43 +505,35 @@ unsafe fn columns(rel: pg_sys::Relation, table: &str) -> Result<Columns, GuardEr
                 continue;
             }
             let name = CStr::from_ptr(att.attname.data.as_ptr());
-            let Some(slot) = NAMES.iter().position(|n| *n == name) else {
+            let Some(slot) = COLUMN_NAMES.iter().position(|n| *n == name) else {
                 continue;
             };
+            let col = Col::ALL[slot];
+            if !required.contains(&col) {
+                continue;
+            }
             if att.atttypid != pg_sys::TEXTOID && att.atttypid != pg_sys::VARCHAROID {
                 let type_name = CStr::from_ptr(pg_sys::format_type_be(att.atttypid))
                     .to_string_lossy()
                     .into_owned();
                 return Err(GuardError::ColumnType {
                     table: table.to_owned(),
-                    column: column_name(slot),
+                    column: col.name(),
                     type_name,
                 });
             }
-            found[slot] = i as i32 + 1;
-            if slot == 1 {
-                token_typmod = att.atttypmod;
-            }
+            found.attnum[slot] = i as i32 + 1;
+            // varchar(n) stores n + VARHDRSZ
+            found.max[slot] = usize::try_from(att.atttypmod - pg_sys::VARHDRSZ as i32).ok();
         }
     }
-    if let Some(missing) = found.iter().position(|&n| n == 0) {
+    if let Some(missing) = required.iter().find(|c| found.at(**c) == 0) {
         return Err(GuardError::MissingColumn {
             table: table.to_owned(),
-            column: column_name(missing),
+            column: missing.name(),
         });
     }
-    Ok(Columns {
-        id: found[0],
-        token: found[1],
-        provider: found[2],
-        status: found[3],
-        // varchar(n) stores n + VARHDRSZ
-        token_max: usize::try_from(token_typmod - pg_sys::VARHDRSZ as i32).ok(),
-    })
-}
-
-fn column_name(slot: usize) -> &'static str {
-    ["id", "token", "provider", "status"][slot]
+    Ok(found)
 }
 
 /// The bytes of a text/varchar column of `tuple`, detoasted; None when NULL.
@@ -390,7 +582,7 @@ CREATE FUNCTION provider_keys_encrypt_guard() RETURNS trigger
     LANGUAGE c
     AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 COMMENT ON FUNCTION provider_keys_encrypt_guard() IS
-'The guard: BEFORE INSERT OR UPDATE OF token, status ... FOR EACH ROW. Encrypts a plaintext token on write (mode=reject: refuses it); tokens and deleted rows pass.';
+'The guard: BEFORE INSERT OR UPDATE OF token, status ... FOR EACH ROW (format=llmgw: UPDATE OF token). Encrypts a plaintext token on write (format=llmgw: moves it into token_ciphertext, token_hash and token_masked; mode=reject: refuses it); tokens and deleted rows pass (llmgw: rows with token NULL pass).';
 "#)]
 pub fn provider_keys_encrypt_guard<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -417,79 +609,150 @@ fn guard_row<'a>(
         let rel = data.tg_relation;
         let tupdesc = (*rel).rd_att;
         let table = CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
-        let columns = columns(rel, &table)?;
+        let columns = columns(rel, &table, config.format)?;
         let given = || PgHeapTuple::from_heap_tuple(PgTupleDesc::from_pg_unchecked(tupdesc), tuple);
-
-        if text_of(tuple, tupdesc, columns.status) == Some(b"deleted".as_slice()) {
-            return Ok(given());
-        }
-        let Some(token) = text_of(tuple, tupdesc, columns.token) else {
-            return Ok(given());
-        };
-        let (outcome, unverified) = with_keyring(|ring| decide(&config, ring, token))??;
-        let id = || for_message(text_of(tuple, tupdesc, columns.id));
-        if unverified {
-            let provider = for_message(text_of(tuple, tupdesc, columns.provider));
-            warn_unverified(&id(), &provider, matches!(outcome, Outcome::Seal(_)));
-        }
-        match outcome {
-            Outcome::Pass => Ok(given()),
-            Outcome::Refuse(why) => Err(GuardError::Refused {
-                table: table.into_owned(),
+        let id = || for_message(text_of(tuple, tupdesc, columns.at(Col::Id)));
+        let provider = || for_message(text_of(tuple, tupdesc, columns.at(Col::Provider)));
+        let refused = |why| {
+            Error::from(GuardError::Refused {
+                table: table.clone().into_owned(),
                 id: id(),
                 why,
-            }
-            .into()),
-            Outcome::Seal(sealed) => {
-                if let Some(max) = columns.token_max {
-                    if sealed.len() > max {
-                        return Err(GuardError::TooLong { max, id: id() }.into());
-                    }
+                format: config.format,
+            })
+        };
+
+        let sealed = match config.format {
+            Format::Base64 => {
+                if text_of(tuple, tupdesc, columns.at(Col::Status)) == Some(b"deleted".as_slice()) {
+                    return Ok(given());
                 }
-                let writes = config.format.columns_to_write(&columns, sealed);
-                let mut attnums: Vec<i32> = writes.iter().map(|(n, _)| *n).collect();
-                let mut values: Vec<pg_sys::Datum> = writes
-                    .iter()
-                    .map(|(_, v)| {
-                        pg_sys::Datum::from(pgrx::varlena::rust_str_to_text_p(v).into_pg())
-                    })
-                    .collect();
-                let mut nulls = vec![false; writes.len()];
-                let new_tuple = pg_sys::heap_modify_tuple_by_cols(
-                    tuple,
-                    tupdesc,
-                    writes.len() as i32,
-                    attnums.as_mut_ptr(),
-                    values.as_mut_ptr(),
-                    nulls.as_mut_ptr(),
-                );
-                Ok(PgHeapTuple::from_heap_tuple(
-                    PgTupleDesc::from_pg_unchecked(tupdesc),
-                    new_tuple,
-                ))
+                let Some(token) = text_of(tuple, tupdesc, columns.at(Col::Token)) else {
+                    return Ok(given());
+                };
+                let (outcome, unverified) = with_keyring(|ring| decide(&config, ring, token))??;
+                if unverified {
+                    warn_unverified(
+                        config.format,
+                        &id(),
+                        &provider(),
+                        matches!(outcome, Outcome::Seal(_)),
+                    );
+                }
+                match outcome {
+                    Outcome::Pass => return Ok(given()),
+                    Outcome::Refuse(why) => return Err(refused(why)),
+                    Outcome::Seal(sealed) => SealedRow::Token(sealed),
+                }
+            }
+            Format::Llmgw => {
+                let token = text_of(tuple, tupdesc, columns.at(Col::Token));
+                let (decision, unverified) = decide_llmgw(&config, token, |t| {
+                    std::str::from_utf8(t).is_ok_and(crate::llmgw::is_base64_token)
+                });
+                if unverified {
+                    warn_unverified(
+                        config.format,
+                        &id(),
+                        &provider(),
+                        decision == LlmgwDecision::Seal,
+                    );
+                }
+                match decision {
+                    LlmgwDecision::Pass => return Ok(given()),
+                    LlmgwDecision::Refuse(why) => return Err(refused(why)),
+                    LlmgwDecision::Seal => {}
+                }
+                // the database is UTF8 (the extension refuses any other), so these are text
+                let utf8 = |col: Col| {
+                    text_of(tuple, tupdesc, columns.at(col))
+                        .map(|b| std::str::from_utf8(b).map_err(|_| LlmgwError::NotText))
+                        .transpose()
+                };
+                let plaintext = utf8(Col::Token)?.unwrap_or_default();
+                let ctx = RowContext {
+                    // a NULL id: the llmgw functions' own error (22004), never XX000
+                    id: utf8(Col::Id)?.ok_or(Error::NullRowId)?,
+                    organization_id: utf8(Col::OrganizationId)?,
+                };
+                let (ciphertext, hash, masked) =
+                    with_gateway_keyring(|ring| seal_row(ring, plaintext, &ctx))??;
+                SealedRow::Llmgw {
+                    ciphertext,
+                    hash,
+                    masked,
+                }
+            }
+        };
+
+        let writes = sealed.columns_to_write();
+        for (col, value) in &writes {
+            if let (Some(max), Some(value)) = (columns.max[*col as usize], value) {
+                if value.chars().count() > max {
+                    return Err(GuardError::TooLong {
+                        max,
+                        id: id(),
+                        column: col.name(),
+                    }
+                    .into());
+                }
             }
         }
+        let mut attnums: Vec<i32> = writes.iter().map(|(c, _)| columns.at(*c)).collect();
+        let mut values: Vec<pg_sys::Datum> = writes
+            .iter()
+            .map(|(_, v)| match v {
+                Some(v) => pg_sys::Datum::from(pgrx::varlena::rust_str_to_text_p(v).into_pg()),
+                None => pg_sys::Datum::from(0usize),
+            })
+            .collect();
+        let mut nulls: Vec<bool> = writes.iter().map(|(_, v)| v.is_none()).collect();
+        let new_tuple = pg_sys::heap_modify_tuple_by_cols(
+            tuple,
+            tupdesc,
+            writes.len() as i32,
+            attnums.as_mut_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+        );
+        Ok(PgHeapTuple::from_heap_tuple(
+            PgTupleDesc::from_pg_unchecked(tupdesc),
+            new_tuple,
+        ))
     }
 }
 
-/// The engine's WARNING for a token-shaped value no key opens, worded as the engine's.
-fn warn_unverified(id: &str, provider: &str, sealed: bool) {
-    let what = if sealed {
-        "the guard encrypted it as plaintext"
-    } else {
-        "the guard stored it as written"
+/// The engine's WARNING for an unverified value (base64: token-shaped but no key opens it;
+/// llmgw: an llmgw token in column token), worded as the engine's. Names the row, never the
+/// value.
+fn warn_unverified(format: Format, id: &str, provider: &str, sealed: bool) {
+    let (what, done, hint) = match (format, sealed) {
+        (Format::Base64, _) => (
+            "looks like a token but authenticates under no configured key",
+            if sealed {
+                "the guard encrypted it as plaintext"
+            } else {
+                "the guard stored it as written"
+            },
+            "If it is a token written under another key, check ENCRYPTION_KEY and the previous keys; decrypt_provider_keys() gives the stored value back unchanged.",
+        ),
+        (Format::Llmgw, _) => (
+            "has an llmgw token in column token (the gateway reads token_ciphertext)",
+            if sealed {
+                "the guard sealed it as a plaintext key into token_ciphertext"
+            } else {
+                "the guard stored it as written"
+            },
+            "An llmgw token belongs in token_ciphertext, with token NULL; the guard's unverified=keep (the default for format=llmgw) leaves such a write as given.",
+        ),
     };
     let mut report = ErrorReport::new(
         PgSqlErrorCode::ERRCODE_WARNING,
-        format!(
-            "Provider key {id} for provider {provider} looks like a token but authenticates under no configured key: {what}"
-        ),
+        format!("Provider key {id} for provider {provider} {what}: {done}"),
         "provider_keys_encrypt_guard",
     );
     if sealed {
-        report = report.set_hint(
-            "If it is a token written under another key, check ENCRYPTION_KEY and the previous keys; decrypt_provider_keys() gives the stored value back unchanged.",
-        );
+        report = report.set_hint(hint);
     }
     report.report(PgLogLevel::WARNING);
 }
@@ -499,11 +762,11 @@ fn warn_unverified(id: &str, provider: &str, sealed: bool) {
 #[pg_extern(
     sql = "
 CREATE FUNCTION pke_internal.guard_settings(nargs smallint, args bytea)
-RETURNS TABLE (mode text, format text, unverified text, problem text)
+RETURNS TABLE (mode text, format text, unverified text, watches text[], problem text)
     LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE
     AS 'MODULE_PATHNAME', 'pke_guard_settings_wrapper';
 COMMENT ON FUNCTION pke_internal.guard_settings(smallint, bytea) IS
-    'Engine internal: a guard trigger''s settings from pg_trigger.tgnargs and tgargs.';
+    'Engine internal: a guard trigger''s settings from pg_trigger.tgnargs and tgargs, and the columns whose UPDATE it must fire on.';
 ",
     requires = ["engine_types"]
 )]
@@ -517,6 +780,7 @@ pub fn pke_guard_settings(
         name!(mode, Option<String>),
         name!(format, Option<String>),
         name!(unverified, Option<String>),
+        name!(watches, Option<Vec<String>>),
         name!(problem, Option<String>),
     ),
 > {
@@ -525,14 +789,16 @@ pub fn pke_guard_settings(
     let row = match Config::parse(args.split(|b| *b == 0).take(n)) {
         Ok(config) => {
             let (mode, format, unverified) = config.labels();
+            let watches = config.format.watches().iter().map(|c| c.to_string());
             (
                 Some(mode.into()),
                 Some(format.into()),
                 Some(unverified.into()),
+                Some(watches.collect()),
                 None,
             )
         }
-        Err(e) => (None, None, None, Some(e.to_string())),
+        Err(e) => (None, None, None, None, Some(e.to_string())),
     };
     TableIterator::once(row)
 }
@@ -554,7 +820,8 @@ mod tests {
             &["reject"][..],
             &["mode=Reject"],
             &["mode=reject", "mode=encrypt"],
-            &["format=llmgw"],
+            &["format=llmgw", "format=base64"],
+            &["format=LLMGW"],
             &["unverified=encrypt"],
             &["mode="],
             &[""],
@@ -569,6 +836,121 @@ mod tests {
             Config::parse([b"mode=\xff".as_slice()]),
             Err(GuardError::Argument(_))
         ));
+    }
+
+    #[test]
+    fn llmgw_arguments_and_defaults() {
+        let llmgw = parse(&["format=llmgw"]).unwrap();
+        // the engine's treatment: an llmgw token in `token` is never sealed twice
+        assert_eq!(llmgw.labels(), ("encrypt", "llmgw", "keep"));
+        assert_eq!(
+            parse(&["unverified=plaintext", "format=llmgw", "mode=reject"])
+                .unwrap()
+                .labels(),
+            ("reject", "llmgw", "plaintext")
+        );
+        // the default follows the format wherever the format argument comes
+        assert_eq!(
+            parse(&["mode=reject", "format=llmgw"]).unwrap().unverified,
+            Unverified::Keep
+        );
+        assert_eq!(
+            parse(&["format=base64"]).unwrap().unverified,
+            Unverified::Plaintext
+        );
+        assert_eq!(Format::Base64.watches(), &["token", "status"]);
+        assert_eq!(Format::Llmgw.watches(), &["token"]);
+        assert!(!Format::Llmgw.required().contains(&Col::Status));
+        assert!(Format::Llmgw.required().contains(&Col::OrganizationId));
+        for col in Col::ALL {
+            assert_eq!(
+                COLUMN_NAMES[col as usize].to_str().unwrap(),
+                col.name(),
+                "{col:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn llmgw_decisions() {
+        use LlmgwDecision::*;
+        let config = |args: &[&str]| parse(args).unwrap();
+        let encrypt = config(&["format=llmgw"]);
+        let encrypt_all = config(&["format=llmgw", "unverified=plaintext"]);
+        let reject = config(&["format=llmgw", "mode=reject"]);
+        let reject_all = config(&["format=llmgw", "mode=reject", "unverified=plaintext"]);
+        let token = Some(b"llmgw:v2:0123abcd:aa:bb:cc".as_slice());
+        let plain = Some(b"sk-live-1234567890".as_slice());
+        for (config, input, expected) in [
+            // token NULL: the new code's and the backfill's writes, whatever the mode
+            (&encrypt, None, (Pass, false)),
+            (&reject, None, (Pass, false)),
+            (&reject_all, None, (Pass, false)),
+            // a plaintext: sealed, or refused
+            (&encrypt, plain, (Seal, false)),
+            (&encrypt_all, plain, (Seal, false)),
+            (
+                &reject,
+                plain,
+                (Refuse("its column token holds a plaintext key"), false),
+            ),
+            (&encrypt, Some(b"".as_slice()), (Seal, false)),
+            (&encrypt, Some(b"\xff\xfe".as_slice()), (Seal, false)),
+            // an llmgw token in `token`: warned about, then per unverified
+            (&encrypt, token, (Pass, true)),
+            (&reject, token, (Pass, true)),
+            (&encrypt_all, token, (Seal, true)),
+            (
+                &reject_all,
+                token,
+                (
+                    Refuse("its column token holds a token (llmgw, or base64 of this extension), not a key"),
+                    false,
+                ),
+            ),
+            // the prefix is exact: anything else is a plaintext
+            (&encrypt, Some(b"LLMGW:v2:x".as_slice()), (Seal, false)),
+            (&encrypt, Some(b"llmgw".as_slice()), (Seal, false)),
+        ] {
+            assert_eq!(
+                decide_llmgw(config, input, |_| false),
+                expected,
+                "{config:?} {input:?}"
+            );
+        }
+        // a base64 token of this extension in `token` is treated as an llmgw token is
+        let b64 = Some(b"c2VhbGVkIGJ5IHRoaXMgZXh0ZW5zaW9u".as_slice());
+        assert_eq!(decide_llmgw(&encrypt, b64, |_| true), (Pass, true));
+        assert_eq!(decide_llmgw(&encrypt_all, b64, |_| true), (Seal, true));
+        assert_eq!(decide_llmgw(&encrypt, b64, |_| false), (Seal, false));
+        // and the check is not even asked for a NULL token
+        assert_eq!(
+            decide_llmgw(&encrypt, None, |_| unreachable!()),
+            (Pass, false)
+        );
+    }
+
+    #[test]
+    fn sealed_llmgw_moves_the_plaintext_out_of_token() {
+        let writes = SealedRow::Llmgw {
+            ciphertext: "llmgw:v2:k:i:c:t".into(),
+            hash: "h".into(),
+            masked: "m".into(),
+        }
+        .columns_to_write();
+        assert_eq!(
+            writes,
+            vec![
+                (Col::Token, None),
+                (Col::TokenCiphertext, Some("llmgw:v2:k:i:c:t".into())),
+                (Col::TokenHash, Some("h".into())),
+                (Col::TokenMasked, Some("m".into())),
+            ]
+        );
+        assert_eq!(
+            SealedRow::Token("t".into()).columns_to_write(),
+            vec![(Col::Token, Some("t".into()))]
+        );
     }
 
     #[test]

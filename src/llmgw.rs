@@ -22,10 +22,10 @@
 //! version and a malformed token each have their own. No message carries a secret or a
 //! plaintext.
 //!
-//! Guard hook: the guard trigger (src/guard.rs, another branch) seals a row written in
-//! plaintext. For llmgw it must fill `token_ciphertext`, `token_hash` and `token_masked` and set
-//! `token` NULL, all from one plaintext and the row's own id and organization: [`seal_row`]
-//! does exactly that, the way the backfill does.
+//! The guard: its trigger (`provider_keys_encrypt_guard('format=llmgw')`, src/guard.rs) seals a
+//! row an old gateway instance writes in plaintext: it fills `token_ciphertext`, `token_hash`
+//! and `token_masked` and sets `token` NULL, all from one plaintext and the row's own id and
+//! organization, with [`seal_row`], exactly the way the backfill does.
 
 use pgrx::prelude::*;
 use provider_keys_encrypt_core::format_llmgw::{self as llmgw, Keyring, LlmgwError, State};
@@ -177,7 +177,7 @@ pub(crate) fn llmgw_state(
 
 /// Does `token` authenticate as a base64 token under `ENCRYPTION_KEY` (or a previous key)?
 /// Without that key configured nothing can: false.
-fn is_base64_token(token: &str) -> bool {
+pub(crate) fn is_base64_token(token: &str) -> bool {
     use crate::keys::TokenState;
     matches!(
         crate::gucs::with_keyring(|ring| ring.classify(token)),

@@ -504,9 +504,16 @@ mod tests {
             ),
             (
                 "BEFORE INSERT OR UPDATE",
-                "'format=llmgw'",
+                "'format=llmgw2'",
                 insert.to_owned(),
                 "22023",
+            ),
+            // llmgw on a base64 table: the llmgw columns are missing
+            (
+                "BEFORE INSERT OR UPDATE",
+                "'format=llmgw'",
+                insert.to_owned(),
+                "42703",
             ),
             ("AFTER INSERT", "", insert.to_owned(), "39P01"),
             (
@@ -607,6 +614,223 @@ mod tests {
         );
         let (fast1, full1) = counts();
         assert_eq!((fast1 - fast0, full1 - full0), (0, 1));
+    }
+
+    /// A table in the gateway's llmgw rollout layout (with its XOR check), the guard on it.
+    fn llmgw_guarded_table(name: &str, args: &str) {
+        Spi::run(&format!(
+            "DROP TABLE IF EXISTS {name};
+             CREATE TABLE {name} (id text, token text, token_ciphertext text, token_hash text,
+                                  token_masked text, organization_id text, provider text NOT NULL,
+                                  status text NOT NULL DEFAULT 'active',
+                                  CHECK ((token IS NULL) <> (token_ciphertext IS NULL)));
+             CREATE TRIGGER guard BEFORE INSERT OR UPDATE OF token ON {name} FOR EACH ROW
+                 EXECUTE FUNCTION provider_keys_encrypt_guard('format=llmgw'{args})"
+        ))
+        .unwrap();
+    }
+
+    /// Rows of `table` whose key is exactly `plaintext`, the way the backfill writes it: token
+    /// NULL, token_ciphertext opening for the row's own id and organization, hash and mask.
+    fn llmgw_sealed(table: &str, id: &str, plaintext: &str) -> bool {
+        Spi::get_one_with_args::<bool>(
+            &format!(
+                "SELECT token IS NULL
+                        AND token_ciphertext LIKE 'llmgw:v2:%'
+                        AND llmgw_decrypt_token(token_ciphertext, id, organization_id) = $2
+                        AND token_hash = llmgw_token_hash($2)
+                        AND token_masked = llmgw_mask_token($2)
+                   FROM {table} WHERE id = $1"
+            ),
+            &[id.into(), plaintext.into()],
+        )
+        .unwrap()
+            == Some(true)
+    }
+
+    /// format=llmgw: a plaintext token written by an old gateway (INSERT or UPDATE) is moved
+    /// into token_ciphertext, token_hash and token_masked for its own row; token NULL passes.
+    #[pg_test]
+    fn the_llmgw_guard_moves_a_plaintext_token() {
+        llmgw_guarded_table("gl", "");
+        Spi::run(
+            "INSERT INTO gl (id, token, organization_id, provider, status) VALUES
+                 ('a', 'sk-llmgw-guard-a-12345678', 'org1', 'openai', 'active'),
+                 ('b', 'sk-llmgw-guard-b-12345678', NULL, 'anthropic', 'active'),
+                 ('c', 'sk-llmgw-guard-c-deleted', 'org1', 'groq', 'deleted')",
+        )
+        .unwrap();
+        assert!(llmgw_sealed("gl", "a", "sk-llmgw-guard-a-12345678"));
+        // NULL organization: the managed scope, as llmgw_encrypt_token(…, NULL) seals
+        assert!(llmgw_sealed("gl", "b", "sk-llmgw-guard-b-12345678"));
+        assert_eq!(
+            sqlstate(
+                "SELECT llmgw_decrypt_token(token_ciphertext, id, 'org1') FROM gl WHERE id = 'b'"
+            ),
+            "22000"
+        );
+        // soft-deleted rows move too (status does not matter for llmgw)
+        assert!(llmgw_sealed("gl", "c", "sk-llmgw-guard-c-deleted"));
+        // an old gateway updating the key: the last plaintext written wins
+        Spi::run("UPDATE gl SET token = 'sk-llmgw-guard-a-NEWKEY99' WHERE id = 'a'").unwrap();
+        assert!(llmgw_sealed("gl", "a", "sk-llmgw-guard-a-NEWKEY99"));
+        // the new code's write (token NULL) passes untouched, as does an UPDATE of other columns
+        let ct =
+            one::<String>("SELECT llmgw_encrypt_token('sk-new-code-write', 'd', 'org2')").unwrap();
+        Spi::run(&format!(
+            "INSERT INTO gl (id, token, token_ciphertext, token_hash, token_masked, organization_id, provider)
+             VALUES ('d', NULL, '{ct}', 'hash-as-given', 'mask-as-given', 'org2', 'openai');
+             UPDATE gl SET token = NULL WHERE id = 'd';
+             UPDATE gl SET status = 'deleted' WHERE id = 'd'"
+        ))
+        .unwrap();
+        assert_eq!(
+            one::<String>("SELECT token_ciphertext || '|' || token_hash || '|' || token_masked FROM gl WHERE id = 'd'"),
+            Some(format!("{ct}|hash-as-given|mask-as-given"))
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM gl WHERE token IS NOT NULL"),
+            Some(0)
+        );
+        // the status function: format llmgw, its default unverified=keep, fires on token
+        assert_eq!(
+            one::<String>(
+                "SELECT format || ' ' || unverified || ' ' || mode || ' ' || covers_writes
+                   FROM provider_keys_guard_status('gl')"
+            ),
+            Some("llmgw keep encrypt true".into())
+        );
+        // a guard of format llmgw watching status only does not cover the writes
+        Spi::run(
+            "DROP TRIGGER guard ON gl;
+             CREATE TRIGGER guard BEFORE INSERT OR UPDATE OF status ON gl FOR EACH ROW
+                 EXECUTE FUNCTION provider_keys_encrypt_guard('format=llmgw')",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<bool>("SELECT covers_writes FROM provider_keys_guard_status('gl')"),
+            Some(false)
+        );
+        // arguments it cannot read, with a column list: not covering (false, not NULL)
+        Spi::run(
+            "DROP TRIGGER guard ON gl;
+             CREATE TRIGGER guard BEFORE INSERT OR UPDATE OF token ON gl FOR EACH ROW
+                 EXECUTE FUNCTION provider_keys_encrypt_guard('format=nope')",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<bool>(
+                "SELECT covers_writes FROM provider_keys_guard_status('gl') WHERE problem IS NOT NULL"
+            ),
+            Some(false)
+        );
+    }
+
+    /// format=llmgw: mode=reject, an llmgw token in column token, a NULL id, the table's shape.
+    #[pg_test]
+    fn the_llmgw_guard_refuses_and_warns() {
+        let v2 = one::<String>("SELECT llmgw_encrypt_token('sk-pasted', 'x', 'o')").unwrap();
+        // mode=reject: a plaintext is refused (23000); token NULL passes
+        llmgw_guarded_table("glr", ", 'mode=reject'");
+        assert_eq!(
+            sqlstate(
+                "INSERT INTO glr (id, token, provider) VALUES ('r1', 'sk-refused-0001', 'openai')"
+            ),
+            "23000"
+        );
+        let ct = one::<String>("SELECT llmgw_encrypt_token('sk-ok', 'r2', NULL)").unwrap();
+        assert_eq!(
+            sqlstate(&format!(
+                "INSERT INTO glr (id, token, token_ciphertext, provider) VALUES ('r2', NULL, '{ct}', 'openai')"
+            )),
+            "00000"
+        );
+        assert_eq!(
+            sqlstate("UPDATE glr SET token = 'sk-refused-0002' WHERE id = 'r2'"),
+            "23000"
+        );
+        // an llmgw token in column token: kept as given (unverified=keep, the llmgw default)...
+        llmgw_guarded_table("glu", "");
+        Spi::run(&format!(
+            "INSERT INTO glu (id, token, organization_id, provider) VALUES ('u1', '{v2}', 'o', 'openai')"
+        ))
+        .unwrap();
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT token = '{v2}' AND token_ciphertext IS NULL FROM glu WHERE id = 'u1'"
+            )),
+            Some(true)
+        );
+        // ... and under mode=reject too (kept, with the WARNING)
+        assert_eq!(
+            sqlstate(&format!(
+                "INSERT INTO glr (id, token, provider) VALUES ('u2', '{v2}', 'openai')"
+            )),
+            "00000"
+        );
+        // unverified=plaintext: sealed as a plaintext key; with mode=reject: refused
+        llmgw_guarded_table("glp", ", 'unverified=plaintext'");
+        Spi::run(&format!(
+            "INSERT INTO glp (id, token, organization_id, provider) VALUES ('p1', '{v2}', 'o', 'openai')"
+        ))
+        .unwrap();
+        assert!(llmgw_sealed("glp", "p1", &v2));
+        llmgw_guarded_table("glq", ", 'unverified=plaintext', 'mode=reject'");
+        assert_eq!(
+            sqlstate(&format!(
+                "INSERT INTO glq (id, token, provider) VALUES ('q1', '{v2}', 'openai')"
+            )),
+            "23000"
+        );
+        // a NULL id with a plaintext: the llmgw functions' error, never XX000; token NULL passes
+        llmgw_guarded_table("gln", "");
+        assert_eq!(
+            sqlstate("INSERT INTO gln (id, token, provider) VALUES (NULL, 'sk-no-id', 'openai')"),
+            "22004"
+        );
+        assert_eq!(
+            sqlstate("INSERT INTO gln (id, token, token_ciphertext, provider) VALUES (NULL, NULL, 'x', 'openai')"),
+            "00000"
+        );
+        // the table's shape: the columns llmgw needs (status is not one), text or varchar,
+        // and varchar(n) limits on what the guard writes
+        let cols = "id text, token text, token_ciphertext text, token_hash text, token_masked text, organization_id text, provider text";
+        for (ddl, state) in [
+            (cols.to_owned(), "00000"),
+            (cols.replace(", token_masked text", ""), "42703"),
+            (cols.replace(", organization_id text", ""), "42703"),
+            (
+                cols.replace("organization_id text", "organization_id integer"),
+                "42804",
+            ),
+            (cols.replace("token_hash text", "token_hash bytea"), "42804"),
+            (
+                cols.replace("token_ciphertext text", "token_ciphertext varchar(40)"),
+                "22001",
+            ),
+            (
+                cols.replace("token_masked text", "token_masked varchar(5)"),
+                "22001",
+            ),
+            (
+                cols.replace("token_masked text", "token_masked varchar(17)"),
+                "00000",
+            ),
+            (cols.replace(" text", " varchar"), "00000"),
+        ] {
+            Spi::run(&format!(
+                "DROP TABLE IF EXISTS gls; CREATE TABLE gls ({ddl});
+                 CREATE TRIGGER guard BEFORE INSERT OR UPDATE OF token ON gls FOR EACH ROW
+                     EXECUTE FUNCTION provider_keys_encrypt_guard('format=llmgw')"
+            ))
+            .unwrap();
+            assert_eq!(
+                sqlstate("INSERT INTO gls (id, token, provider) VALUES ('s1', 'sk-shape-0123456789', 'p')"),
+                state,
+                "{ddl}"
+            );
+        }
+        assert!(llmgw_sealed("gls", "s1", "sk-shape-0123456789"));
     }
 
     /// The llmgw row state, case by case (scripts/test gives the server a gateway keyring).

@@ -5,8 +5,9 @@
 -- Every guard trigger on tbl and its partitions (tbl NULL: on every table), with its settings
 -- as the trigger itself reads them (pke_internal.guard_settings: the same parser), whether it
 -- fires (enabled: in ordinary sessions) and whether it sees every write that can bring a
--- plaintext back (covers_writes: BEFORE, FOR EACH ROW, INSERT and UPDATE of token and status,
--- no WHEN clause).
+-- plaintext back (covers_writes: BEFORE, FOR EACH ROW, INSERT and UPDATE of the columns its
+-- format watches, no WHEN clause: token and status for base64, token for llmgw; the list comes
+-- from the trigger's own parser).
 CREATE FUNCTION pke_internal.guards(tbl regclass)
 RETURNS TABLE (relation regclass, trigger_name text, enabled boolean, covers_writes boolean,
                mode text, format text, unverified text, problem text)
@@ -19,10 +20,11 @@ AS $fn$
            AND (tg.tgtype & 4) <> 0      -- INSERT
            AND (tg.tgtype & 16) <> 0     -- UPDATE
            AND tg.tgqual IS NULL
-           AND (cardinality(tg.tgattr::int2[]) = 0
-                OR (SELECT count(*) FROM pg_attribute a
-                     WHERE a.attrelid = tg.tgrelid AND a.attname IN ('token', 'status')
-                       AND a.attnum = ANY (tg.tgattr::int2[])) = 2),
+           AND coalesce(cardinality(tg.tgattr::int2[]) = 0
+                        OR (SELECT count(*) FROM pg_attribute a
+                             WHERE a.attrelid = tg.tgrelid AND a.attname::text = ANY (s.watches)
+                               AND a.attnum = ANY (tg.tgattr::int2[])) = cardinality(s.watches),
+                        false),  -- arguments it cannot read: it watches nothing for sure
            s.mode, s.format, s.unverified, s.problem
       FROM pg_trigger tg
      CROSS JOIN LATERAL pke_internal.guard_settings(tg.tgnargs, tg.tgargs) s
@@ -31,10 +33,26 @@ AS $fn$
      ORDER BY tg.tgrelid::regclass::text, tg.tgname
 $fn$;
 
+-- The columns whose UPDATE a guard with these arguments must fire on, from the trigger's own
+-- parser (pke_internal.guard_settings reads them as pg_trigger.tgargs: each followed by a NUL).
+CREATE FUNCTION pke_internal.guard_watches(args text[])
+RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT s.watches
+      FROM pke_internal.guard_settings(
+               cardinality(args)::smallint,
+               coalesce((SELECT string_agg(convert_to(a.arg, 'UTF8') || '\x00'::bytea, ''::bytea ORDER BY a.n)
+                           FROM unnest(args) WITH ORDINALITY a(arg, n)), ''::bytea)) s
+$fn$;
+
 -- Before a run that installs the guard touches anything: the caller may create the trigger
 -- (the TRIGGER privilege on the table, which its owner has, and EXECUTE on the guard), and
--- no half-working guard or foreign trigger of the same name is in the way.
-CREATE FUNCTION pke_internal.guard_check(tbl regclass)
+-- no half-working guard, guard for the other format or foreign trigger of the same name is in
+-- the way. m: the run's mode (its format, guard_args). (The columns the guard watches exist:
+-- check_table has checked the mode's reads, which include them.)
+CREATE FUNCTION pke_internal.guard_check(tbl regclass, m pke_internal.mode)
 RETURNS void
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
@@ -53,9 +71,17 @@ BEGIN
         RAISE EXCEPTION 'permission denied for function provider_keys_encrypt_guard'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
-    IF EXISTS (SELECT 1 FROM pke_internal.guards(tbl) x
-                WHERE x.relation = tbl AND x.enabled AND x.covers_writes AND x.problem IS NULL) THEN
+    SELECT * INTO g FROM pke_internal.guards(tbl) x
+     WHERE x.relation = tbl AND x.enabled AND x.covers_writes AND x.problem IS NULL
+     ORDER BY x.format = m.format DESC, x.trigger_name LIMIT 1;
+    IF FOUND AND g.format = m.format THEN
         RETURN;  -- installed and working: the run says so and goes on
+    ELSIF FOUND THEN
+        RAISE EXCEPTION 'table % has a guard for format %, not %: trigger %', tbl, g.format, m.format, quote_ident(g.trigger_name)
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A guard seals a plaintext token in its own format only; the run''s format is the one the gateway reads.',
+                  HINT = format('Check the format => argument. To change the guard''s format, drop it (DROP TRIGGER %I ON %s) and run again: the run installs one for format %s.',
+                                g.trigger_name, tbl, m.format);
     END IF;
     SELECT * INTO g FROM pke_internal.guards(tbl) x WHERE x.relation = tbl LIMIT 1;
     IF FOUND THEN
@@ -63,7 +89,8 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   DETAIL = CASE WHEN g.problem IS NOT NULL THEN g.problem
                                 WHEN NOT g.enabled THEN 'The trigger is disabled.'
-                                ELSE 'It does not fire BEFORE INSERT OR UPDATE OF token, status FOR EACH ROW on every row.' END,
+                                ELSE format('It does not fire BEFORE INSERT OR UPDATE OF %s FOR EACH ROW on every row.',
+                                            array_to_string(pke_internal.guard_watches(m.guard_args), ', ')) END,
                   HINT = format('Drop it (DROP TRIGGER %I ON %s) and run again: the run installs a working one.', g.trigger_name, tbl);
     END IF;
     IF EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = tbl AND tg.tgname = 'provider_keys_encrypt_guard') THEN
@@ -73,11 +100,13 @@ BEGIN
 END
 $fn$;
 
--- Install the guard on tbl, once (after guard_check, and after every other check of the run).
--- It gets the run's treatment of unverified values: encrypt_unverified => false installs it
--- with 'unverified=keep'. The caller commits right after, so that writers wait for the
--- trigger's lock as briefly as possible.
-CREATE FUNCTION pke_internal.guard_install(tbl regclass, encrypt_unverified boolean, dry_run boolean)
+-- Install the guard on tbl, once (after guard_check, and after every other check of the run),
+-- with the mode's guard_args (modes.sql): the format, and for base64 the run's treatment of
+-- unverified values (encrypt_unverified => false: 'unverified=keep'). It fires on INSERT and
+-- on an UPDATE of the columns those arguments watch (base64: token, status; llmgw: token).
+-- The caller commits right after, so that writers wait for the trigger's lock as briefly as
+-- possible.
+CREATE FUNCTION pke_internal.guard_install(tbl regclass, m pke_internal.mode, dry_run boolean)
 RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
@@ -97,9 +126,13 @@ BEGIN
         RAISE NOTICE '%', format('Would install the guard on %s (dry run: not installed)', tbl);
         RETURN;
     END IF;
-    EXECUTE format('CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON %s '
+    EXECUTE format('CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF %s ON %s '
                    'FOR EACH ROW EXECUTE FUNCTION @extschema@.provider_keys_encrypt_guard(%s)',
-                   tbl, CASE WHEN encrypt_unverified THEN '' ELSE '''unverified=keep''' END);
+                   (SELECT string_agg(quote_ident(c.col), ', ' ORDER BY c.n)
+                      FROM unnest(pke_internal.guard_watches(m.guard_args)) WITH ORDINALITY c(col, n)),
+                   tbl,
+                   coalesce((SELECT string_agg(quote_literal(a.arg), ', ' ORDER BY a.n)
+                               FROM unnest(m.guard_args) WITH ORDINALITY a(arg, n)), ''));
     RAISE NOTICE '%', format('Installed the guard on %s: a plaintext token written to it from now on is encrypted on write (remove it with: DROP TRIGGER provider_keys_encrypt_guard ON %s)',
                              tbl, tbl);
 END

@@ -18,9 +18,14 @@
 --           encrypt_unverified does not apply: the llmgw: prefix is unambiguous, so a value
 --           that has it is never taken for a plaintext.
 --
--- Guard hook (src/guard.rs, another branch): the guard's trigger for llmgw seals into
--- token_ciphertext/token_hash/token_masked with the row's id and organization
--- (crate::llmgw::seal_row); add its per-format trigger here as a column when it lands.
+-- The guard (src/guard.rs, guard.sql): guard_args are the arguments guard => true installs
+-- the trigger with. base64: none, or 'unverified=keep' when encrypt_unverified is false (the
+-- run's treatment of unverified values). llmgw: 'format=llmgw'; the trigger then seals a
+-- plaintext token into token_ciphertext/token_hash/token_masked with the row's id and
+-- organization (crate::llmgw::seal_row, what set_sql writes) and sets token NULL. Its default
+-- unverified=keep is the engine's treatment: an llmgw token found in column token is never
+-- sealed twice (encrypt_unverified does not apply to llmgw). The columns whose UPDATE fires the
+-- trigger follow from its arguments (guard_watches: token, status for base64; token for llmgw).
 --
 -- Every internal that reads or writes rows gets its mode from here, and here the caller's
 -- right to the mode is checked: EXECUTE on its public procedure and, for a mode that writes
@@ -53,7 +58,8 @@ BEGIN
          'The table needs the provider_key columns id, token, provider and status.',
          '',
          'looks like a token but authenticates under no configured key',
-         NULL),
+         NULL,
+         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[]),
         ('decrypt', 'base64', 'decrypt_provider_keys(regclass,integer,boolean,boolean,text)', 'decryption', 'decrypted', 'Decrypted', 'decrypt',
          '{current_key,previous_key}'::pke_internal.token_state[],
          '{plaintext,unverified}'::pke_internal.token_state[],
@@ -66,7 +72,8 @@ BEGIN
          'The table needs the provider_key columns id, token, provider and status.',
          '',
          'looks like a token but authenticates under no configured key',
-         NULL),
+         NULL,
+         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[]),
         ('reencrypt', 'base64', 'reencrypt_provider_keys(regclass,integer,boolean,boolean,text)', 're-encryption', 'reencrypted', 'Re-encrypted', 're-encrypt',
          '{previous_key}'::pke_internal.token_state[],
          '{current_key}'::pke_internal.token_state[],
@@ -79,7 +86,8 @@ BEGIN
          'The table needs the provider_key columns id, token, provider and status.',
          '',
          'looks like a token but authenticates under no configured key',
-         'No provider key needs a previous key any more: provider_keys_encrypt.previous_keys can be emptied.'),
+         'No provider key needs a previous key any more: provider_keys_encrypt.previous_keys can be emptied.',
+         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[]),
         -- llmgw ----------------------------------------------------------------------------
         ('encrypt', 'llmgw', 'encrypt_provider_keys(regclass,integer,boolean,boolean,boolean,text,boolean)', 'backfill (llmgw)', 'encrypted', 'Encrypted', 'encrypt',
          '{plaintext}'::pke_internal.token_state[],
@@ -102,7 +110,8 @@ BEGIN
          'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
          '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
          '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
-         NULL),
+         NULL,
+         '{format=llmgw}'::text[]),
         ('decrypt', 'llmgw', 'decrypt_provider_keys(regclass,integer,boolean,boolean,text)', 'decryption (llmgw)', 'decrypted', 'Decrypted', 'decrypt',
          '{current_key,previous_key}'::pke_internal.token_state[],
          '{plaintext,unverified}'::pke_internal.token_state[],
@@ -123,7 +132,8 @@ BEGIN
          'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
          '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
          '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
-         NULL),
+         NULL,
+         '{format=llmgw}'::text[]),
         ('reencrypt', 'llmgw', 'reencrypt_provider_keys(regclass,integer,boolean,boolean,text)', 're-encryption (llmgw)', 'reencrypted', 'Re-encrypted', 're-encrypt',
          '{previous_key}'::pke_internal.token_state[],
          '{current_key}'::pke_internal.token_state[],
@@ -142,10 +152,11 @@ BEGIN
          '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
          '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
          'No provider key needs an older secret any more: GATEWAY_API_KEY_HASH_SECRET can be cut down to its first '
-         '(current) secret, on the gateway and on this server.')
+         '(current) secret, on the gateway and on this server.',
+         '{format=llmgw}'::text[])
       ) AS v(name, format, entry_point, job, done_word, past, verb, todo, target, state_sql, set_sql, deleted_sql,
              reveals, plain_sql, stored_sql, key_id_sql, key_sql, key_word, reads, optional, writes, sets_null,
-             table_hint, found_note, unverified_text, retire_note)
+             table_hint, found_note, unverified_text, retire_note, guard_args)
      WHERE v.format = format_name
     LOOP
         found_format := true;

@@ -29,19 +29,13 @@ BEGIN
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
     m := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
-    IF guard AND m.format <> 'base64' THEN
-        -- Guard hook: for format llmgw the guard's trigger must seal into token_ciphertext,
-        -- token_hash and token_masked with the row's id and organization (crate::llmgw::seal_row).
-        RAISE EXCEPTION 'the guard protects format base64 only, not yet %', m.format
-            USING ERRCODE = 'feature_not_supported';
-    END IF;
     IF guard AND m.reveals IS NOT NULL THEN
         RAISE EXCEPTION 'the guard cannot be installed by a run that writes plaintext'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     PERFORM pke_internal.check_table(tbl, m, NOT dry_run);
     IF guard THEN
-        PERFORM pke_internal.guard_check(tbl);
+        PERFORM pke_internal.guard_check(tbl, m);
     END IF;
     IF m.reveals IS NOT NULL THEN
         -- a mode that reveals plaintext writes it into the table: the guard would undo it
@@ -70,7 +64,7 @@ BEGIN
              WHEN NOT may_commit THEN ', inside the caller''s transaction'
              ELSE '' END);
     IF guard THEN
-        PERFORM pke_internal.guard_install(tbl, encrypt_unverified, dry_run);
+        PERFORM pke_internal.guard_install(tbl, m, dry_run);
     END IF;
     RETURN r;
 END

@@ -90,7 +90,8 @@ CREATE TYPE pke_internal.mode AS (
     table_hint text,                   -- the HINT when a column of reads is missing
     found_note text,                   -- appended to 'Found N provider keys to check'
     unverified_text text,              -- 'Provider key K for provider P <this>: left unchanged'
-    retire_note text                   -- rotation only: said once no row needs an older key
+    retire_note text,                  -- rotation only: said once no row needs an older key
+    guard_args text[]                  -- the guard trigger's arguments for this format (guard => true)
 );
 
 -- A run between batches: what the committing procedure carries from one step to the next.

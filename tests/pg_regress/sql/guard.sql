@@ -195,3 +195,62 @@ RESET search_path;
 DROP SCHEMA guard_demo CASCADE;
 DROP TABLE gk;
 DROP ROLE guard_writer;
+
+-- The gateway's llmgw layout: guard => true with format => 'llmgw' installs the guard with
+-- ('format=llmgw'), fired on INSERT and UPDATE OF token. A plaintext token an old gateway
+-- writes is moved into token_ciphertext, token_hash and token_masked for its own row (its id
+-- and organization; NULL: the managed scope), soft-deleted rows included; token NULL (the new
+-- code, the backfill itself) passes.
+CREATE TABLE gw_guard (
+    id text PRIMARY KEY, token text, token_ciphertext text, token_hash text, token_masked text,
+    organization_id text, provider text NOT NULL, status text NOT NULL DEFAULT 'active',
+    CHECK ((token IS NULL) <> (token_ciphertext IS NULL)));
+INSERT INTO gw_guard (id, token, organization_id, provider, status) VALUES
+    ('l1', 'sk-llmgw-guard-0001', 'org-a', 'openai', 'active'),
+    ('l2', 'sk-llmgw-guard-0002', NULL, 'anthropic', 'active'),
+    ('l3', 'sk-llmgw-guard-0003', 'org-a', 'groq', 'deleted');
+CALL encrypt_provider_keys('gw_guard', format => 'llmgw', guard => true);
+SELECT relation, trigger_name, enabled, covers_writes, mode, format, unverified, problem
+  FROM provider_keys_guard_status('gw_guard');
+SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'gw_guard'::regclass;
+INSERT INTO gw_guard (id, token, organization_id, provider) VALUES ('l4', 'sk-llmgw-guard-0004', 'org-b', 'openai');
+UPDATE gw_guard SET token = 'sk-llmgw-guard-0001-new' WHERE id = 'l1';
+UPDATE gw_guard SET token = 'sk-llmgw-guard-0003-new', status = 'deleted' WHERE id = 'l3';
+INSERT INTO gw_guard (id, token, token_ciphertext, token_hash, token_masked, organization_id, provider)
+    SELECT 'l5', NULL, llmgw_encrypt_token('sk-llmgw-guard-0005', 'l5', 'org-b'),
+           llmgw_token_hash('sk-llmgw-guard-0005'), llmgw_mask_token('sk-llmgw-guard-0005'), 'org-b', 'openai';
+SELECT id, status, token IS NULL AS token_null, k.key,
+       token_hash = llmgw_token_hash(k.key) AS hash_ok, token_masked = llmgw_mask_token(k.key) AS mask_ok
+  FROM gw_guard, LATERAL (SELECT llmgw_decrypt_token(token_ciphertext, id, organization_id)::text AS key) k
+ ORDER BY id;
+-- An llmgw token written into column token: a WARNING naming the row, then kept as given
+-- (unverified=keep, the llmgw default: the engine never seals a token twice).
+INSERT INTO gw_guard (id, token, organization_id, provider)
+    SELECT 'l6', token_ciphertext, organization_id, 'openai' FROM gw_guard WHERE id = 'l5';
+SELECT id, token LIKE 'llmgw:v2:%' AS token_kept, token_ciphertext IS NULL AS no_ciphertext FROM gw_guard WHERE id = 'l6';
+DELETE FROM gw_guard WHERE id = 'l6';
+-- A plaintext on a row without an id: the llmgw functions' error, 22004.
+SELECT sqlstate_of($$INSERT INTO gw_guard (id, token, provider) VALUES (NULL, 'sk-llmgw-no-id', 'openai')$$);
+-- The run finds its guard installed; a run of the other format refuses it (55000).
+CALL encrypt_provider_keys('gw_guard', format => 'llmgw', guard => true, verbose => false);
+CALL encrypt_provider_keys('gw_guard', guard => true);
+-- mode=reject, installed by hand: a plaintext is refused, token NULL passes.
+DROP TRIGGER provider_keys_encrypt_guard ON gw_guard;
+CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token ON gw_guard
+    FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard('format=llmgw', 'mode=reject');
+SELECT relation, covers_writes, mode, format, unverified FROM provider_keys_guard_status('gw_guard');
+UPDATE gw_guard SET token = 'sk-llmgw-REFUSED-0002' WHERE id = 'l2';
+UPDATE gw_guard SET token = NULL, status = 'deleted' WHERE id = 'l2';
+-- A base64 guard on this table is in the way of an llmgw run (55000), and the rollback
+-- refuses while any guard is on.
+DROP TRIGGER provider_keys_encrypt_guard ON gw_guard;
+CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON gw_guard
+    FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard();
+CALL encrypt_provider_keys('gw_guard', format => 'llmgw', guard => true);
+CALL decrypt_provider_keys('gw_guard', format => 'llmgw');
+-- The gateway's next migration: the three columns NOT NULL, column token dropped.
+DROP TRIGGER provider_keys_encrypt_guard ON gw_guard;
+ALTER TABLE gw_guard ALTER COLUMN token_ciphertext SET NOT NULL, ALTER COLUMN token_hash SET NOT NULL,
+    ALTER COLUMN token_masked SET NOT NULL, DROP COLUMN token;
+SELECT count(*) AS rows_after_migration FROM gw_guard;
+DROP TABLE gw_guard;
