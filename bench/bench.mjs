@@ -146,7 +146,7 @@ add(2, "CALL encrypt_provider_keys() — 2nd run (all skipped)", active, timeCal
 // fresh copies of the same rows. The two of a pair are timed in turns (A B A B A B, best of
 // each), so that a change in the machine's load hits both alike.
 {
-  const guardOn = (t) => `CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON ${t}
+  const guardOn = (t) => `CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF id, token, status ON ${t}
                           FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard()`;
   const guarded = () => { fresh(); db.psql(guardOn("provider_key")); };
   const inTurns = (a, b) => {

@@ -39,30 +39,43 @@ BEGIN
 END
 $$;
 
+-- The internals live here, out of the user's schemas. Only the extension's owner (a
+-- superuser: the extension is not trusted) can create objects in it, so no role can plant an
+-- overload or an operator where the engine looks. Privileges: see privileges.sql.
+CREATE SCHEMA pke_internal;
+COMMENT ON SCHEMA pke_internal IS
+'provider_keys_encrypt internals: not an API, may change in any release.';
+
 -- The schema the public functions go to must be one where nobody but superusers can create
 -- objects: a role that can create there can create an overload (encrypt_provider_keys(text),
 -- say) that a superuser's `CALL encrypt_provider_keys('t')` would pick over ours, before any of
 -- our code runs. (PostgreSQL 15's default public schema qualifies when the database owner is a
--- superuser.) Every operator here is pg_catalog's, named: this runs as the installing superuser
--- with the target schema on the search_path.
+-- superuser.) schema_writers() names the roles that are not superusers and can create there
+-- (PUBLIC included): CREATE EXTENSION refuses such a schema, and every run warns when a GRANT
+-- made later has opened it (run_start).
+CREATE FUNCTION pke_internal.schema_writers()
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT string_agg(DISTINCT CASE WHEN w.grantee = '0'::oid THEN 'PUBLIC' ELSE quote_ident(r.rolname::text) END, ', ')
+      FROM (SELECT CASE WHEN g.grantee = 'pg_database_owner'::regrole::oid THEN d.datdba ELSE g.grantee END AS grantee
+              FROM (SELECT n.nspowner AS grantee FROM pg_namespace n
+                     WHERE n.oid = '@extschema@'::regnamespace::oid
+                    UNION
+                    SELECT a.grantee FROM pg_namespace n, aclexplode(n.nspacl) a
+                     WHERE n.oid = '@extschema@'::regnamespace::oid
+                       AND a.privilege_type = 'CREATE') g,
+                   pg_database d
+             WHERE d.datname = current_database()) w
+      LEFT JOIN pg_roles r ON r.oid = w.grantee
+     WHERE w.grantee = '0'::oid OR NOT r.rolsuper
+$fn$;
+
 DO $$
 DECLARE
-    writers text;
+    writers text := pke_internal.schema_writers();
 BEGIN
-    SELECT pg_catalog.string_agg(DISTINCT CASE WHEN w.grantee OPERATOR(pg_catalog.=) '0'::oid THEN 'PUBLIC'
-                                               ELSE pg_catalog.quote_ident(r.rolname::text) END, ', ')
-      INTO writers
-      FROM (SELECT CASE WHEN g.grantee OPERATOR(pg_catalog.=) 'pg_database_owner'::regrole::oid THEN d.datdba ELSE g.grantee END AS grantee
-              FROM (SELECT n.nspowner AS grantee FROM pg_catalog.pg_namespace n
-                     WHERE n.oid OPERATOR(pg_catalog.=) '@extschema@'::regnamespace::oid
-                    UNION
-                    SELECT a.grantee FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
-                     WHERE n.oid OPERATOR(pg_catalog.=) '@extschema@'::regnamespace::oid
-                       AND a.privilege_type OPERATOR(pg_catalog.=) 'CREATE'::text) g,
-                   pg_catalog.pg_database d
-             WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()) w
-      LEFT JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) w.grantee
-     WHERE w.grantee OPERATOR(pg_catalog.=) '0'::oid OR NOT r.rolsuper;
     IF writers IS NOT NULL THEN
         RAISE WARNING 'schema @extschema@ is writable by roles that are not superusers: %', writers
             USING ERRCODE = 'insufficient_privilege',
@@ -71,13 +84,6 @@ BEGIN
     END IF;
 END
 $$;
-
--- The internals live here, out of the user's schemas. Only the extension's owner (a
--- superuser: the extension is not trusted) can create objects in it, so no role can plant an
--- overload or an operator where the engine looks. Privileges: see privileges.sql.
-CREATE SCHEMA pke_internal;
-COMMENT ON SCHEMA pke_internal IS
-'provider_keys_encrypt internals: not an API, may change in any release.';
 
 -- The one vocabulary for a stored value's state, shared by the Rust code (engine.rs,
 -- TOKEN_STATE_LABELS), the engine, the report and the messages.
@@ -118,7 +124,9 @@ CREATE TYPE pke_internal.mode AS (
     found_note text,                   -- appended to 'Found N provider keys to check'
     unverified_text text,              -- 'Provider key K for provider P <this>: left unchanged'
     retire_note text,                  -- rotation only: said once no row needs an older key
-    guard_args text[]                  -- the guard trigger's arguments for this format (guard => true)
+    guard_args text[],                 -- the guard trigger's arguments for this format (guard => true)
+    notice_sql text                    -- NULL, or an expression run_start evaluates: a non-NULL
+                                       -- result is a NOTICE before the run (what it cannot see)
 );
 
 -- A run between batches: what the committing procedure carries from one step to the next.
@@ -176,6 +184,13 @@ CREATE TYPE pke_internal.batch_rows AS (
     overridden_ids text[],    -- written, but a trigger stored something else than the mode's target
     overridden_providers text[]
 );
+
+CREATE FUNCTION pke_internal.base64_check_notice()
+    RETURNS text
+    LANGUAGE c STABLE PARALLEL SAFE
+    AS 'MODULE_PATHNAME', 'base64_check_notice_wrapper';
+COMMENT ON FUNCTION pke_internal.base64_check_notice() IS
+    'Engine internal: NULL, or why the llmgw backfill cannot recognise base64 tokens (ENCRYPTION_KEY not set).';
 
 CREATE  FUNCTION "llmgw_decrypt_token"(
 	"token" TEXT, /* Option < & str > */
@@ -325,7 +340,8 @@ BEGIN
          '',
          'looks like a token but authenticates under no configured key',
          NULL,
-         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[]),
+         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[],
+         NULL),
         ('decrypt', 'base64', 'decrypt_provider_keys(regclass,integer,boolean,boolean,text)', 'decryption', 'decrypted', 'Decrypted', 'decrypt',
          '{current_key,previous_key}'::pke_internal.token_state[],
          '{plaintext,unverified}'::pke_internal.token_state[],
@@ -339,7 +355,8 @@ BEGIN
          '',
          'looks like a token but authenticates under no configured key',
          NULL,
-         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[]),
+         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[],
+         NULL),
         ('reencrypt', 'base64', 'reencrypt_provider_keys(regclass,integer,boolean,boolean,text)', 're-encryption', 'reencrypted', 'Re-encrypted', 're-encrypt',
          '{previous_key}'::pke_internal.token_state[],
          '{current_key}'::pke_internal.token_state[],
@@ -353,7 +370,8 @@ BEGIN
          '',
          'looks like a token but authenticates under no configured key',
          'No provider key needs a previous key any more: provider_keys_encrypt.previous_keys can be emptied.',
-         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[]),
+         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[],
+         NULL),
         -- llmgw ----------------------------------------------------------------------------
         ('encrypt', 'llmgw', 'encrypt_provider_keys(regclass,integer,boolean,boolean,boolean,text,boolean)', 'backfill (llmgw)', 'encrypted', 'Encrypted', 'encrypt',
          '{plaintext}'::pke_internal.token_state[],
@@ -377,7 +395,8 @@ BEGIN
          '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
          '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
          NULL,
-         '{format=llmgw}'::text[]),
+         '{format=llmgw}'::text[],
+         'pke_internal.base64_check_notice()'),
         ('decrypt', 'llmgw', 'decrypt_provider_keys(regclass,integer,boolean,boolean,text)', 'decryption (llmgw)', 'decrypted', 'Decrypted', 'decrypt',
          '{current_key,previous_key}'::pke_internal.token_state[],
          '{plaintext,unverified}'::pke_internal.token_state[],
@@ -399,7 +418,8 @@ BEGIN
          '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
          '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
          NULL,
-         '{format=llmgw}'::text[]),
+         '{format=llmgw}'::text[],
+         NULL),
         ('reencrypt', 'llmgw', 'reencrypt_provider_keys(regclass,integer,boolean,boolean,text)', 're-encryption (llmgw)', 'reencrypted', 'Re-encrypted', 're-encrypt',
          '{previous_key}'::pke_internal.token_state[],
          '{current_key}'::pke_internal.token_state[],
@@ -419,10 +439,11 @@ BEGIN
          '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
          'No provider key needs an older secret any more: GATEWAY_API_KEY_HASH_SECRET can be cut down to its first '
          '(current) secret, on the gateway and on this server.',
-         '{format=llmgw}'::text[])
+         '{format=llmgw}'::text[],
+         NULL)
       ) AS v(name, format, entry_point, job, done_word, past, verb, todo, target, state_sql, set_sql, deleted_sql,
              reveals, plain_sql, stored_sql, key_id_sql, key_sql, key_word, reads, optional, writes, sets_null,
-             table_hint, found_note, unverified_text, retire_note, guard_args)
+             table_hint, found_note, unverified_text, retire_note, guard_args, notice_sql)
      WHERE v.format = format_name
     LOOP
         found_format := true;
@@ -532,13 +553,25 @@ BEGIN
                       HINT = format('Each row keeps its key in exactly one column, as in the gateway''s rollout schema: ALTER TABLE %s ALTER COLUMN %I DROP NOT NULL;', tbl, col);
         END IF;
     END LOOP;
+    -- The walk orders, bounds and compares ids in the column's own collation: ids that compare
+    -- equal must be equal, and the unique index must order them that way (its collation, the
+    -- default operator class), or a batch's id range would hold rows the batch did not choose.
+    IF EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation
+                WHERE a.attrelid = tbl AND a.attname = 'id' AND NOT c.collisdeterministic) THEN
+        RAISE EXCEPTION 'column "id" of relation % has a nondeterministic collation', tbl
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'A run walks the table in id order, and needs ids that compare equal only when they are equal. Give id a deterministic collation (ALTER TABLE … ALTER COLUMN id TYPE text COLLATE "default").';
+    END IF;
     IF NOT EXISTS (SELECT 1
                      FROM pg_index i
                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                     JOIN pg_opclass oc ON oc.oid = i.indclass[0]
                     WHERE i.indrelid = tbl AND i.indisunique AND i.indisvalid AND i.indnkeyatts = 1
-                      AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = 'id') THEN
+                      AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = 'id'
+                      AND i.indcollation[0] = a.attcollation AND oc.opcdefault) THEN
         RAISE EXCEPTION 'relation % has no unique index on column "id"', tbl
             USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'The index must be on id alone, in the column''s own collation and with the default operator class.',
                   HINT = format('A run walks the table in id order. Add one with: ALTER TABLE %s ADD PRIMARY KEY (id);', tbl);
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = 'id' AND a.attnotnull) THEN
@@ -609,7 +642,7 @@ CREATE FUNCTION provider_keys_encrypt_guard() RETURNS trigger
     LANGUAGE c
     AS 'MODULE_PATHNAME', 'provider_keys_encrypt_guard_wrapper';
 COMMENT ON FUNCTION provider_keys_encrypt_guard() IS
-'The guard: BEFORE INSERT OR UPDATE OF token, status ... FOR EACH ROW (format=llmgw: UPDATE OF token). Encrypts a plaintext token on write (format=llmgw: moves it into token_ciphertext, token_hash and token_masked; mode=reject: refuses it); tokens and deleted rows pass (llmgw: rows with token NULL pass).';
+'The guard: BEFORE INSERT OR UPDATE OF id, token, status ... FOR EACH ROW (format=llmgw: UPDATE OF id, token). Encrypts a plaintext token on write (format=llmgw: moves it into token_ciphertext, token_hash and token_masked; mode=reject: refuses it); tokens and deleted rows pass (llmgw: rows with token NULL pass).';
 
 -- The guard (src/guard.rs): a trigger that encrypts, or refuses, a plaintext token written
 -- while a run goes on or after it. Here: which guards a table has, the checks before a run
@@ -619,7 +652,7 @@ COMMENT ON FUNCTION provider_keys_encrypt_guard() IS
 -- as the trigger itself reads them (pke_internal.guard_settings: the same parser), whether it
 -- fires (enabled: in ordinary sessions) and whether it sees every write that can bring a
 -- plaintext back (covers_writes: BEFORE, FOR EACH ROW, INSERT and UPDATE of the columns its
--- format watches, no WHEN clause: token and status for base64, token for llmgw; the list comes
+-- format watches, no WHEN clause: id, token and status for base64, id and token for llmgw; the list comes
 -- from the trigger's own parser).
 CREATE FUNCTION pke_internal.guards(tbl regclass)
 RETURNS TABLE (relation regclass, trigger_name text, enabled boolean, covers_writes boolean,
@@ -716,7 +749,7 @@ $fn$;
 -- Install the guard on tbl, once (after guard_check, and after every other check of the run),
 -- with the mode's guard_args (modes.sql): the format, and for base64 the run's treatment of
 -- unverified values (encrypt_unverified => false: 'unverified=keep'). It fires on INSERT and
--- on an UPDATE of the columns those arguments watch (base64: token, status; llmgw: token).
+-- on an UPDATE of the columns those arguments watch (base64: id, token, status; llmgw: id, token).
 -- The caller commits right after, so that writers wait for the trigger's lock as briefly as
 -- possible.
 CREATE FUNCTION pke_internal.guard_install(tbl regclass, m pke_internal.mode, dry_run boolean)
@@ -1153,6 +1186,8 @@ DECLARE
     m pke_internal.mode;
     r pke_internal.run;
     key_id text;
+    notice text;
+    writers text;
 BEGIN
     IF batch_size IS NULL OR batch_size < 1 OR batch_size > 100000 THEN
         RAISE EXCEPTION 'batch_size must be between 1 and 100000'
@@ -1197,6 +1232,20 @@ BEGIN
         CASE WHEN dry_run THEN ', dry run: nothing will be written'
              WHEN NOT may_commit THEN ', inside the caller''s transaction'
              ELSE '' END);
+    -- CREATE EXTENSION refused a schema others can write to (types.sql); a GRANT made since
+    -- lets them plant an overload of this very procedure that a later call would run instead
+    writers := pke_internal.schema_writers();
+    IF writers IS NOT NULL THEN
+        RAISE WARNING 'schema @extschema@ is writable by roles that are not superusers: %', writers
+            USING DETAIL = 'Any of them can create an overload of this procedure (or of the other functions of provider_keys_encrypt) that a call like this one would run instead, with the caller''s rights.',
+                  HINT = 'REVOKE CREATE ON SCHEMA @extschema@ from those roles, then look for functions and procedures in @extschema@ that you did not create (\df @extschema@.*provider_key*).';
+    END IF;
+    IF m.notice_sql IS NOT NULL THEN
+        EXECUTE 'SELECT ' || m.notice_sql INTO notice;
+        IF notice IS NOT NULL THEN
+            RAISE NOTICE '%', notice;
+        END IF;
+    END IF;
     IF guard THEN
         PERFORM pke_internal.guard_install(tbl, m, dry_run);
     END IF;

@@ -255,9 +255,9 @@ impl Error {
                  format=base64, unverified=plaintext; for format=llmgw unverified=keep).",
             ),
             Error::Guard(GuardError::Protocol) => Some(
-                "CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, \
+                "CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF id, token, \
                  status ON <table> FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard(); \
-                 for the llmgw layout: BEFORE INSERT OR UPDATE OF token ... \
+                 for the llmgw layout: BEFORE INSERT OR UPDATE OF id, token ... \
                  provider_keys_encrypt_guard('format=llmgw').",
             ),
             _ => None,

@@ -4,11 +4,11 @@
 //!
 //! ```sql
 //! CREATE TRIGGER provider_keys_encrypt_guard
-//!     BEFORE INSERT OR UPDATE OF token, status ON provider_key
+//!     BEFORE INSERT OR UPDATE OF id, token, status ON provider_key
 //!     FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard();   -- or ('mode=reject')
 //! -- the gateway's llmgw layout (token -> token_ciphertext, token_hash, token_masked):
 //! CREATE TRIGGER provider_keys_encrypt_guard
-//!     BEFORE INSERT OR UPDATE OF token ON provider_key
+//!     BEFORE INSERT OR UPDATE OF id, token ON provider_key
 //!     FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard('format=llmgw');
 //! ```
 //!
@@ -41,8 +41,9 @@
 //!   plaintext (`unverified=plaintext`). `encrypt_unverified` does not apply to llmgw in the
 //!   engine, so a run installs `('format=llmgw')` whatever it is given.
 //!
-//! The UPDATE columns the guard must fire on are [`Format::watches`]: token and status for
-//! base64 (un-deleting a row brings its plaintext back), token alone for llmgw;
+//! The UPDATE columns the guard must fire on are [`Format::watches`]: id, token and status for
+//! base64 (un-deleting a row brings its plaintext back), id and token for llmgw (a new id
+//! moves a plaintext row behind a run's position in its walk by id);
 //! `pke_internal.guard_settings` reports them and `provider_keys_guard_status().covers_writes`
 //! checks them.
 //!
@@ -180,12 +181,14 @@ impl Config {
 
 impl Format {
     /// The columns whose UPDATE can bring a plaintext back: the guard must fire on an UPDATE
-    /// of each (`BEFORE INSERT OR UPDATE OF <these>`). base64 passes soft-deleted rows, so an
-    /// UPDATE of status (un-deleting a row) matters; llmgw moves every row whatever its status.
+    /// of each (`BEFORE INSERT OR UPDATE OF <these>`). A run walks the table in id order, so a
+    /// plaintext row given a smaller id would end behind it: id matters for both. base64
+    /// passes soft-deleted rows, so an UPDATE of status (un-deleting a row) matters too; llmgw
+    /// moves every row whatever its status.
     pub fn watches(self) -> &'static [&'static str] {
         match self {
-            Format::Base64 => &["token", "status"],
-            Format::Llmgw => &["token"],
+            Format::Base64 => &["id", "token", "status"],
+            Format::Llmgw => &["id", "token"],
         }
     }
 
@@ -582,7 +585,7 @@ CREATE FUNCTION provider_keys_encrypt_guard() RETURNS trigger
     LANGUAGE c
     AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 COMMENT ON FUNCTION provider_keys_encrypt_guard() IS
-'The guard: BEFORE INSERT OR UPDATE OF token, status ... FOR EACH ROW (format=llmgw: UPDATE OF token). Encrypts a plaintext token on write (format=llmgw: moves it into token_ciphertext, token_hash and token_masked; mode=reject: refuses it); tokens and deleted rows pass (llmgw: rows with token NULL pass).';
+'The guard: BEFORE INSERT OR UPDATE OF id, token, status ... FOR EACH ROW (format=llmgw: UPDATE OF id, token). Encrypts a plaintext token on write (format=llmgw: moves it into token_ciphertext, token_hash and token_masked; mode=reject: refuses it); tokens and deleted rows pass (llmgw: rows with token NULL pass).';
 "#)]
 pub fn provider_keys_encrypt_guard<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -858,8 +861,8 @@ mod tests {
             parse(&["format=base64"]).unwrap().unverified,
             Unverified::Plaintext
         );
-        assert_eq!(Format::Base64.watches(), &["token", "status"]);
-        assert_eq!(Format::Llmgw.watches(), &["token"]);
+        assert_eq!(Format::Base64.watches(), &["id", "token", "status"]);
+        assert_eq!(Format::Llmgw.watches(), &["id", "token"]);
         assert!(!Format::Llmgw.required().contains(&Col::Status));
         assert!(Format::Llmgw.required().contains(&Col::OrganizationId));
         for col in Col::ALL {

@@ -125,13 +125,14 @@ pub fn llmgw_key_id() -> String {
 
 /// `pke_internal.llmgw_state(token, token_ciphertext, id, organization_id)`: the state of a
 /// row in the one vocabulary (`pke_internal.token_state`):
-/// * a `token_ciphertext`: `current_key` (v2 under the current secret), `previous_key` (v1, or
+/// * a `token_ciphertext` and no `token`: `current_key` (v2 under the current secret), `previous_key` (v1, or
 ///   v2 under an older secret: to rotate), `unverified` (opens under no secret for this row,
 ///   or is not an llmgw token at all);
-/// * no ciphertext and a `token`: `plaintext` (to move), unless the token is itself an llmgw
-///   token, or a base64 token of this extension that authenticates under `ENCRYPTION_KEY` (a
-///   table encrypted in format base64 before): `unverified`, never sealed as if it were the API
-///   key (the gateway would then read the base64 token as the key);
+/// * a `token` (whether or not the row also has a ciphertext: what is in token is the newest
+///   write): `plaintext` (to move), unless the token is itself an llmgw token, or a base64
+///   token of this extension that authenticates under `ENCRYPTION_KEY` (a table encrypted in
+///   format base64 before): `unverified`, never sealed as if it were the API key (the gateway
+///   would then read the base64 token as the key);
 /// * neither, or a NULL id: `unverified` (nothing the gateway can read).
 ///
 /// Never raises on odd input (only when the keyring is missing).
@@ -154,8 +155,18 @@ pub(crate) fn llmgw_state(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Oid {
     use crate::engine::StateLabel;
-    let label = match (token_ciphertext, token, id) {
-        (Some(ct), _, Some(id)) => {
+    let label = match (token, token_ciphertext, id) {
+        // a value in token is the newest write: an old gateway instance writes a new plaintext
+        // key there even when the row has a ciphertext (without the XOR constraint), and the
+        // guard seals it over the ciphertext; so does the backfill
+        (Some(t), _, Some(_)) => {
+            if t.starts_with(llmgw::PREFIX) || is_base64_token(t) {
+                StateLabel::Unverified
+            } else {
+                StateLabel::Plaintext
+            }
+        }
+        (None, Some(ct), Some(id)) => {
             let ctx = RowContext {
                 id,
                 organization_id,
@@ -166,9 +177,6 @@ pub(crate) fn llmgw_state(
                 State::Plaintext | State::Unverified => StateLabel::Unverified,
             }
         }
-        (None, Some(t), Some(_)) if !t.starts_with(llmgw::PREFIX) && !is_base64_token(t) => {
-            StateLabel::Plaintext
-        }
         _ => StateLabel::Unverified,
     };
     // SAFETY: pgrx hands us this call's fcinfo.
@@ -176,13 +184,43 @@ pub(crate) fn llmgw_state(
 }
 
 /// Does `token` authenticate as a base64 token under `ENCRYPTION_KEY` (or a previous key)?
-/// Without that key configured nothing can: false.
+/// On a server without `ENCRYPTION_KEY` nothing can: false (the llmgw backfill says so in a
+/// NOTICE: [`base64_check_notice`]). A key that is set but unusable raises: never a guess.
 pub(crate) fn is_base64_token(token: &str) -> bool {
-    use crate::keys::TokenState;
-    matches!(
-        crate::gucs::with_keyring(|ring| ring.classify(token)),
-        Ok(Ok(TokenState::Current | TokenState::Previous))
-    )
+    use crate::keys::{KeyError, TokenState};
+    match crate::gucs::with_keyring(|ring| ring.classify(token)) {
+        Ok(state) => matches!(state.or_raise(), TokenState::Current | TokenState::Previous),
+        Err(Error::Key(KeyError::Missing)) => false,
+        Err(e) => e.raise(),
+    }
+}
+
+/// `pke_internal.base64_check_notice()`: NULL when `ENCRYPTION_KEY` is set on this server (so
+/// the llmgw backfill recognises this extension's base64 tokens in column token); else the
+/// NOTICE the backfill prints before it starts. Raises when the key is set but unusable.
+#[pg_extern(
+    sql = "
+CREATE FUNCTION pke_internal.base64_check_notice()
+    RETURNS text
+    LANGUAGE c STABLE PARALLEL SAFE
+    AS 'MODULE_PATHNAME', 'base64_check_notice_wrapper';
+COMMENT ON FUNCTION pke_internal.base64_check_notice() IS
+    'Engine internal: NULL, or why the llmgw backfill cannot recognise base64 tokens (ENCRYPTION_KEY not set).';
+",
+    requires = ["engine_types"]
+)]
+pub fn base64_check_notice() -> Option<&'static str> {
+    use crate::keys::KeyError;
+    match crate::gucs::with_keyring(|_| ()) {
+        Ok(()) => None,
+        Err(Error::Key(KeyError::Missing)) => Some(
+            "ENCRYPTION_KEY is not set on this server: a token of format base64 (this \
+             extension's other format) in column token cannot be recognised, and would be \
+             moved as if it were the key. If this table was ever encrypted with format base64, \
+             set ENCRYPTION_KEY and run again.",
+        ),
+        Err(e) => e.raise(),
+    }
 }
 
 /// `pke_internal.llmgw_reencrypt(token_ciphertext, id, organization_id)`: rotation. The

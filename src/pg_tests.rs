@@ -560,7 +560,7 @@ mod tests {
     #[pg_test]
     fn the_guard_does_not_open_again_what_this_backend_just_sealed() {
         use crate::guard::counts;
-        guarded_table("g_f", "BEFORE INSERT OR UPDATE OF token, status", "");
+        guarded_table("g_f", "BEFORE INSERT OR UPDATE OF id, token, status", "");
         let delta = |sql: &str| {
             let (fast0, full0) = counts();
             Spi::run(sql).unwrap();
@@ -602,7 +602,7 @@ mod tests {
         crate::guard::note_sealed(&other, &token);
         guarded_table(
             "g_r",
-            "BEFORE INSERT OR UPDATE OF token, status",
+            "BEFORE INSERT OR UPDATE OF id, token, status",
             "'mode=reject'",
         );
         let (fast0, full0) = counts();
@@ -624,7 +624,7 @@ mod tests {
                                   token_masked text, organization_id text, provider text NOT NULL,
                                   status text NOT NULL DEFAULT 'active',
                                   CHECK ((token IS NULL) <> (token_ciphertext IS NULL)));
-             CREATE TRIGGER guard BEFORE INSERT OR UPDATE OF token ON {name} FOR EACH ROW
+             CREATE TRIGGER guard BEFORE INSERT OR UPDATE OF id, token ON {name} FOR EACH ROW
                  EXECUTE FUNCTION provider_keys_encrypt_guard('format=llmgw'{args})"
         ))
         .unwrap();
@@ -714,7 +714,7 @@ mod tests {
         // arguments it cannot read, with a column list: not covering (false, not NULL)
         Spi::run(
             "DROP TRIGGER guard ON gl;
-             CREATE TRIGGER guard BEFORE INSERT OR UPDATE OF token ON gl FOR EACH ROW
+             CREATE TRIGGER guard BEFORE INSERT OR UPDATE OF id, token ON gl FOR EACH ROW
                  EXECUTE FUNCTION provider_keys_encrypt_guard('format=nope')",
         )
         .unwrap();
@@ -820,7 +820,7 @@ mod tests {
         ] {
             Spi::run(&format!(
                 "DROP TABLE IF EXISTS gls; CREATE TABLE gls ({ddl});
-                 CREATE TRIGGER guard BEFORE INSERT OR UPDATE OF token ON gls FOR EACH ROW
+                 CREATE TRIGGER guard BEFORE INSERT OR UPDATE OF id, token ON gls FOR EACH ROW
                      EXECUTE FUNCTION provider_keys_encrypt_guard('format=llmgw')"
             ))
             .unwrap();
@@ -840,13 +840,20 @@ mod tests {
         let parts: Vec<&str> = current.split(':').collect();
         let v1 = format!("llmgw:v1:{}:{}:{}", parts[3], parts[4], parts[5]);
         type Case<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>, &'a str);
-        let cases: [Case; 9] = [
+        let cases: [Case; 10] = [
             (Some("sk-plain"), None, Some("o1"), "plaintext"),
             (Some(""), None, None, "plaintext"),
             (Some("llmgw:v2:pasted"), None, Some("o1"), "unverified"),
             (None, None, Some("o1"), "unverified"),
             (None, Some(&current), Some("o1"), "current_key"),
-            (Some("sk-both"), Some(&current), Some("o1"), "current_key"),
+            // a value in token is the newest write (an old gateway instance, no XOR constraint)
+            (Some("sk-both"), Some(&current), Some("o1"), "plaintext"),
+            (
+                Some("llmgw:v2:pasted"),
+                Some(&current),
+                Some("o1"),
+                "unverified",
+            ),
             (None, Some(&v1), Some("o1"), "previous_key"),
             (None, Some(&current), Some("o2"), "unverified"),
             (None, Some("sk-not-a-token"), Some("o1"), "unverified"),

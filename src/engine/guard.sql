@@ -6,7 +6,7 @@
 -- as the trigger itself reads them (pke_internal.guard_settings: the same parser), whether it
 -- fires (enabled: in ordinary sessions) and whether it sees every write that can bring a
 -- plaintext back (covers_writes: BEFORE, FOR EACH ROW, INSERT and UPDATE of the columns its
--- format watches, no WHEN clause: token and status for base64, token for llmgw; the list comes
+-- format watches, no WHEN clause: id, token and status for base64, id and token for llmgw; the list comes
 -- from the trigger's own parser).
 CREATE FUNCTION pke_internal.guards(tbl regclass)
 RETURNS TABLE (relation regclass, trigger_name text, enabled boolean, covers_writes boolean,
@@ -103,7 +103,7 @@ $fn$;
 -- Install the guard on tbl, once (after guard_check, and after every other check of the run),
 -- with the mode's guard_args (modes.sql): the format, and for base64 the run's treatment of
 -- unverified values (encrypt_unverified => false: 'unverified=keep'). It fires on INSERT and
--- on an UPDATE of the columns those arguments watch (base64: token, status; llmgw: token).
+-- on an UPDATE of the columns those arguments watch (base64: id, token, status; llmgw: id, token).
 -- The caller commits right after, so that writers wait for the trigger's lock as briefly as
 -- possible.
 CREATE FUNCTION pke_internal.guard_install(tbl regclass, m pke_internal.mode, dry_run boolean)

@@ -59,7 +59,8 @@ BEGIN
          '',
          'looks like a token but authenticates under no configured key',
          NULL,
-         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[]),
+         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[],
+         NULL),
         ('decrypt', 'base64', 'decrypt_provider_keys(regclass,integer,boolean,boolean,text)', 'decryption', 'decrypted', 'Decrypted', 'decrypt',
          '{current_key,previous_key}'::pke_internal.token_state[],
          '{plaintext,unverified}'::pke_internal.token_state[],
@@ -73,7 +74,8 @@ BEGIN
          '',
          'looks like a token but authenticates under no configured key',
          NULL,
-         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[]),
+         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[],
+         NULL),
         ('reencrypt', 'base64', 'reencrypt_provider_keys(regclass,integer,boolean,boolean,text)', 're-encryption', 'reencrypted', 'Re-encrypted', 're-encrypt',
          '{previous_key}'::pke_internal.token_state[],
          '{current_key}'::pke_internal.token_state[],
@@ -87,7 +89,8 @@ BEGIN
          '',
          'looks like a token but authenticates under no configured key',
          'No provider key needs a previous key any more: provider_keys_encrypt.previous_keys can be emptied.',
-         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[]),
+         CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[],
+         NULL),
         -- llmgw ----------------------------------------------------------------------------
         ('encrypt', 'llmgw', 'encrypt_provider_keys(regclass,integer,boolean,boolean,boolean,text,boolean)', 'backfill (llmgw)', 'encrypted', 'Encrypted', 'encrypt',
          '{plaintext}'::pke_internal.token_state[],
@@ -111,7 +114,8 @@ BEGIN
          '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
          '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
          NULL,
-         '{format=llmgw}'::text[]),
+         '{format=llmgw}'::text[],
+         'pke_internal.base64_check_notice()'),
         ('decrypt', 'llmgw', 'decrypt_provider_keys(regclass,integer,boolean,boolean,text)', 'decryption (llmgw)', 'decrypted', 'Decrypted', 'decrypt',
          '{current_key,previous_key}'::pke_internal.token_state[],
          '{plaintext,unverified}'::pke_internal.token_state[],
@@ -133,7 +137,8 @@ BEGIN
          '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
          '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
          NULL,
-         '{format=llmgw}'::text[]),
+         '{format=llmgw}'::text[],
+         NULL),
         ('reencrypt', 'llmgw', 'reencrypt_provider_keys(regclass,integer,boolean,boolean,text)', 're-encryption (llmgw)', 'reencrypted', 'Re-encrypted', 're-encrypt',
          '{previous_key}'::pke_internal.token_state[],
          '{current_key}'::pke_internal.token_state[],
@@ -153,10 +158,11 @@ BEGIN
          '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
          'No provider key needs an older secret any more: GATEWAY_API_KEY_HASH_SECRET can be cut down to its first '
          '(current) secret, on the gateway and on this server.',
-         '{format=llmgw}'::text[])
+         '{format=llmgw}'::text[],
+         NULL)
       ) AS v(name, format, entry_point, job, done_word, past, verb, todo, target, state_sql, set_sql, deleted_sql,
              reveals, plain_sql, stored_sql, key_id_sql, key_sql, key_word, reads, optional, writes, sets_null,
-             table_hint, found_note, unverified_text, retire_note, guard_args)
+             table_hint, found_note, unverified_text, retire_note, guard_args, notice_sql)
      WHERE v.format = format_name
     LOOP
         found_format := true;

@@ -19,6 +19,8 @@ DECLARE
     m pke_internal.mode;
     r pke_internal.run;
     key_id text;
+    notice text;
+    writers text;
 BEGIN
     IF batch_size IS NULL OR batch_size < 1 OR batch_size > 100000 THEN
         RAISE EXCEPTION 'batch_size must be between 1 and 100000'
@@ -63,6 +65,20 @@ BEGIN
         CASE WHEN dry_run THEN ', dry run: nothing will be written'
              WHEN NOT may_commit THEN ', inside the caller''s transaction'
              ELSE '' END);
+    -- CREATE EXTENSION refused a schema others can write to (types.sql); a GRANT made since
+    -- lets them plant an overload of this very procedure that a later call would run instead
+    writers := pke_internal.schema_writers();
+    IF writers IS NOT NULL THEN
+        RAISE WARNING 'schema @extschema@ is writable by roles that are not superusers: %', writers
+            USING DETAIL = 'Any of them can create an overload of this procedure (or of the other functions of provider_keys_encrypt) that a call like this one would run instead, with the caller''s rights.',
+                  HINT = 'REVOKE CREATE ON SCHEMA @extschema@ from those roles, then look for functions and procedures in @extschema@ that you did not create (\df @extschema@.*provider_key*).';
+    END IF;
+    IF m.notice_sql IS NOT NULL THEN
+        EXECUTE 'SELECT ' || m.notice_sql INTO notice;
+        IF notice IS NOT NULL THEN
+            RAISE NOTICE '%', notice;
+        END IF;
+    END IF;
     IF guard THEN
         PERFORM pke_internal.guard_install(tbl, m, dry_run);
     END IF;

@@ -69,13 +69,25 @@ BEGIN
                       HINT = format('Each row keeps its key in exactly one column, as in the gateway''s rollout schema: ALTER TABLE %s ALTER COLUMN %I DROP NOT NULL;', tbl, col);
         END IF;
     END LOOP;
+    -- The walk orders, bounds and compares ids in the column's own collation: ids that compare
+    -- equal must be equal, and the unique index must order them that way (its collation, the
+    -- default operator class), or a batch's id range would hold rows the batch did not choose.
+    IF EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation
+                WHERE a.attrelid = tbl AND a.attname = 'id' AND NOT c.collisdeterministic) THEN
+        RAISE EXCEPTION 'column "id" of relation % has a nondeterministic collation', tbl
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'A run walks the table in id order, and needs ids that compare equal only when they are equal. Give id a deterministic collation (ALTER TABLE … ALTER COLUMN id TYPE text COLLATE "default").';
+    END IF;
     IF NOT EXISTS (SELECT 1
                      FROM pg_index i
                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                     JOIN pg_opclass oc ON oc.oid = i.indclass[0]
                     WHERE i.indrelid = tbl AND i.indisunique AND i.indisvalid AND i.indnkeyatts = 1
-                      AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = 'id') THEN
+                      AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = 'id'
+                      AND i.indcollation[0] = a.attcollation AND oc.opcdefault) THEN
         RAISE EXCEPTION 'relation % has no unique index on column "id"', tbl
             USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'The index must be on id alone, in the column''s own collation and with the default operator class.',
                   HINT = format('A run walks the table in id order. Add one with: ALTER TABLE %s ADD PRIMARY KEY (id);', tbl);
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = 'id' AND a.attnotnull) THEN

@@ -12,30 +12,43 @@ BEGIN
 END
 $$;
 
+-- The internals live here, out of the user's schemas. Only the extension's owner (a
+-- superuser: the extension is not trusted) can create objects in it, so no role can plant an
+-- overload or an operator where the engine looks. Privileges: see privileges.sql.
+CREATE SCHEMA pke_internal;
+COMMENT ON SCHEMA pke_internal IS
+'provider_keys_encrypt internals: not an API, may change in any release.';
+
 -- The schema the public functions go to must be one where nobody but superusers can create
 -- objects: a role that can create there can create an overload (encrypt_provider_keys(text),
 -- say) that a superuser's `CALL encrypt_provider_keys('t')` would pick over ours, before any of
 -- our code runs. (PostgreSQL 15's default public schema qualifies when the database owner is a
--- superuser.) Every operator here is pg_catalog's, named: this runs as the installing superuser
--- with the target schema on the search_path.
+-- superuser.) schema_writers() names the roles that are not superusers and can create there
+-- (PUBLIC included): CREATE EXTENSION refuses such a schema, and every run warns when a GRANT
+-- made later has opened it (run_start).
+CREATE FUNCTION pke_internal.schema_writers()
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT string_agg(DISTINCT CASE WHEN w.grantee = '0'::oid THEN 'PUBLIC' ELSE quote_ident(r.rolname::text) END, ', ')
+      FROM (SELECT CASE WHEN g.grantee = 'pg_database_owner'::regrole::oid THEN d.datdba ELSE g.grantee END AS grantee
+              FROM (SELECT n.nspowner AS grantee FROM pg_namespace n
+                     WHERE n.oid = '@extschema@'::regnamespace::oid
+                    UNION
+                    SELECT a.grantee FROM pg_namespace n, aclexplode(n.nspacl) a
+                     WHERE n.oid = '@extschema@'::regnamespace::oid
+                       AND a.privilege_type = 'CREATE') g,
+                   pg_database d
+             WHERE d.datname = current_database()) w
+      LEFT JOIN pg_roles r ON r.oid = w.grantee
+     WHERE w.grantee = '0'::oid OR NOT r.rolsuper
+$fn$;
+
 DO $$
 DECLARE
-    writers text;
+    writers text := pke_internal.schema_writers();
 BEGIN
-    SELECT pg_catalog.string_agg(DISTINCT CASE WHEN w.grantee OPERATOR(pg_catalog.=) '0'::oid THEN 'PUBLIC'
-                                               ELSE pg_catalog.quote_ident(r.rolname::text) END, ', ')
-      INTO writers
-      FROM (SELECT CASE WHEN g.grantee OPERATOR(pg_catalog.=) 'pg_database_owner'::regrole::oid THEN d.datdba ELSE g.grantee END AS grantee
-              FROM (SELECT n.nspowner AS grantee FROM pg_catalog.pg_namespace n
-                     WHERE n.oid OPERATOR(pg_catalog.=) '@extschema@'::regnamespace::oid
-                    UNION
-                    SELECT a.grantee FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
-                     WHERE n.oid OPERATOR(pg_catalog.=) '@extschema@'::regnamespace::oid
-                       AND a.privilege_type OPERATOR(pg_catalog.=) 'CREATE'::text) g,
-                   pg_catalog.pg_database d
-             WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()) w
-      LEFT JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) w.grantee
-     WHERE w.grantee OPERATOR(pg_catalog.=) '0'::oid OR NOT r.rolsuper;
     IF writers IS NOT NULL THEN
         RAISE EXCEPTION 'schema @extschema@ is writable by roles that are not superusers: %', writers
             USING ERRCODE = 'insufficient_privilege',
@@ -44,13 +57,6 @@ BEGIN
     END IF;
 END
 $$;
-
--- The internals live here, out of the user's schemas. Only the extension's owner (a
--- superuser: the extension is not trusted) can create objects in it, so no role can plant an
--- overload or an operator where the engine looks. Privileges: see privileges.sql.
-CREATE SCHEMA pke_internal;
-COMMENT ON SCHEMA pke_internal IS
-'provider_keys_encrypt internals: not an API, may change in any release.';
 
 -- The one vocabulary for a stored value's state, shared by the Rust code (engine.rs,
 -- TOKEN_STATE_LABELS), the engine, the report and the messages.
@@ -91,7 +97,9 @@ CREATE TYPE pke_internal.mode AS (
     found_note text,                   -- appended to 'Found N provider keys to check'
     unverified_text text,              -- 'Provider key K for provider P <this>: left unchanged'
     retire_note text,                  -- rotation only: said once no row needs an older key
-    guard_args text[]                  -- the guard trigger's arguments for this format (guard => true)
+    guard_args text[],                 -- the guard trigger's arguments for this format (guard => true)
+    notice_sql text                    -- NULL, or an expression run_start evaluates: a non-NULL
+                                       -- result is a NOTICE before the run (what it cannot see)
 );
 
 -- A run between batches: what the committing procedure carries from one step to the next.

@@ -180,7 +180,7 @@ test("rollout: the run ends at 0 plaintext while old gateway instances keep writ
   // phase 2: the guard switched to mode=reject; the same writers, and the run once more
   db.script(`BEGIN;
     DROP TRIGGER provider_keys_encrypt_guard ON provider_key;
-    CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON provider_key
+    CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF id, token, status ON provider_key
         FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard('mode=reject');
     COMMIT;
     UPDATE writer_control SET stop = false;
@@ -233,7 +233,7 @@ test("pg_dump and pg_restore keep the guard working", () => {
     `CREATE TABLE strict_keys (LIKE provider_key INCLUDING ALL)`,
     `INSERT INTO provider_key SELECT 'd' || g, 'sk-dump-' || g, 'openai' FROM generate_series(1, 20) g`,
     "CALL encrypt_provider_keys(guard => true, verbose => false)",
-    `CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON strict_keys
+    `CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF id, token, status ON strict_keys
        FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard('mode=reject', 'unverified=keep')`,
   ]) onDb("dump_src", sql);
 

@@ -195,6 +195,8 @@ test(`the backfill moves ${N} plaintext rows in one CALL; Node reads every row b
   const run = db.run("CALL encrypt_provider_keys(format => 'llmgw', batch_size => 100, verbose => false)", { tuples: false });
   assert.deepEqual(summary(run.err), { total: N + NODE_ROWS, done: N, skipped: NODE_ROWS, errors: 0 });
   assert.match(run.err, /soft-deleted ones included: the gateway's next migration sets token_ciphertext, token_hash and token_masked NOT NULL on every row/);
+  // this server has no ENCRYPTION_KEY: the run says it cannot recognise base64 tokens in token
+  assert.match(run.err, /NOTICE: {2}ENCRYPTION_KEY is not set on this server: a token of format base64 .* set ENCRYPTION_KEY and run again\./);
   assert.ok(!/sk-proj-|sk-ant-|ключ/.test(run.err), "no plaintext in the messages");
 
   const back = readBack("provider_key", plains, OLD);

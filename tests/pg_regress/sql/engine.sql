@@ -55,6 +55,15 @@ CREATE TABLE no_token (id text PRIMARY KEY, provider text, status text);
 CALL encrypt_provider_keys(table_name => 'no_token');
 CREATE TABLE no_index (id text, token text, provider text, status text);
 CALL encrypt_provider_keys(table_name => 'no_index');
+-- a unique index that orders ids otherwise than the column does (another collation, a
+-- pattern operator class) does not count: a batch's id range would not be the batch's rows
+CREATE TABLE other_order (id text NOT NULL, token text, provider text, status text);
+CREATE UNIQUE INDEX other_order_c ON other_order (id COLLATE "C");
+CREATE UNIQUE INDEX other_order_pattern ON other_order (id text_pattern_ops);
+CALL encrypt_provider_keys(table_name => 'other_order');
+CREATE UNIQUE INDEX other_order_id ON other_order (id);
+CALL encrypt_provider_keys(table_name => 'other_order', verbose => false);
+DROP TABLE other_order;
 CREATE TABLE null_id (id text UNIQUE, token text, provider text, status text);
 CALL encrypt_provider_keys(table_name => 'null_id');
 CREATE TABLE inh_parent (id text PRIMARY KEY, token text, provider text, status text);

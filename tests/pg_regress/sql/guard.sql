@@ -7,7 +7,7 @@ CREATE TABLE gk (id text PRIMARY KEY, token text NOT NULL, provider text NOT NUL
                  base_url text);
 -- The plain form: one trigger, no arguments (mode=encrypt, unverified=plaintext, format=base64).
 CREATE TRIGGER provider_keys_encrypt_guard
-    BEFORE INSERT OR UPDATE OF token, status ON gk
+    BEFORE INSERT OR UPDATE OF id, token, status ON gk
     FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard();
 SELECT * FROM provider_keys_guard_status('gk');
 
@@ -24,9 +24,17 @@ SELECT id, token = :'t2' AS unchanged, token = 'sk-guard-deleted-0003' AS as_giv
 -- Un-deleting a row brings its plaintext back: the guard sees status change, and encrypts.
 UPDATE gk SET status = 'active' WHERE id = 'g3';
 SELECT id, status, pke_internal.token_state(token), decrypt_token(token) FROM gk WHERE id = 'g3';
--- A write that touches neither token nor status does not fire it (UPDATE OF token, status).
+-- A write that touches none of id, token and status does not fire it (UPDATE OF id, token, status).
 UPDATE gk SET base_url = 'https://example.invalid' WHERE id = 'g2';
 SELECT token = :'t2' AS unchanged FROM gk WHERE id = 'g2';
+-- A new id fires it: a run walks the table in id order, and a plaintext row given a smaller
+-- id would end behind its position. (This plaintext was written while the guard was off.)
+ALTER TABLE gk DISABLE TRIGGER provider_keys_encrypt_guard;
+INSERT INTO gk (id, token, provider) VALUES ('g9', 'sk-guard-moved-0009', 'mistral');
+ALTER TABLE gk ENABLE TRIGGER provider_keys_encrypt_guard;
+UPDATE gk SET id = 'g0' WHERE id = 'g9';
+SELECT id, pke_internal.token_state(token), decrypt_token(token) FROM gk WHERE id = 'g0';
+DELETE FROM gk WHERE id = 'g0';
 -- A token-shaped value no key opens: the engine's treatment, a WARNING, encrypted as plaintext.
 INSERT INTO gk (id, token, provider) VALUES ('g4', '0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef', 'together.ai');
 SELECT id, pke_internal.token_state(token), decrypt_token(token) FROM gk WHERE id = 'g4';
@@ -44,7 +52,7 @@ CALL encrypt_provider_keys('gk', guard => true);
 
 -- unverified=keep: such a value is written as given, with the WARNING.
 DROP TRIGGER provider_keys_encrypt_guard ON gk;
-CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON gk
+CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF id, token, status ON gk
     FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard('unverified=keep');
 UPDATE gk SET token = 'ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTAxMjM0NTY3OA==' WHERE id = 'g4';
 SELECT id, token, pke_internal.token_state(token) FROM gk WHERE id = 'g4';
@@ -53,7 +61,7 @@ SELECT id, pke_internal.token_state(token) FROM gk WHERE id = 'g4';
 
 -- mode=reject: a plaintext write fails with 23000 and names the row, never the value.
 DROP TRIGGER provider_keys_encrypt_guard ON gk;
-CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON gk
+CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF id, token, status ON gk
     FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard('mode=reject');
 SELECT relation, trigger_name, mode, unverified, problem FROM provider_keys_guard_status('gk');
 INSERT INTO gk (id, token, provider) VALUES ('g5', 'sk-guard-REFUSED-0005', 'openai');
@@ -67,7 +75,7 @@ SELECT count(*) AS refused_values_stored FROM gk WHERE token LIKE '%REFUSED%';
 
 -- Odd input raises nothing the engine would not: NULL tokens pass, huge plaintexts are 54000.
 CREATE TABLE gk_null (id text PRIMARY KEY, token text, provider text NOT NULL, status text);
-CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON gk_null
+CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF id, token, status ON gk_null
     FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard();
 INSERT INTO gk_null VALUES ('n1', NULL, 'openai', NULL), ('n2', '', 'openai', NULL);
 SELECT id, token IS NULL AS is_null, pke_internal.token_state(token), decrypt_token(token) = '' AS empty FROM gk_null ORDER BY id;
@@ -75,12 +83,12 @@ SELECT sqlstate_of($$INSERT INTO gk_null VALUES ('n3', repeat('x', 70000), 'open
 
 -- varchar columns work; a varchar(n) too short for the token is 22001, as for the engine.
 CREATE TABLE gk_varchar (id varchar(64) PRIMARY KEY, token varchar NOT NULL, provider varchar NOT NULL, status varchar);
-CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON gk_varchar
+CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF id, token, status ON gk_varchar
     FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard();
 INSERT INTO gk_varchar VALUES ('v1', 'sk-guard-varchar-0001', 'openai', 'active');
 SELECT id, pke_internal.token_state(token::text), decrypt_token(token::text) FROM gk_varchar;
 CREATE TABLE gk_v40 (id varchar(64) PRIMARY KEY, token varchar(40) NOT NULL, provider varchar NOT NULL, status varchar);
-CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON gk_v40
+CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF id, token, status ON gk_v40
     FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard();
 INSERT INTO gk_v40 VALUES ('v2', 'sk-short', 'openai', 'active');
 SELECT sqlstate_of($$INSERT INTO gk_v40 VALUES ('v3', encrypt_token('sk-short'), 'openai', 'active')$$) AS what_the_engine_raises;
@@ -177,7 +185,7 @@ ALTER TABLE pk_owned OWNER TO CURRENT_USER;
 CALL encrypt_provider_keys('pk_owned', verbose => false);
 -- A guard with a WHEN clause may skip rows: it is not taken for one that protects the table.
 DROP TRIGGER provider_keys_encrypt_guard ON pk_owned;
-CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON pk_owned
+CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF id, token, status ON pk_owned
     FOR EACH ROW WHEN (NEW.provider <> 'test') EXECUTE FUNCTION provider_keys_encrypt_guard();
 SELECT relation, covers_writes FROM provider_keys_guard_status('pk_owned');
 CALL encrypt_provider_keys('pk_owned', guard => true);
@@ -197,7 +205,7 @@ DROP TABLE gk;
 DROP ROLE guard_writer;
 
 -- The gateway's llmgw layout: guard => true with format => 'llmgw' installs the guard with
--- ('format=llmgw'), fired on INSERT and UPDATE OF token. A plaintext token an old gateway
+-- ('format=llmgw'), fired on INSERT and UPDATE OF id, token. A plaintext token an old gateway
 -- writes is moved into token_ciphertext, token_hash and token_masked for its own row (its id
 -- and organization; NULL: the managed scope), soft-deleted rows included; token NULL (the new
 -- code, the backfill itself) passes.
@@ -236,7 +244,7 @@ CALL encrypt_provider_keys('gw_guard', format => 'llmgw', guard => true, verbose
 CALL encrypt_provider_keys('gw_guard', guard => true);
 -- mode=reject, installed by hand: a plaintext is refused, token NULL passes.
 DROP TRIGGER provider_keys_encrypt_guard ON gw_guard;
-CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token ON gw_guard
+CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF id, token ON gw_guard
     FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard('format=llmgw', 'mode=reject');
 SELECT relation, covers_writes, mode, format, unverified FROM provider_keys_guard_status('gw_guard');
 UPDATE gw_guard SET token = 'sk-llmgw-REFUSED-0002' WHERE id = 'l2';
@@ -244,7 +252,7 @@ UPDATE gw_guard SET token = NULL, status = 'deleted' WHERE id = 'l2';
 -- A base64 guard on this table is in the way of an llmgw run (55000), and the rollback
 -- refuses while any guard is on.
 DROP TRIGGER provider_keys_encrypt_guard ON gw_guard;
-CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF token, status ON gw_guard
+CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF id, token, status ON gw_guard
     FOR EACH ROW EXECUTE FUNCTION provider_keys_encrypt_guard();
 CALL encrypt_provider_keys('gw_guard', format => 'llmgw', guard => true);
 CALL decrypt_provider_keys('gw_guard', format => 'llmgw');

@@ -188,6 +188,14 @@ SELECT id, token, llmgw_decrypt_token(token_ciphertext, id, organization_id) AS 
 -- would give (format base64 finds no token at all in column token here: total=0)
 CALL encrypt_provider_keys('was_base64', format => 'llmgw');
 CALL encrypt_provider_keys('was_base64');
+-- This table has no XOR constraint: an old gateway instance can write a new plaintext key into
+-- token of a row that has a ciphertext. The newest write is in token: the report counts it as
+-- plaintext and the backfill seals it over the old ciphertext.
+UPDATE was_base64 SET token = 'sk-new-key-from-old-code' WHERE id = 'b2';
+SELECT * FROM provider_keys_encryption_report('was_base64');
+CALL encrypt_provider_keys('was_base64', format => 'llmgw');
+SELECT id, token, llmgw_decrypt_token(token_ciphertext, id, organization_id) AS moved,
+       token_hash = llmgw_token_hash('sk-new-key-from-old-code') AS hash_ok FROM was_base64 ORDER BY id;
 
 DROP TABLE gw_key, gw_key_plain, seed_key, was_base64;
 DROP FUNCTION gw_refuse();
