@@ -86,21 +86,39 @@ BEGIN
 END
 $fn$;
 
--- The rows to check, for the progress line, each classified once in one sequential scan.
--- When none is in a state the mode writes and none is unverified (nothing to write, nothing
--- to warn about), that scan is the whole run: it is done, with the counts a batch-by-batch
--- walk would find in the same snapshot, at the cost of a plain classification scan (an
--- all-skipped re-run). Rows written after this snapshot are the guard's job or the next
--- run's, exactly as for rows written behind a walk's position.
--- One classification per row: the counts come from GROUP BY state (count(*) FILTER on the
--- state would classify each row once per FILTER). The planner estimates as many groups as
--- tokens (it sees a function of a unique column) and would sort a large table by state;
--- enable_sort = off, for this function only, makes it hash the four states instead.
+-- The number of rows to check, for the progress line.
 CREATE FUNCTION pke_internal.run_count(r pke_internal.run)
 RETURNS pke_internal.run
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified, r.tbl);
+BEGIN
+    EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s)', r.tbl, m.deleted_sql) INTO r.found;
+    RAISE NOTICE 'Found % provider keys to check%', r.found, m.found_note;
+    RETURN r;
+END
+$fn$;
+
+-- After a first batch that had nothing to write or warn about (an all-skipped re-run, most
+-- likely): is that true of the whole table? One sequential scan classifies every row once;
+-- when no row is in a state the mode writes and none is unverified, that scan ends the run,
+-- with the counts a batch-by-batch walk would find in the same snapshot, at the cost of a
+-- plain classification scan instead of a walk by index. Rows written after this snapshot are
+-- the guard's job or the next run's, exactly as for rows written behind a walk's position.
+-- A first run pays none of this: its first batch has rows to write.
+-- One classification per row: the counts come from GROUP BY state (count(*) FILTER on the
+-- state would classify each row once per FILTER). The planner estimates as many groups as
+-- rows (it sees a function of a unique column): enable_sort = off makes it hash the four
+-- states rather than sort the table by state, and work_mem = 64kB keeps the hash table it
+-- sizes from that estimate small (memory stays flat; four groups never spill).
+CREATE FUNCTION pke_internal.run_idle_check(r pke_internal.run)
+RETURNS pke_internal.run
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
 SET enable_sort = off
+SET work_mem = '64kB'
 AS $fn$
 DECLARE
     m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified, r.tbl);
@@ -110,10 +128,8 @@ DECLARE
     unverified bigint := 0;
     classified bigint := 0;  -- rows with a state (a NULL token has none, and a walk skips it)
 BEGIN
-    r.found := 0;
     FOR x IN EXECUTE format('SELECT c.s, count(*) AS n FROM (SELECT %s AS s FROM %s t WHERE NOT (%s)) c GROUP BY c.s',
                             m.state_sql, r.tbl, m.deleted_sql) LOOP
-        r.found := r.found + x.n;
         IF x.s IS NOT NULL THEN
             classified := classified + x.n;
         END IF;
@@ -126,7 +142,6 @@ BEGIN
             unverified := x.n;
         END IF;
     END LOOP;
-    RAISE NOTICE 'Found % provider keys to check%', r.found, m.found_note;
     IF todo = 0 AND unverified = 0 THEN
         r.examined := classified;
         r.previous := previous;
@@ -150,10 +165,8 @@ DECLARE
     warn_limit constant bigint := 100;
     elapsed double precision;
     rate double precision;
+    first boolean := r.after_id IS NULL;
 BEGIN
-    IF r.done THEN
-        RETURN r;  -- run_count found nothing to do
-    END IF;
     b := pke_internal.batch(r.mode, r.format, r.encrypt_unverified, r.tbl, r.after_id, r.batch_size,
                             r.dry_run, r.row_notices, r.may_commit, warn_limit - r.warned);
     IF b.last_id IS NULL THEN
@@ -168,6 +181,12 @@ BEGIN
     r.unverified := r.unverified + b.unverified;
     r.warned := r.warned + b.warned;
     r.changed := r.changed + b.changed;
+    IF first AND b.written = 0 AND b.errors = 0 AND b.unverified = 0 AND b.changed = 0 THEN
+        r := pke_internal.run_idle_check(r);
+        IF r.done THEN
+            RETURN r;
+        END IF;
+    END IF;
     IF r.do_commit THEN
         PERFORM set_config('synchronous_commit', 'off', true);
     END IF;

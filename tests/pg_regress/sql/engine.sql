@@ -73,3 +73,29 @@ CALL encrypt_provider_keys(batch_size => 0);
 SET search_path = gw;
 CALL public.encrypt_provider_keys();
 RESET search_path;
+
+-- An all-skipped re-run: the first batch has nothing to write, so one classification scan of
+-- the whole table decides, and ends the run (one batch, not a walk of one batch per row).
+-- When that scan finds a row to write, the walk goes on and writes it. (Counted with the
+-- backend's own function statistics, before and after the CALL in one transaction.)
+CREATE TABLE idle (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
+INSERT INTO idle (id, token, provider) SELECT 'i' || g, encrypt_token('sk-idle-' || g), 'openai' FROM generate_series(1, 5) g;
+CREATE TEMP VIEW engine_calls AS
+    SELECT f.funcname::text, f.calls FROM pg_stat_xact_user_functions f
+     WHERE f.schemaname = 'pke_internal' AND f.funcname IN ('batch', 'run_idle_check');
+BEGIN;
+SET LOCAL track_functions = 'all';
+CREATE TEMP TABLE calls_before ON COMMIT DROP AS SELECT * FROM engine_calls;
+CALL encrypt_provider_keys('idle', batch_size => 1, verbose => false);
+SELECT c.funcname, c.calls - coalesce(b.calls, 0) AS calls FROM engine_calls c LEFT JOIN calls_before b USING (funcname) ORDER BY 1;
+ROLLBACK;
+UPDATE idle SET token = 'sk-idle-written-later' WHERE id = 'i4';
+BEGIN;
+SET LOCAL track_functions = 'all';
+CREATE TEMP TABLE calls_before ON COMMIT DROP AS SELECT * FROM engine_calls;
+CALL encrypt_provider_keys('idle', batch_size => 1, verbose => false);
+SELECT c.funcname, c.calls - coalesce(b.calls, 0) AS calls FROM engine_calls c LEFT JOIN calls_before b USING (funcname) ORDER BY 1;
+COMMIT;
+SELECT id, decrypt_token(token) FROM idle ORDER BY id;
+DROP VIEW engine_calls;
+DROP TABLE idle;
