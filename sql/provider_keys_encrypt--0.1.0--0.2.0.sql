@@ -1275,43 +1275,40 @@ $fn$;
 -- plain classification scan instead of a walk by index. Rows written after this snapshot are
 -- the guard's job or the next run's, exactly as for rows written behind a walk's position.
 -- A first run pays none of this: its first batch has rows to write.
--- One classification per row: the counts come from GROUP BY state (count(*) FILTER on the
--- state would classify each row once per FILTER). The planner estimates as many groups as
--- rows (it sees a function of a unique column): enable_sort = off makes it hash the four
--- states rather than sort the table by state, and work_mem = 64kB keeps the hash table it
--- sizes from that estimate small (memory stays flat; four groups never spill).
+-- One classification per row, and a plan that may run in parallel: the four counts are one
+-- sum (a simple CASE evaluates the state once, and each state adds 1 in its own 12 decimal
+-- digits), where count(*) FILTER per state would classify each row once per FILTER, and a
+-- GROUP BY state is planned as if every row were its own group (a function of a unique
+-- column), so serially, with a hash table sized for that.
 CREATE FUNCTION pke_internal.run_idle_check(r pke_internal.run)
 RETURNS pke_internal.run
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
-SET enable_sort = off
-SET work_mem = '64kB'
 AS $fn$
 DECLARE
     m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified, r.tbl);
-    x record;
+    digits constant numeric := 1e12;  -- room for any table's count of one state
+    total numeric;
+    n bigint[];  -- per state, in the enum's order
     todo bigint := 0;
-    previous bigint := 0;
-    unverified bigint := 0;
-    classified bigint := 0;  -- rows with a state (a NULL token has none, and a walk skips it)
 BEGIN
-    FOR x IN EXECUTE format('SELECT c.s, count(*) AS n FROM (SELECT %s AS s FROM %s t WHERE NOT (%s)) c GROUP BY c.s',
-                            m.state_sql, r.tbl, m.deleted_sql) LOOP
-        IF x.s IS NOT NULL THEN
-            classified := classified + x.n;
-        END IF;
-        IF x.s = ANY (m.todo) THEN
-            todo := todo + x.n;
-        END IF;
-        IF x.s = 'previous_key' THEN
-            previous := x.n;
-        ELSIF x.s = 'unverified' THEN
-            unverified := x.n;
+    EXECUTE format('SELECT sum(CASE %s WHEN ''plaintext'' THEN 1 WHEN ''current_key'' THEN 1e12
+                                       WHEN ''previous_key'' THEN 1e24 WHEN ''unverified'' THEN 1e36
+                                       ELSE 0 END)
+                      FROM %s t WHERE NOT (%s)',
+                   m.state_sql, r.tbl, m.deleted_sql)
+        INTO total;
+    total := coalesce(total, 0);
+    n := ARRAY[mod(total, digits), mod(div(total, digits), digits),
+               mod(div(total, digits ^ 2), digits), div(total, digits ^ 3)]::bigint[];
+    FOR i IN 1 .. 4 LOOP
+        IF (enum_range(NULL::pke_internal.token_state))[i] = ANY (m.todo) THEN
+            todo := todo + n[i];
         END IF;
     END LOOP;
-    IF todo = 0 AND unverified = 0 THEN
-        r.examined := classified;
-        r.previous := previous;
+    IF todo = 0 AND n[4] = 0 THEN  -- nothing to write, no unverified row to warn about
+        r.examined := n[1] + n[2] + n[3] + n[4];
+        r.previous := n[3];
         r.done := true;
     END IF;
     RETURN r;
