@@ -322,6 +322,11 @@ AS $fn$
 DECLARE
     m pke_internal.mode;
     found_format boolean := false;
+    -- the three llmgw modes' unverified_text
+    llmgw_unverified constant text :=
+        'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
+        '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
+        '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all';
 BEGIN
     FOR m IN
       SELECT v.*
@@ -391,9 +396,7 @@ BEGIN
          'and organization_id): the gateway''s rollout schema. Without column token the gateway''s final migration has '
          'run and nothing is left to encrypt; rotate with CALL reencrypt_provider_keys(format => ''llmgw'').',
          ', soft-deleted ones included: the gateway''s next migration sets token_ciphertext, token_hash and token_masked NOT NULL on every row',
-         'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
-         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
-         '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
+         llmgw_unverified,
          NULL,
          '{format=llmgw}'::text[],
          'pke_internal.base64_check_notice()'),
@@ -414,9 +417,7 @@ BEGIN
          'Rolling back to plaintext needs column token: after the gateway''s final migration, add it back first '
          '(ALTER TABLE provider_key ADD COLUMN token text, ALTER COLUMN token_ciphertext DROP NOT NULL).',
          ', soft-deleted ones included',
-         'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
-         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
-         '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
+         llmgw_unverified,
          NULL,
          '{format=llmgw}'::text[],
          NULL),
@@ -434,9 +435,7 @@ BEGIN
          '{token_ciphertext,token_hash}'::text[], '{}'::text[],
          'Rotation needs id, provider, token_ciphertext, token_hash and organization_id (the gateway''s rollout or final schema).',
          ', soft-deleted ones included: a row left under an older secret stops opening once that secret is dropped',
-         'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
-         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
-         '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
+         llmgw_unverified,
          'No provider key needs an older secret any more: GATEWAY_API_KEY_HASH_SECRET can be cut down to its first '
          '(current) secret, on the gateway and on this server.',
          '{format=llmgw}'::text[],
@@ -1638,8 +1637,9 @@ GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 -- encrypt_token would) and, for llmgw, the token_hash of its plaintext (what the row's
 -- token_hash column holds: good for confirming a guess, never for reading a key), never the
 -- plaintext; guard_settings and guard_watches only parse trigger arguments; guards and
--- guard_check read catalogs everyone can read; guard_install creates a trigger only with the caller's own TRIGGER
--- privilege; scrub only replaces text; every internal that reads or writes rows takes a mode
+-- guard_check read catalogs everyone can read, and so does schema_writers; base64_check_notice
+-- says whether ENCRYPTION_KEY is set (as provider_keys_encrypt_fingerprint does); guard_install
+-- creates a trigger only with the caller's own TRIGGER privilege; scrub only replaces text; every internal that reads or writes rows takes a mode
 -- by name from pke_internal.mode, which refuses an unknown mode and a caller without EXECUTE
 -- on that mode's public procedure (and on the format's decrypting function when the mode
 -- writes plaintext). All of them run with the caller's rights.

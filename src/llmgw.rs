@@ -125,8 +125,8 @@ pub fn llmgw_key_id() -> String {
 
 /// `pke_internal.llmgw_state(token, token_ciphertext, id, organization_id)`: the state of a
 /// row in the one vocabulary (`pke_internal.token_state`):
-/// * a `token_ciphertext` and no `token`: `current_key` (v2 under the current secret), `previous_key` (v1, or
-///   v2 under an older secret: to rotate), `unverified` (opens under no secret for this row,
+/// * a `token_ciphertext` and no `token`: `current_key` (v2 under the current secret),
+///   `previous_key` (v1, or v2 under an older secret: to rotate), `unverified` (opens under no secret for this row,
 ///   or is not an llmgw token at all);
 /// * a `token` (whether or not the row also has a ciphertext: what is in token is the newest
 ///   write): `plaintext` (to move), unless the token is itself an llmgw token, or a base64
@@ -135,7 +135,8 @@ pub fn llmgw_key_id() -> String {
 ///   would then read the base64 token as the key);
 /// * neither, or a NULL id: `unverified` (nothing the gateway can read).
 ///
-/// Never raises on odd input (only when the keyring is missing).
+/// Never raises on odd input: only when the gateway's keyring is missing, or `ENCRYPTION_KEY`
+/// is set but unusable (see [`is_base64_token`]).
 #[pg_extern(
     sql = "
 CREATE FUNCTION pke_internal.llmgw_state(token text, token_ciphertext text, id text, organization_id text)

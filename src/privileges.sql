@@ -46,8 +46,9 @@ GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 -- encrypt_token would) and, for llmgw, the token_hash of its plaintext (what the row's
 -- token_hash column holds: good for confirming a guess, never for reading a key), never the
 -- plaintext; guard_settings and guard_watches only parse trigger arguments; guards and
--- guard_check read catalogs everyone can read; guard_install creates a trigger only with the caller's own TRIGGER
--- privilege; scrub only replaces text; every internal that reads or writes rows takes a mode
+-- guard_check read catalogs everyone can read, and so does schema_writers; base64_check_notice
+-- says whether ENCRYPTION_KEY is set (as provider_keys_encrypt_fingerprint does); guard_install
+-- creates a trigger only with the caller's own TRIGGER privilege; scrub only replaces text; every internal that reads or writes rows takes a mode
 -- by name from pke_internal.mode, which refuses an unknown mode and a caller without EXECUTE
 -- on that mode's public procedure (and on the format's decrypting function when the mode
 -- writes plaintext). All of them run with the caller's rights.

@@ -41,6 +41,11 @@ AS $fn$
 DECLARE
     m pke_internal.mode;
     found_format boolean := false;
+    -- the three llmgw modes' unverified_text
+    llmgw_unverified constant text :=
+        'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
+        '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
+        '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all';
 BEGIN
     FOR m IN
       SELECT v.*
@@ -110,9 +115,7 @@ BEGIN
          'and organization_id): the gateway''s rollout schema. Without column token the gateway''s final migration has '
          'run and nothing is left to encrypt; rotate with CALL reencrypt_provider_keys(format => ''llmgw'').',
          ', soft-deleted ones included: the gateway''s next migration sets token_ciphertext, token_hash and token_masked NOT NULL on every row',
-         'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
-         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
-         '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
+         llmgw_unverified,
          NULL,
          '{format=llmgw}'::text[],
          'pke_internal.base64_check_notice()'),
@@ -133,9 +136,7 @@ BEGIN
          'Rolling back to plaintext needs column token: after the gateway''s final migration, add it back first '
          '(ALTER TABLE provider_key ADD COLUMN token text, ALTER COLUMN token_ciphertext DROP NOT NULL).',
          ', soft-deleted ones included',
-         'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
-         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
-         '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
+         llmgw_unverified,
          NULL,
          '{format=llmgw}'::text[],
          NULL),
@@ -153,9 +154,7 @@ BEGIN
          '{token_ciphertext,token_hash}'::text[], '{}'::text[],
          'Rotation needs id, provider, token_ciphertext, token_hash and organization_id (the gateway''s rollout or final schema).',
          ', soft-deleted ones included: a row left under an older secret stops opening once that secret is dropped',
-         'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
-         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
-         '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all',
+         llmgw_unverified,
          'No provider key needs an older secret any more: GATEWAY_API_KEY_HASH_SECRET can be cut down to its first '
          '(current) secret, on the gateway and on this server.',
          '{format=llmgw}'::text[],
