@@ -78,13 +78,14 @@ RETURN format($q$
                  LIMIT $2) c),
     w AS (%5$s)
     SELECT a.examined, a.todo, a.previous, a.unverified, a.unverified_ids, a.unverified_providers, a.last_id,
-           w.written, w.written_ids, w.written_providers, w.overridden_ids, w.overridden_providers
+           w.written, w.written_ids, w.written_providers, w.overridden_ids, w.overridden_providers, w.landed_ids
       FROM a,
            (SELECT count(*) FILTER (WHERE w.landed) AS written,
                    array_agg(w.key ORDER BY w.key) FILTER (WHERE w.landed AND $5) AS written_ids,
                    array_agg(w.provider ORDER BY w.key) FILTER (WHERE w.landed AND $5) AS written_providers,
                    array_agg(w.key ORDER BY w.key) FILTER (WHERE NOT w.landed) AS overridden_ids,
-                   array_agg(w.provider ORDER BY w.key) FILTER (WHERE NOT w.landed) AS overridden_providers
+                   array_agg(w.provider ORDER BY w.key) FILTER (WHERE NOT w.landed) AS overridden_providers,
+                   array_agg(w.key) FILTER (WHERE w.landed AND %7$s) AS landed_ids
               FROM w) w $q$,
     tbl, range_sql, m.deleted_sql, m.state_sql,
     CASE WHEN dry_run
@@ -99,7 +100,8 @@ RETURN format($q$
             tbl, m.set_sql, m.deleted_sql, m.state_sql,
             CASE WHEN verify THEN format('(%s) = ANY ($7)', m.state_sql) ELSE 'true' END,
             range_sql) END,
-    CASE WHEN dry_run THEN 'true' ELSE 'false' END);
+    CASE WHEN dry_run THEN 'true' ELSE 'false' END,
+    CASE WHEN verify AND NOT dry_run THEN 'true' ELSE 'false' END);
 
 -- The rows of a batch: after after_id (NULL: from the start), or exactly the ids given.
 CREATE FUNCTION pke_internal.batch_range(after_id text, ids text[])
@@ -128,6 +130,44 @@ RETURN EXISTS (
                         WHERE e.classid = 'pg_proc'::regclass AND e.objid = tg.tgfoid AND e.deptype = 'e'
                           AND e.refobjid = (SELECT x.oid FROM pg_extension x WHERE x.extname = 'provider_keys_encrypt')));
 
+-- After the batch statement, on a table whose triggers could store something else: the rows it
+-- wrote, classified again by a later statement, so after the AFTER triggers (and, with
+-- constraints set IMMEDIATE, the deferred ones) have run. A row that is no longer in a state
+-- the mode promises was written back by one of them: it is an error, named by id, not a row
+-- done. (The RETURNING check in the statement catches BEFORE triggers; run_verify's final scan
+-- catches everything, without names.)
+CREATE FUNCTION pke_internal.batch_recheck(m pke_internal.mode, tbl regclass, r pke_internal.batch_rows)
+RETURNS pke_internal.batch_rows
+LANGUAGE plpgsql STABLE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    late_ids text[];
+    late_providers text[];
+BEGIN
+    IF r.landed_ids IS NULL THEN
+        RETURN r;
+    END IF;
+    EXECUTE format('SELECT array_agg(t.id::text ORDER BY t.id), array_agg(t.provider::text ORDER BY t.id)
+                      FROM %s t WHERE t.id::text = ANY ($1) AND NOT coalesce((%s) = ANY ($2), false)',
+                   tbl, m.state_sql)
+        INTO late_ids, late_providers USING r.landed_ids, m.target;
+    IF late_ids IS NOT NULL THEN
+        r.written := r.written - cardinality(late_ids);
+        r.overridden_ids := coalesce(r.overridden_ids, '{}') || late_ids;
+        r.overridden_providers := coalesce(r.overridden_providers, '{}') || late_providers;
+        IF r.written_ids IS NOT NULL THEN
+            SELECT array_agg(u.key ORDER BY u.o), array_agg(u.prov ORDER BY u.o)
+              INTO r.written_ids, r.written_providers
+              FROM unnest(r.written_ids, r.written_providers) WITH ORDINALITY AS u(key, prov, o)
+             WHERE u.key <> ALL (late_ids);
+        END IF;
+    END IF;
+    r.landed_ids := NULL;
+    RETURN r;
+END
+$fn$;
+
 -- write_none: only count the rows (the mode's todo emptied), for a batch given up on.
 CREATE FUNCTION pke_internal.batch_apply(
     mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
@@ -149,6 +189,7 @@ BEGIN
         -- one savepoint around the whole batch; the caller commits
         BEGIN
             EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
+            r := pke_internal.batch_recheck(m, tbl, r);
             ok := true;
         EXCEPTION WHEN OTHERS THEN
             ok := false;
@@ -165,6 +206,7 @@ BEGIN
         END;
         IF ok THEN
             EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
+            r := pke_internal.batch_recheck(m, tbl, r);
         END IF;
     END IF;
     RETURN CASE WHEN ok THEN r END;

@@ -31,6 +31,26 @@ BEGIN
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
     m := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
+    -- a run that writes on a server or in a transaction that cannot: one ERROR now, not a
+    -- WARNING per row (a migration script connected to a replica or a read-only endpoint)
+    IF NOT dry_run AND pg_is_in_recovery() THEN
+        RAISE EXCEPTION 'cannot run the provider key % on a hot standby', m.job
+            USING ERRCODE = 'read_only_sql_transaction',
+                  DETAIL = 'This server is in recovery (a replica): nothing can be written here.',
+                  HINT = 'Connect to the primary server and run it there. Here, a dry run (dry_run => true) and provider_keys_encryption_report() work.';
+    END IF;
+    IF NOT dry_run AND current_setting('transaction_read_only')::boolean THEN
+        RAISE EXCEPTION 'cannot run the provider key % in a read-only transaction', m.job
+            USING ERRCODE = 'read_only_sql_transaction',
+                  DETAIL = CASE WHEN current_setting('default_transaction_read_only')::boolean
+                                THEN 'default_transaction_read_only is on for this session (a read-only endpoint or pooler?).'
+                                ELSE 'The transaction block was started READ ONLY.' END,
+                  HINT = CASE WHEN current_setting('default_transaction_read_only')::boolean AND NOT may_commit
+                                THEN 'End this transaction block and run it in a read-write one (BEGIN READ WRITE), or connect to a read-write endpoint.'
+                              WHEN current_setting('default_transaction_read_only')::boolean
+                                THEN 'Connect to a read-write endpoint, or run SET default_transaction_read_only = off; before the CALL.'
+                              ELSE 'Run it outside the read-only transaction block, or in one started with BEGIN READ WRITE.' END;
+    END IF;
     IF guard AND m.reveals IS NOT NULL THEN
         RAISE EXCEPTION 'the guard cannot be installed by a run that writes plaintext'
             USING ERRCODE = 'invalid_parameter_value';
@@ -44,6 +64,13 @@ BEGIN
         PERFORM pke_internal.guard_absent(tbl);
     END IF;
     EXECUTE 'SELECT ' || m.key_sql INTO key_id;  -- raises when there is no usable key
+    -- Whatever else would fail every row's write the same way (EXECUTE on a function the
+    -- statement calls, say) fails here, once: the batch statement is planned and its executor
+    -- set up (EXPLAIN checks the privileges on every function it calls), nothing is run.
+    IF NOT dry_run THEN
+        EXECUTE 'EXPLAIN ' || pke_internal.batch_sql(m, tbl, pke_internal.batch_range(NULL, NULL), false, false)
+            USING NULL::text, batch_size, NULL::text[], m.todo, false, false, m.target;
+    END IF;
 
     r.mode := mode_name;
     r.format := format_name;
@@ -57,6 +84,7 @@ BEGIN
     r.done := false;
     r.examined := 0; r.written := 0; r.errors := 0; r.previous := 0;
     r.unverified := 0; r.warned := 0; r.changed := 0;
+    r.verified := false; r.remaining := 0;
     r.started := clock_timestamp();
     r.last_progress := r.started;
 
@@ -101,18 +129,53 @@ BEGIN
 END
 $fn$;
 
+-- The rows of the table per state (in the enum's order), soft-deleted rows left out: one
+-- sequential scan in a fresh snapshot that classifies each row once. Row security is off, so
+-- a policy that applies to the caller makes it fail instead of hiding rows (check_table has
+-- refused that already): the counts are over every row of every partition. The four counts
+-- are one sum (a simple CASE evaluates the state once, and each state adds 1 in its own 12
+-- decimal digits), so the plan may run in parallel: count(*) FILTER per state would classify
+-- each row once per FILTER, and a GROUP BY state is planned as if every row were its own group
+-- (a function of a unique column), so serially, with a hash table sized for that.
+CREATE FUNCTION pke_internal.state_counts(m pke_internal.mode, tbl regclass)
+RETURNS bigint[]
+LANGUAGE plpgsql STABLE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+SET row_security = off
+AS $fn$
+DECLARE
+    digits constant numeric := 1e12;  -- room for any table's count of one state
+    total numeric;
+BEGIN
+    EXECUTE format('SELECT sum(CASE %s WHEN ''plaintext'' THEN 1 WHEN ''current_key'' THEN 1e12
+                                       WHEN ''previous_key'' THEN 1e24 WHEN ''unverified'' THEN 1e36
+                                       ELSE 0 END)
+                      FROM %s t WHERE NOT (%s)',
+                   m.state_sql, tbl, m.deleted_sql)
+        INTO total;
+    total := coalesce(total, 0);
+    RETURN ARRAY[mod(total, digits), mod(div(total, digits), digits),
+                 mod(div(total, digits ^ 2), digits), div(total, digits ^ 3)]::bigint[];
+END
+$fn$;
+
+-- How many of those counts are rows in a state the mode writes.
+CREATE FUNCTION pke_internal.todo_count(m pke_internal.mode, n bigint[])
+RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN (SELECT coalesce(sum(u.n), 0)::bigint
+          FROM unnest(enum_range(NULL::pke_internal.token_state), n) AS u(s, n)
+         WHERE u.s = ANY (m.todo));
+
 -- After a first batch that had nothing to write or warn about (an all-skipped re-run, most
--- likely): is that true of the whole table? One sequential scan classifies every row once;
--- when no row is in a state the mode writes and none is unverified, that scan ends the run,
--- with the counts a batch-by-batch walk would find in the same snapshot, at the cost of a
--- plain classification scan instead of a walk by index. Rows written after this snapshot are
--- the guard's job or the next run's, exactly as for rows written behind a walk's position.
--- A first run pays none of this: its first batch has rows to write.
--- One classification per row, and a plan that may run in parallel: the four counts are one
--- sum (a simple CASE evaluates the state once, and each state adds 1 in its own 12 decimal
--- digits), where count(*) FILTER per state would classify each row once per FILTER, and a
--- GROUP BY state is planned as if every row were its own group (a function of a unique
--- column), so serially, with a hash table sized for that.
+-- likely): is that true of the whole table? One classification scan (state_counts); when no
+-- row is in a state the mode writes and none is unverified, that scan ends the run, with the
+-- counts a batch-by-batch walk would find in the same snapshot, at the cost of a plain
+-- classification scan instead of a walk by index. It is also the run's verification (every
+-- row, after the first batch): run_verify has nothing left to do. Rows written after this
+-- snapshot are the guard's job or the next run's, exactly as for rows written behind a walk's
+-- position. A first run pays none of this: its first batch has rows to write.
 CREATE FUNCTION pke_internal.run_idle_check(r pke_internal.run)
 RETURNS pke_internal.run
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -120,30 +183,41 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified, r.tbl);
-    digits constant numeric := 1e12;  -- room for any table's count of one state
-    total numeric;
-    n bigint[];  -- per state, in the enum's order
-    todo bigint := 0;
+    n bigint[] := pke_internal.state_counts(m, r.tbl);
 BEGIN
-    EXECUTE format('SELECT sum(CASE %s WHEN ''plaintext'' THEN 1 WHEN ''current_key'' THEN 1e12
-                                       WHEN ''previous_key'' THEN 1e24 WHEN ''unverified'' THEN 1e36
-                                       ELSE 0 END)
-                      FROM %s t WHERE NOT (%s)',
-                   m.state_sql, r.tbl, m.deleted_sql)
-        INTO total;
-    total := coalesce(total, 0);
-    n := ARRAY[mod(total, digits), mod(div(total, digits), digits),
-               mod(div(total, digits ^ 2), digits), div(total, digits ^ 3)]::bigint[];
-    FOR i IN 1 .. 4 LOOP
-        IF (enum_range(NULL::pke_internal.token_state))[i] = ANY (m.todo) THEN
-            todo := todo + n[i];
-        END IF;
-    END LOOP;
-    IF todo = 0 AND n[4] = 0 THEN  -- nothing to write, no unverified row to warn about
+    IF pke_internal.todo_count(m, n) = 0 AND n[4] = 0 THEN  -- nothing to write, no unverified row to warn about
         r.examined := n[1] + n[2] + n[3] + n[4];
         r.previous := n[3];
         r.done := true;
+        r.verified := NOT r.dry_run;
+        r.remaining := 0;
     END IF;
+    RETURN r;
+END
+$fn$;
+
+-- After the last batch of a run that wrote (not a dry run): the proof behind "completed". One
+-- classification scan of every row (state_counts: every partition, row security off), in a
+-- snapshot taken after the last batch's commit, counts the rows still in a state the mode
+-- writes. Whatever left them there — a row that failed, a trigger that wrote the old value
+-- back after the run's write (an AFTER trigger, a deferred one), a rule, a row written during
+-- the run without the guard — the summary says so and does not say "completed".
+CREATE FUNCTION pke_internal.run_verify(r pke_internal.run)
+RETURNS pke_internal.run
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode;
+    n bigint[];
+BEGIN
+    IF r.dry_run OR r.verified THEN
+        RETURN r;
+    END IF;
+    m := pke_internal.mode(r.mode, r.format, r.encrypt_unverified, r.tbl);
+    n := pke_internal.state_counts(m, r.tbl);
+    r.remaining := pke_internal.todo_count(m, n);
+    r.verified := true;
     RETURN r;
 END
 $fn$;
@@ -216,10 +290,11 @@ BEGIN
 END
 $fn$;
 
--- The summary: total = done + skipped + errors, and what else the operator must know. After a
--- rotation that wrote, the whole table is checked again: only then can it say that no row
--- needs an older key (rows written meanwhile by a gateway still sealing under an older secret
--- would be missed by counting alone).
+-- The summary: total = done + skipped + errors, and what else the operator must know. It says
+-- "completed" only when run_verify's scan after the last batch found no row left in a state
+-- the mode writes (or, for an all-skipped run, the idle check's scan did): never on counting
+-- alone, which a trigger that writes the old value back, or a row written during the run,
+-- would fool. Otherwise the run is "incomplete", with remaining=N and a WARNING.
 CREATE FUNCTION pke_internal.run_summary(r pke_internal.run)
 RETURNS void
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
@@ -228,7 +303,6 @@ AS $fn$
 DECLARE
     m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified, r.tbl);
     summary text;
-    still_older bigint;
 BEGIN
     IF r.unverified > r.warned THEN
         RAISE WARNING '% more unverified provider keys (warnings stopped after %)',
@@ -245,25 +319,33 @@ BEGIN
     IF r.changed > 0 THEN
         summary := summary || ', changed_concurrently=' || r.changed;
     END IF;
+    IF r.remaining > 0 THEN
+        summary := summary || ', remaining=' || r.remaining;
+    END IF;
     summary := format('Provider key %s %s: %s', m.job,
-        CASE WHEN r.dry_run THEN 'dry run completed (nothing was written)' ELSE 'completed' END, summary);
-    IF r.errors > 0 THEN
+        CASE WHEN r.dry_run THEN 'dry run completed (nothing was written)'
+             WHEN r.remaining > 0 THEN 'incomplete'
+             ELSE 'completed' END, summary);
+    IF r.verified AND r.remaining = 0 THEN
+        summary := summary || format(' (verified: a scan of every row after the last batch found none left to %s)', m.verb);
+    END IF;
+    IF r.remaining > 0 THEN
+        RAISE WARNING '%', summary
+            USING DETAIL = format('A scan of every row after the last batch found %s provider keys still %s: rows named above that failed, rows a trigger or rule wrote back, or rows written during the run without the guard.',
+                                  r.remaining, array_to_string(m.todo, ' or ')),
+                  HINT = CASE WHEN m.retire_note IS NOT NULL
+                      THEN 'Keep every key configured until a run has re-encrypted them: rows written meanwhile under an older key (a gateway instance whose first secret is still the old one?) are re-encrypted by the next run.'
+                      ELSE 'Fix the rows named above (if any), then run the procedure again: it skips what is done. provider_keys_encryption_report() counts the keys per state.' END;
+    ELSIF r.errors > 0 THEN
         RAISE WARNING '%', summary
             USING HINT = 'The rows named above were left unchanged; fix them and run the procedure again (it skips what is done).';
     ELSE
         RAISE NOTICE '%', summary;
     END IF;
-    IF m.retire_note IS NOT NULL AND NOT r.dry_run THEN
-        EXECUTE format('SELECT count(*) FROM %s t WHERE NOT (%s) AND (%s) = ''previous_key''',
-                       r.tbl, m.deleted_sql, m.state_sql) INTO still_older;
-        IF still_older = 0 THEN
-            RAISE NOTICE '%', m.retire_note || CASE WHEN r.unverified > 0 THEN format(
-                ' (The %s unverified provider keys open under none of the configured keys, older or not.)', r.unverified)
-                ELSE '' END;
-        ELSE
-            RAISE WARNING '% provider keys still open only under an older key: keep every key configured until a run has re-encrypted them', still_older
-                USING HINT = 'Rows written meanwhile under an older key (a gateway instance whose first secret is still the old one?) are re-encrypted by the next run.';
-        END IF;
+    IF m.retire_note IS NOT NULL AND r.verified AND r.remaining = 0 THEN
+        RAISE NOTICE '%', m.retire_note || CASE WHEN r.unverified > 0 THEN format(
+            ' (The %s unverified provider keys open under none of the configured keys, older or not.)', r.unverified)
+            ELSE '' END;
     END IF;
 END
 $fn$;
@@ -296,6 +378,7 @@ BEGIN
         END IF;
     END LOOP;
     PERFORM pke_internal.run_finish_durably(r);
+    r := pke_internal.run_verify(r);
     PERFORM pke_internal.run_summary(r);
 END
 $proc$;

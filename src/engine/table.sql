@@ -3,7 +3,8 @@
 
 -- The checks, in order: a table without inheritance children (a unique index on the parent
 -- does not cover them; partitions are fine); the columns the mode reads (its format says
--- which), typed text or varchar, readable; the columns it sets to NULL, nullable; the columns
+-- which), typed text or varchar, readable; row security that applies to the caller (a run must
+-- see every row); rules; the columns it sets to NULL, nullable; the columns
 -- it writes, updatable; a unique index on id; id NOT NULL; and nobody who could make the table
 -- run code with the caller's rights (check_table_trust). (The caller's right to the mode
 -- itself is checked by pke_internal.mode.) writes => false (a dry run, the report) skips the
@@ -17,6 +18,10 @@ DECLARE
     col text;
     required boolean;
     typ regtype;
+    forced boolean;
+    owner_name text;
+    rule_name text;
+    rule_rel regclass;
 BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'relation "provider_key" does not exist'
@@ -31,6 +36,35 @@ BEGIN
         RAISE EXCEPTION 'table % has inheritance children', tbl
             USING ERRCODE = 'feature_not_supported',
                   HINT = 'Its unique index on id does not cover the children. Run the procedure on each table of the hierarchy, or use declarative partitioning.';
+    END IF;
+    -- Row security: a run must see, and may write, every row, or "completed" would count only
+    -- the rows a policy shows it. Refused here, with the way out; and every engine function that
+    -- reads the table sets row_security = off, so a policy that applies anyway (a role change
+    -- during the run) raises instead of hiding rows.
+    IF row_security_active(tbl) THEN
+        SELECT c.relforcerowsecurity, r.rolname INTO forced, owner_name
+          FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE c.oid = tbl;
+        RAISE EXCEPTION 'row-level security applies to you on table %: a run would not see every row', tbl
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Its policies decide which rows you can read and write; a run must reach every row to say that every key is done.',
+                  HINT = CASE WHEN forced
+                      THEN format('The table forces row security on its owner too (FORCE ROW LEVEL SECURITY). As a superuser, let the owner bypass it for the run: ALTER ROLE %1$I BYPASSRLS; SET ROLE %1$I; CALL ...; RESET ROLE; ALTER ROLE %1$I NOBYPASSRLS;', owner_name)
+                      ELSE format('Run it as the table''s owner, to whom its policies do not apply: SET ROLE %I; CALL ...; RESET ROLE;', owner_name) END;
+    END IF;
+    -- A rule would rewrite the run's UPDATE into something else (or into nothing).
+    SELECT r.rulename, r.ev_class::regclass INTO rule_name, rule_rel
+      FROM pg_rewrite r
+     WHERE r.ev_class = tbl
+        OR r.ev_class IN (WITH RECURSIVE tree(oid) AS (
+                              SELECT tbl::oid
+                              UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)
+                          SELECT tree.oid FROM tree)
+     ORDER BY 2::text, 1 LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'table % has rule %: a run''s writes would be rewritten', rule_rel, quote_ident(rule_name)
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = 'A rule replaces or adds to the UPDATE a run makes, so the run could not know what it wrote.',
+                  HINT = format('Drop the rule for the run (DROP RULE %I ON %s), and create it again after.', rule_name, rule_rel);
     END IF;
     FOR col, required IN
         SELECT x.c, x.req
@@ -99,17 +133,24 @@ BEGIN
 END
 $fn$;
 
--- Who may put code in the table's way. Everything that runs while a run reads or writes the
--- table runs with the caller's rights: triggers (even a built-in trigger function's WHEN clause
--- can call query_to_xml), rules, row-level security policies, CHECK constraints, index
--- expressions and the support functions of the column types' operator classes, generated
--- columns — in the table and in every partition. Listing "code" is a losing game, so the rule
--- is about people: every role that can change any of that — the owner of each relation of the
--- tree, and each role granted TRIGGER on one — must be a role that could already act as the
--- caller (pg_has_role(role, current_user, 'USAGE'): the caller itself, a role the caller's
--- rights already include, or a superuser). Otherwise the run refuses before touching a row,
--- and the HINT says to run it as the owner. Reads (the report, a dry run) only meet row-level
--- security policies, so they are held to the rule only where a policy applies to the caller.
+-- Who may put code in the table's way. Everything that runs while a run writes the table runs
+-- with the caller's rights: triggers (even a built-in trigger function's WHEN clause can call
+-- query_to_xml), rules, row-level security policies, CHECK constraints, defaults and generated
+-- columns, index expressions and the operator classes of the indexes — in the table and in
+-- every partition. The rule is about people, at two levels:
+--   * who can change the table's code: the owner of each relation of the tree, and each role
+--     granted TRIGGER on one;
+--   * who can change the code the table calls: the owner of every function, operator, operator
+--     class and operator family that the tree's triggers, constraints, defaults, generated
+--     columns, indexes, policies and rules depend on (pg_depend records each of them, the
+--     trigger functions included), and of the support functions and operators of those
+--     operator classes.
+-- Each of them must be a role that could already act as the caller (pg_has_role(role,
+-- current_user, 'USAGE'): the caller itself, a role the caller's rights already include, or a
+-- superuser). Otherwise the run refuses before touching a row (42501, naming each object and
+-- its owner, never a value). What those functions call in turn is their owners' business: a
+-- trusted owner's function runs as written. Reads (the report, a dry run) run no code of the
+-- table: they only scan it, with row security refused when it applies (check_table).
 CREATE FUNCTION pke_internal.check_table_trust(tbl regclass, writes boolean)
 RETURNS void
 LANGUAGE plpgsql STABLE PARALLEL SAFE
@@ -117,39 +158,107 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     untrusted text;
+    first_ord integer;
+    first_fix text;
     owner_name text;
 BEGIN
-    IF NOT writes AND NOT EXISTS (
-        WITH RECURSIVE tree(oid) AS (
-            SELECT tbl::oid
-            UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)
-        SELECT 1 FROM tree JOIN pg_class c ON c.oid = tree.oid
-         WHERE c.relrowsecurity
-           AND NOT EXISTS (SELECT 1 FROM pg_roles r
-                            WHERE r.rolname = current_user AND (r.rolsuper OR r.rolbypassrls))) THEN
-        RETURN;  -- a read that no policy applies to runs no table code
+    IF NOT writes THEN
+        RETURN;
     END IF;
     WITH RECURSIVE tree(oid) AS (
         SELECT tbl::oid
         UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid),
+    -- the parts of the tree whose code a write can run
+    parts(classid, objid, part) AS (
+        SELECT 'pg_trigger'::regclass::oid, tg.oid, format('trigger %s on %s', quote_ident(tg.tgname), tg.tgrelid::regclass)
+          FROM tree JOIN pg_trigger tg ON tg.tgrelid = tree.oid
+        UNION ALL
+        SELECT 'pg_constraint'::regclass::oid, c.oid, format('constraint %s on %s', quote_ident(c.conname), c.conrelid::regclass)
+          FROM tree JOIN pg_constraint c ON c.conrelid = tree.oid
+        UNION ALL
+        SELECT 'pg_attrdef'::regclass::oid, d.oid, format('the default or generation expression of %s.%s', d.adrelid::regclass, quote_ident(a.attname))
+          FROM tree JOIN pg_attrdef d ON d.adrelid = tree.oid
+          JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+        UNION ALL
+        SELECT 'pg_class'::regclass::oid, i.indexrelid, format('index %s', i.indexrelid::regclass)
+          FROM tree JOIN pg_index i ON i.indrelid = tree.oid
+        UNION ALL
+        SELECT 'pg_policy'::regclass::oid, p.oid, format('policy %s on %s', quote_ident(p.polname), p.polrelid::regclass)
+          FROM tree JOIN pg_policy p ON p.polrelid = tree.oid
+        UNION ALL
+        SELECT 'pg_rewrite'::regclass::oid, r.oid, format('rule %s on %s', quote_ident(r.rulename), r.ev_class::regclass)
+          FROM tree JOIN pg_rewrite r ON r.ev_class = tree.oid),
+    -- what those parts call, as pg_depend records it
+    refs(part, refclassid, refobjid) AS (
+        SELECT DISTINCT p.part, d.refclassid, d.refobjid
+          FROM parts p JOIN pg_depend d ON d.classid = p.classid AND d.objid = p.objid
+         WHERE d.refclassid IN ('pg_proc'::regclass, 'pg_operator'::regclass, 'pg_opclass'::regclass,
+                                'pg_opfamily'::regclass)),
+    -- an operator class stands for its family, with every support function and operator in it
+    families(part, fam) AS (
+        SELECT r.part, oc.opcfamily FROM refs r JOIN pg_opclass oc ON oc.oid = r.refobjid
+         WHERE r.refclassid = 'pg_opclass'::regclass
+        UNION
+        SELECT r.part, r.refobjid FROM refs r WHERE r.refclassid = 'pg_opfamily'::regclass),
+    operators(part, opr) AS (
+        SELECT r.part, r.refobjid FROM refs r WHERE r.refclassid = 'pg_operator'::regclass
+        UNION
+        SELECT f.part, ao.amopopr FROM families f JOIN pg_amop ao ON ao.amopfamily = f.fam),
+    -- each with the statement that gives it to the caller (the HINT)
+    code(kind, object, owner, part, fix) AS (
+        SELECT 'function', r.refobjid::regprocedure::text, pr.proowner, r.part,
+               format('ALTER FUNCTION %s OWNER TO %I', r.refobjid::regprocedure, current_user)
+          FROM refs r JOIN pg_proc pr ON pr.oid = r.refobjid
+         WHERE r.refclassid = 'pg_proc'::regclass
+        UNION
+        SELECT 'function', ap.amproc::regprocedure::text, pr.proowner, f.part,
+               format('ALTER FUNCTION %s OWNER TO %I', ap.amproc::regprocedure, current_user)
+          FROM families f JOIN pg_amproc ap ON ap.amprocfamily = f.fam JOIN pg_proc pr ON pr.oid = ap.amproc
+        UNION
+        SELECT 'operator', o.opr::regoperator::text, op.oprowner, o.part,
+               format('ALTER OPERATOR %s OWNER TO %I', o.opr::regoperator, current_user)
+          FROM operators o JOIN pg_operator op ON op.oid = o.opr
+        UNION
+        SELECT 'function', op.oprcode::regprocedure::text, pr.proowner, o.part,
+               format('ALTER FUNCTION %s OWNER TO %I', op.oprcode::regprocedure, current_user)
+          FROM operators o JOIN pg_operator op ON op.oid = o.opr JOIN pg_proc pr ON pr.oid = op.oprcode
+        UNION
+        SELECT 'operator family', format('%I.%I USING %I', n.nspname, fa.opfname, am.amname), fa.opfowner, f.part,
+               format('ALTER OPERATOR FAMILY %I.%I USING %I OWNER TO %I', n.nspname, fa.opfname, am.amname, current_user)
+          FROM families f JOIN pg_opfamily fa ON fa.oid = f.fam
+          JOIN pg_namespace n ON n.oid = fa.opfnamespace JOIN pg_am am ON am.oid = fa.opfmethod),
+    -- who controls the table itself
     who(rel, role_oid, what) AS (
         SELECT c.oid, c.relowner, 'owner'
           FROM tree JOIN pg_class c ON c.oid = tree.oid
         UNION ALL
         SELECT c.oid, a.grantee, 'TRIGGER privilege'
           FROM tree JOIN pg_class c ON c.oid = tree.oid, aclexplode(c.relacl) a
-         WHERE a.privilege_type = 'TRIGGER')
-    SELECT string_agg(format('%s (%s of %s)', CASE WHEN w.role_oid = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END,
-                             w.what, w.rel::regclass), ', ' ORDER BY w.rel, w.what)
-      INTO untrusted
-      FROM who w LEFT JOIN pg_roles r ON r.oid = w.role_oid
-     WHERE w.role_oid = 0 OR NOT pg_has_role(w.role_oid, current_user, 'USAGE');
+         WHERE a.privilege_type = 'TRIGGER'),
+    bad(ord, fix, text) AS (
+        SELECT 1, NULL::text,
+               format('%s (%s of %s)', CASE WHEN w.role_oid = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END,
+                      w.what, w.rel::regclass)
+          FROM who w LEFT JOIN pg_roles r ON r.oid = w.role_oid
+         WHERE w.role_oid = 0 OR NOT pg_has_role(w.role_oid, current_user, 'USAGE')
+        UNION ALL
+        SELECT 2, c.fix, format('%s %s (owner %s, run by %s)', c.kind, c.object, quote_ident(r.rolname), c.part)
+          FROM code c JOIN pg_roles r ON r.oid = c.owner
+         WHERE NOT pg_has_role(c.owner, current_user, 'USAGE'))
+    SELECT string_agg(b.text, ', ' ORDER BY b.ord, b.text),
+           (array_agg(b.ord ORDER BY b.ord, b.text))[1],
+           (array_agg(b.fix ORDER BY b.ord, b.text))[1]
+      INTO untrusted, first_ord, first_fix
+      FROM bad b;
     IF untrusted IS NOT NULL THEN
         SELECT r.rolname INTO owner_name FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE c.oid = tbl;
-        RAISE EXCEPTION 'table % can be changed by roles that cannot act as you: %', tbl, untrusted
+        RAISE EXCEPTION 'table % runs code that roles who cannot act as you control: %', tbl, untrusted
             USING ERRCODE = 'insufficient_privilege',
-                  DETAIL = 'Its triggers, rules, policies, constraints and indexes would run with your privileges, and those roles control them.',
-                  HINT = format('Run it as the table''s owner: SET ROLE %I; CALL ...; RESET ROLE;', owner_name);
+                  DETAIL = 'A write to the table runs its triggers, rules, policies, constraints, defaults, generated columns and indexes, and the functions and operators they call, with your privileges; those roles can change what that code does.',
+                  HINT = CASE WHEN first_ord = 1
+                      THEN format('Run it as the table''s owner: SET ROLE %I; CALL ...; RESET ROLE;', owner_name)
+                      ELSE format('Read that code, then give it to a role you trust (as its owner or a superuser: %s;), or take it off the table.',
+                                  first_fix) END;
     END IF;
 END
 $fn$;

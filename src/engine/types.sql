@@ -126,7 +126,9 @@ CREATE TYPE pke_internal.run AS (
     warned bigint,
     changed bigint,           -- rows changed or deleted by someone else first
     started timestamptz,
-    last_progress timestamptz
+    last_progress timestamptz,
+    verified boolean,         -- a scan of every row after the last batch has counted what is left
+    remaining bigint          -- rows that scan found still in a state the mode writes
 );
 
 -- What one batch did.
@@ -155,5 +157,6 @@ CREATE TYPE pke_internal.batch_rows AS (
     written_ids text[],
     written_providers text[],
     overridden_ids text[],    -- written, but a trigger stored something else than the mode's target
-    overridden_providers text[]
+    overridden_providers text[],
+    landed_ids text[]         -- every row written, when the table has triggers that could rewrite it
 );

@@ -1,0 +1,164 @@
+-- "Completed" means every key is encrypted, whatever the table holds: row security, triggers
+-- that write the old value back, code owned by someone else, rules, read-only transactions and
+-- missing privileges are each one clear answer up front, or an honest "incomplete" at the end.
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+SET client_min_messages = notice;
+CREATE ROLE c_owner LOGIN;
+CREATE ROLE c_mallory LOGIN;
+CREATE ROLE c_app LOGIN;
+-- mallory can create objects in a schema of its own (one on the caller's search path would do)
+CREATE SCHEMA c_evil;
+GRANT USAGE, CREATE ON SCHEMA c_evil TO c_mallory;
+
+-- 1. Row-level security. A multi-tenant table whose owner forces its tenant policy on itself:
+-- a run as the owner would see no row (no tenant is set) and would say "completed: total=0".
+-- It is refused up front, with the way out.
+CREATE TABLE c_rls (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL,
+                    status text DEFAULT 'active', organization_id text);
+INSERT INTO c_rls VALUES ('r1', 'sk-rls-tenant-a', 'openai', 'active', 'org-a'),
+                         ('r2', 'sk-rls-tenant-b', 'anthropic', 'active', 'org-b');
+ALTER TABLE c_rls OWNER TO c_owner;
+ALTER TABLE c_rls ENABLE ROW LEVEL SECURITY;
+ALTER TABLE c_rls FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON c_rls USING (organization_id = current_setting('app.org', true));
+SET ROLE c_owner;
+CALL encrypt_provider_keys('c_rls');
+-- the report and a dry run are refused the same way: they too would count only what a policy shows
+SELECT * FROM provider_keys_encryption_report('c_rls');
+CALL encrypt_provider_keys('c_rls', dry_run => true);
+RESET ROLE;
+-- following the HINT
+ALTER ROLE c_owner BYPASSRLS; SET ROLE c_owner; CALL encrypt_provider_keys('c_rls'); RESET ROLE; ALTER ROLE c_owner NOBYPASSRLS;
+SELECT id, is_encrypted_token(token) AS encrypted FROM c_rls ORDER BY id;
+-- without FORCE, the owner is not subject to the policy; a role it granted UPDATE to is
+ALTER TABLE c_rls NO FORCE ROW LEVEL SECURITY;
+GRANT SELECT, UPDATE ON c_rls TO c_app;
+SET ROLE c_app;
+CALL decrypt_provider_keys('c_rls');
+CALL reencrypt_provider_keys('c_rls');
+RESET ROLE;
+-- following that HINT
+SET ROLE c_owner; CALL reencrypt_provider_keys('c_rls'); RESET ROLE;
+
+-- 2. A trigger that writes the old value back after the run's write (an AFTER trigger that
+-- "syncs" token from a legacy column): counted as an error, by id, and the run is incomplete,
+-- not "completed".
+CREATE TABLE c_sync (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL,
+                     status text DEFAULT 'active', legacy_token text);
+INSERT INTO c_sync VALUES ('s1', 'sk-sync-1', 'openai', 'active', 'sk-sync-1'),
+                          ('s2', 'sk-sync-2', 'openai', 'active', NULL);
+CREATE FUNCTION c_sync_back() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.legacy_token IS NOT NULL AND NEW.token IS DISTINCT FROM NEW.legacy_token THEN
+        UPDATE public.c_sync SET token = NEW.legacy_token WHERE id = NEW.id;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER sync_legacy AFTER UPDATE ON c_sync FOR EACH ROW EXECUTE FUNCTION c_sync_back();
+CALL encrypt_provider_keys('c_sync');
+SELECT id, is_encrypted_token(token) AS encrypted FROM c_sync ORDER BY id;
+-- the same inside a transaction block
+BEGIN;
+CALL encrypt_provider_keys('c_sync', verbose => false);
+ROLLBACK;
+-- a deferred constraint trigger does the same at COMMIT: the final scan sees it
+DROP TRIGGER sync_legacy ON c_sync;
+CREATE CONSTRAINT TRIGGER sync_legacy_late AFTER UPDATE ON c_sync DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION c_sync_back();
+CALL encrypt_provider_keys('c_sync', verbose => false);
+SELECT id, is_encrypted_token(token) AS encrypted FROM c_sync ORDER BY id;
+-- fixed: the run completes, and says how it knows
+DROP TRIGGER sync_legacy_late ON c_sync;
+CALL encrypt_provider_keys('c_sync', verbose => false);
+
+-- 3. Code that the table runs, owned by a role that cannot act as the caller. mallory writes a
+-- function; a superuser attaches it to their own table.
+SET ROLE c_mallory;
+CREATE FUNCTION c_evil.c_audit_trg() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RETURN NEW; END $$;
+CREATE FUNCTION c_evil.c_token_ok(t text) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$ SELECT true $$;
+RESET ROLE;
+CREATE TABLE c_trust (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
+INSERT INTO c_trust VALUES ('t1', 'sk-trust-1', 'openai');
+CREATE TRIGGER audit BEFORE UPDATE ON c_trust FOR EACH ROW EXECUTE FUNCTION c_evil.c_audit_trg();
+CALL encrypt_provider_keys('c_trust');
+SELECT count(*) FILTER (WHERE is_encrypted_token(token)) AS encrypted FROM c_trust;
+-- following the HINT
+ALTER FUNCTION c_evil.c_audit_trg() OWNER TO root;
+CALL encrypt_provider_keys('c_trust');
+-- a CHECK constraint, an index expression, a generated column and a trigger's WHEN clause
+-- calling mallory's function: each is named, with what runs it
+UPDATE c_trust SET token = decrypt_token(token);
+ALTER TABLE c_trust ADD CONSTRAINT token_ok CHECK (c_evil.c_token_ok(token));
+CALL encrypt_provider_keys('c_trust', verbose => false);
+ALTER TABLE c_trust DROP CONSTRAINT token_ok;
+CREATE INDEX c_trust_expr ON c_trust ((c_evil.c_token_ok(provider)));
+CALL encrypt_provider_keys('c_trust', verbose => false);
+DROP INDEX c_trust_expr;
+ALTER TABLE c_trust ADD COLUMN ok boolean GENERATED ALWAYS AS (c_evil.c_token_ok(token)) STORED;
+CALL encrypt_provider_keys('c_trust', verbose => false);
+ALTER TABLE c_trust DROP COLUMN ok;
+CREATE TRIGGER audit_when BEFORE UPDATE ON c_trust FOR EACH ROW WHEN (c_evil.c_token_ok(NEW.token))
+    EXECUTE FUNCTION suppress_redundant_updates_trigger();
+CALL encrypt_provider_keys('c_trust', verbose => false);
+DROP TRIGGER audit_when ON c_trust;
+-- an operator of mallory's in a CHECK constraint: the operator and its function
+SET ROLE c_mallory;
+CREATE FUNCTION c_evil.c_same(a text, b text) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$ SELECT a = b $$;
+CREATE OPERATOR c_evil.=== (LEFTARG = text, RIGHTARG = text, FUNCTION = c_evil.c_same);
+RESET ROLE;
+ALTER TABLE c_trust ADD CONSTRAINT not_empty CHECK (NOT (token OPERATOR(c_evil.===) ''));
+CALL encrypt_provider_keys('c_trust', verbose => false);
+ALTER TABLE c_trust DROP CONSTRAINT not_empty;
+-- nothing of mallory's left: it runs, and nothing was written before
+SELECT count(*) FILTER (WHERE is_encrypted_token(token)) AS encrypted FROM c_trust;
+CALL encrypt_provider_keys('c_trust', verbose => false);
+-- a dry run writes nothing, so it runs no code of the table: allowed
+CREATE FUNCTION c_evil.c_noop_trg() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+ALTER FUNCTION c_evil.c_noop_trg() OWNER TO c_mallory;
+CREATE TRIGGER audit2 BEFORE UPDATE ON c_trust FOR EACH ROW EXECUTE FUNCTION c_evil.c_noop_trg();
+CALL decrypt_provider_keys('c_trust', dry_run => true, verbose => false);
+CALL decrypt_provider_keys('c_trust', verbose => false);
+DROP TRIGGER audit2 ON c_trust;
+
+-- 4. A rule would rewrite the run's UPDATE into something else
+CREATE TABLE c_rule (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
+INSERT INTO c_rule VALUES ('q1', 'sk-rule-1', 'openai');
+CREATE RULE keep_tokens AS ON UPDATE TO c_rule DO INSTEAD NOTHING;
+CALL encrypt_provider_keys('c_rule');
+-- following the HINT
+DROP RULE keep_tokens ON c_rule;
+CALL encrypt_provider_keys('c_rule', verbose => false);
+
+-- 5. Conditions that would fail every row are one ERROR before the first row
+CREATE TABLE c_ro (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
+INSERT INTO c_ro SELECT 'ro' || g, 'sk-ro-' || g, 'openai' FROM generate_series(1, 50) g;
+SET default_transaction_read_only = on;
+CALL encrypt_provider_keys('c_ro');
+-- a dry run and the report work on a read-only connection
+CALL encrypt_provider_keys('c_ro', dry_run => true, verbose => false);
+SELECT state, keys FROM provider_keys_encryption_report('c_ro') WHERE keys > 0;
+-- following the HINT
+SET default_transaction_read_only = off;
+BEGIN READ ONLY;
+CALL encrypt_provider_keys('c_ro', verbose => false);
+ROLLBACK;
+-- a role without EXECUTE on a function every row's write calls
+GRANT SELECT, UPDATE ON c_ro TO c_app;
+REVOKE EXECUTE ON FUNCTION encrypt_token(text) FROM PUBLIC;
+SET ROLE c_app;
+CALL encrypt_provider_keys('c_ro');
+RESET ROLE;
+GRANT EXECUTE ON FUNCTION encrypt_token(text) TO PUBLIC;
+SELECT count(*) FILTER (WHERE is_encrypted_token(token)) AS encrypted FROM c_ro;
+SET ROLE c_app;
+CALL encrypt_provider_keys('c_ro', verbose => false);
+RESET ROLE;
+
+DROP TABLE c_rls, c_sync, c_trust, c_rule, c_ro;
+DROP FUNCTION c_sync_back(), c_evil.c_audit_trg(), c_evil.c_token_ok(text), c_evil.c_noop_trg();
+DROP OPERATOR c_evil.=== (text, text);
+DROP FUNCTION c_evil.c_same(text, text);
+DROP SCHEMA c_evil;
+DROP ROLE c_owner, c_mallory, c_app;
