@@ -1,4 +1,4 @@
-// Upgrading from 0.1.0 equals a fresh install of 0.2.0 (every member object: signature,
+// Upgrading from each earlier version equals a fresh install of the current one (every member object: signature,
 // labels, language, body, ACL, comment), and an upgraded database keeps working on the data
 // 0.1.0 wrote.
 import { test, before, after } from "node:test";
@@ -33,26 +33,33 @@ SELECT pg_describe_object(d.classid, d.objid, 0) || ' | ' ||
    AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'provider_keys_encrypt')
  ORDER BY 1;`;
 
-test("ALTER EXTENSION UPDATE from 0.1.0 gives exactly a fresh 0.2.0 install", () => {
-  db.psql("DROP EXTENSION provider_keys_encrypt");
-  db.psql("CREATE DATABASE fresh");
-  db.psql("CREATE DATABASE upgraded");
-  inDb("fresh", "CREATE EXTENSION provider_keys_encrypt;");
-  inDb("upgraded", "CREATE EXTENSION provider_keys_encrypt VERSION '0.1.0';");
-  assert.equal(inDb("upgraded", "SELECT extversion FROM pg_extension WHERE extname = 'provider_keys_encrypt';"), "0.1.0");
-  // data written by 0.1.0's engine
-  inDb("upgraded", `
-    CREATE TABLE provider_key (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
-    INSERT INTO provider_key SELECT 'u' || g, 'sk-upgrade-' || g, 'openai', CASE WHEN g % 5 = 0 THEN 'deleted' END FROM generate_series(1, 50) g;
-    CALL encrypt_provider_keys(verbose => false);`);
-  inDb("upgraded", "ALTER EXTENSION provider_keys_encrypt UPDATE;");
-  const fresh = inDb("fresh", DESCRIBE).split("\n");
-  const upgraded = inDb("upgraded", DESCRIBE).split("\n");
-  assert.ok(fresh.length > 30, `a fresh install has its objects (${fresh.length})`);
-  assert.deepEqual(upgraded, fresh);
-  assert.equal(inDb("upgraded", "SELECT extversion FROM pg_extension WHERE extname = 'provider_keys_encrypt';"), "0.2.0");
-  // 0.2.0 reads and rolls back what 0.1.0 wrote
-  assert.equal(inDb("upgraded", "SELECT keys FROM provider_keys_encryption_report() WHERE state = 'current_key';"), "40");
-  inDb("upgraded", "CALL decrypt_provider_keys(verbose => false);");
-  assert.equal(inDb("upgraded", "SELECT count(*) FROM provider_key WHERE token = 'sk-upgrade-' || substr(id, 2);"), "50");
-});
+// Every earlier version with a frozen install script in sql/ (0.1.0, 0.2.0): installed, data
+// written by its own engine, then ALTER EXTENSION UPDATE (through every step in between).
+for (const from of ["0.1.0", "0.2.0"]) {
+  test(`ALTER EXTENSION UPDATE from ${from} gives exactly a fresh install of the current version`, () => {
+    const fresh = `fresh_${from.replaceAll(".", "_")}`, upgraded = `upgraded_${from.replaceAll(".", "_")}`;
+    db.psql("DROP EXTENSION IF EXISTS provider_keys_encrypt");
+    db.psql(`CREATE DATABASE ${fresh}`);
+    db.psql(`CREATE DATABASE ${upgraded}`);
+    inDb(fresh, "CREATE EXTENSION provider_keys_encrypt;");
+    const current = inDb(fresh, "SELECT extversion FROM pg_extension WHERE extname = 'provider_keys_encrypt';");
+    assert.notEqual(current, from);
+    inDb(upgraded, `CREATE EXTENSION provider_keys_encrypt VERSION '${from}';`);
+    assert.equal(inDb(upgraded, "SELECT extversion FROM pg_extension WHERE extname = 'provider_keys_encrypt';"), from);
+    // data written by that version's engine
+    inDb(upgraded, `
+      CREATE TABLE provider_key (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
+      INSERT INTO provider_key SELECT 'u' || g, 'sk-upgrade-' || g, 'openai', CASE WHEN g % 5 = 0 THEN 'deleted' END FROM generate_series(1, 50) g;
+      CALL encrypt_provider_keys(verbose => false);`);
+    inDb(upgraded, "ALTER EXTENSION provider_keys_encrypt UPDATE;");
+    const want = inDb(fresh, DESCRIBE).split("\n");
+    const got = inDb(upgraded, DESCRIBE).split("\n");
+    assert.ok(want.length > 30, `a fresh install has its objects (${want.length})`);
+    assert.deepEqual(got, want);
+    assert.equal(inDb(upgraded, "SELECT extversion FROM pg_extension WHERE extname = 'provider_keys_encrypt';"), current);
+    // the current version reads and rolls back what the old one wrote
+    assert.equal(inDb(upgraded, "SELECT keys FROM provider_keys_encryption_report() WHERE state = 'current_key';"), "40");
+    inDb(upgraded, "CALL decrypt_provider_keys(verbose => false);");
+    assert.equal(inDb(upgraded, "SELECT count(*) FROM provider_key WHERE token = 'sk-upgrade-' || substr(id, 2);"), "50");
+  });
+}
