@@ -156,8 +156,41 @@ SET ROLE c_app;
 CALL encrypt_provider_keys('c_ro', verbose => false);
 RESET ROLE;
 
-DROP TABLE c_rls, c_sync, c_trust, c_rule, c_ro;
-DROP FUNCTION c_sync_back(), c_evil.c_audit_trg(), c_evil.c_token_ok(text), c_evil.c_noop_trg();
+-- 6. The same for the gateway's llmgw format: its rollout schema, a tenant policy forced on
+-- the owner, and an AFTER trigger that puts the plaintext back into token (an old gateway's
+-- "dual write").
+CREATE TABLE c_gw (id text PRIMARY KEY, token text, token_ciphertext text, token_masked text, token_hash text,
+                   provider text NOT NULL, status text DEFAULT 'active', organization_id text, legacy text);
+INSERT INTO c_gw (id, token, provider, organization_id, legacy)
+    VALUES ('g1', 'sk-gw-1', 'openai', 'org-a', 'sk-gw-1'), ('g2', 'sk-gw-2', 'openai', 'org-b', NULL);
+ALTER TABLE c_gw OWNER TO c_owner;
+ALTER TABLE c_gw ENABLE ROW LEVEL SECURITY;
+ALTER TABLE c_gw FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON c_gw USING (organization_id = current_setting('app.org', true));
+SET ROLE c_owner;
+CALL encrypt_provider_keys('c_gw', format => 'llmgw');
+RESET ROLE;
+ALTER TABLE c_gw DISABLE ROW LEVEL SECURITY;
+CREATE FUNCTION c_gw_dual_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.legacy IS NOT NULL AND NEW.token IS NULL THEN
+        UPDATE public.c_gw SET token = NEW.legacy, token_ciphertext = NULL WHERE id = NEW.id;
+    END IF;
+    RETURN NULL;
+END $$;
+ALTER FUNCTION c_gw_dual_write() OWNER TO c_owner;
+CREATE TRIGGER dual_write AFTER UPDATE ON c_gw FOR EACH ROW EXECUTE FUNCTION c_gw_dual_write();
+SET ROLE c_owner;
+CALL encrypt_provider_keys('c_gw', format => 'llmgw');
+RESET ROLE;
+SELECT id, token IS NULL AS token_moved, token_ciphertext LIKE 'llmgw:v2:%' AS sealed FROM c_gw ORDER BY id;
+DROP TRIGGER dual_write ON c_gw;
+SET ROLE c_owner;
+CALL encrypt_provider_keys('c_gw', format => 'llmgw', verbose => false);
+RESET ROLE;
+
+DROP TABLE c_rls, c_sync, c_trust, c_rule, c_ro, c_gw;
+DROP FUNCTION c_sync_back(), c_gw_dual_write(), c_evil.c_audit_trg(), c_evil.c_token_ok(text), c_evil.c_noop_trg();
 DROP OPERATOR c_evil.=== (text, text);
 DROP FUNCTION c_evil.c_same(text, text);
 DROP SCHEMA c_evil;
