@@ -14,6 +14,10 @@
 ALTER TYPE pke_internal.run ADD ATTRIBUTE verified boolean, ADD ATTRIBUTE remaining bigint;
 ALTER TYPE pke_internal.batch_rows ADD ATTRIBUTE landed_ids text[];
 
+-- batch_isolate returns the failing rows for batch() to report (or to stop on, when every row
+-- of a batch fails the same way) instead of printing them: new OUT parameters.
+DROP FUNCTION pke_internal.batch_isolate(text, text, boolean, regclass, text, text[], integer, boolean);
+
 -- ==== every engine function, as a fresh install creates it ====
 
 -- ---- from src/engine/types.sql -------------------------------------------------------
@@ -274,6 +278,9 @@ DECLARE
     owner_name text;
     rule_name text;
     rule_rel regclass;
+    fk_name text;
+    fk_rel regclass;
+    fk_col text;
 BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'relation "provider_key" does not exist'
@@ -300,7 +307,7 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = 'Its policies decide which rows you can read and write; a run must reach every row to say that every key is done.',
                   HINT = CASE WHEN forced
-                      THEN format('The table forces row security on its owner too (FORCE ROW LEVEL SECURITY). As a superuser, let the owner bypass it for the run: ALTER ROLE %1$I BYPASSRLS; SET ROLE %1$I; CALL ...; RESET ROLE; ALTER ROLE %1$I NOBYPASSRLS;', owner_name)
+                      THEN format('The table forces row security on its owner too (FORCE ROW LEVEL SECURITY). Give the table to a role of its own that bypasses row security and that the application does not log in as (as a superuser: CREATE ROLE pke_owner BYPASSRLS NOLOGIN; ALTER TABLE %2$s OWNER TO pke_owner; GRANT SELECT, INSERT, UPDATE, DELETE ON %2$s TO %1$I;), then SET ROLE pke_owner; CALL ...; RESET ROLE; (ALTER ROLE %1$I BYPASSRLS would lift the tenant policy from every session of that role while it lasts.)', owner_name, tbl)
                       ELSE format('Run it as the table''s owner, to whom its policies do not apply: SET ROLE %I; CALL ...; RESET ROLE;', owner_name) END;
     END IF;
     -- A rule would rewrite the run's UPDATE into something else (or into nothing).
@@ -381,6 +388,26 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = format('A run walks the table in id order and would never reach rows without one. Add: ALTER TABLE %s ALTER COLUMN id SET NOT NULL;', tbl);
     END IF;
+    -- A foreign key that references a column the run writes: its ON UPDATE action would copy
+    -- the new values into the referencing table (plaintext, for a decrypt), or refuse every
+    -- row's write (NO ACTION, RESTRICT).
+    IF writes THEN
+        SELECT c.conname, c.conrelid::regclass, a.attname INTO fk_name, fk_rel, fk_col
+          FROM pg_constraint c
+          JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = ANY (c.confkey)
+         WHERE c.contype = 'f' AND a.attname = ANY (m.writes)
+           AND c.confrelid IN (WITH RECURSIVE tree(oid) AS (
+                                   SELECT tbl::oid
+                                   UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)
+                               SELECT tree.oid FROM tree)
+         ORDER BY 2::text, 1 LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'column "%" of relation % is referenced by foreign key % of table %', fk_col, tbl, quote_ident(fk_name), fk_rel
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = 'A run''s writes to that column would be copied into the referencing table (ON UPDATE CASCADE), or refused for every row.',
+                      HINT = format('A key column should not be what other tables point at. Drop the foreign key (ALTER TABLE %s DROP CONSTRAINT %I), then run again.', fk_rel, fk_name);
+        END IF;
+    END IF;
     PERFORM pke_internal.check_table_trust(tbl, writes);
 END
 $fn$;
@@ -420,8 +447,26 @@ BEGIN
     WITH RECURSIVE tree(oid) AS (
         SELECT tbl::oid
         UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid),
+    -- the types of the tree's columns, and the types they are made of (a domain's base type, an
+    -- array's element type, a range's subtype), of which the domains: a generated column's
+    -- value is checked against its domain's constraints on every write
+    types(typ) AS (
+        SELECT DISTINCT a.atttypid
+          FROM tree JOIN pg_attribute a ON a.attrelid = tree.oid
+         WHERE a.attnum > 0 AND NOT a.attisdropped
+        UNION
+        SELECT x.typ
+          FROM types y JOIN pg_type t ON t.oid = y.typ,
+               LATERAL (SELECT t.typbasetype WHERE t.typtype = 'd'
+                        UNION ALL SELECT t.typelem WHERE t.typelem <> 0
+                        UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = t.oid) AS x(typ)),
+    domains(typ) AS (
+        SELECT y.typ FROM types y JOIN pg_type t ON t.oid = y.typ WHERE t.typtype = 'd'),
     -- the parts of the tree whose code a write can run
     parts(classid, objid, part) AS (
+        SELECT 'pg_constraint'::regclass::oid, c.oid, format('constraint %s of domain %s', quote_ident(c.conname), c.contypid::regtype)
+          FROM domains d JOIN pg_constraint c ON c.contypid = d.typ
+        UNION ALL
         SELECT 'pg_trigger'::regclass::oid, tg.oid, format('trigger %s on %s', quote_ident(tg.tgname), tg.tgrelid::regclass)
           FROM tree JOIN pg_trigger tg ON tg.tgrelid = tree.oid
         UNION ALL
@@ -475,6 +520,10 @@ BEGIN
                format('ALTER FUNCTION %s OWNER TO %I', op.oprcode::regprocedure, current_user)
           FROM operators o JOIN pg_operator op ON op.oid = o.opr JOIN pg_proc pr ON pr.oid = op.oprcode
         UNION
+        SELECT 'domain', d.typ::regtype::text, t.typowner, 'a column of the table',
+               format('ALTER DOMAIN %s OWNER TO %I', d.typ::regtype, current_user)
+          FROM domains d JOIN pg_type t ON t.oid = d.typ
+        UNION
         SELECT 'operator family', format('%I.%I USING %I', n.nspname, fa.opfname, am.amname), fa.opfowner, f.part,
                format('ALTER OPERATOR FAMILY %I.%I USING %I OWNER TO %I', n.nspname, fa.opfname, am.amname, current_user)
           FROM families f JOIN pg_opfamily fa ON fa.oid = f.fam
@@ -486,9 +535,39 @@ BEGIN
         UNION ALL
         SELECT c.oid, a.grantee, 'TRIGGER privilege'
           FROM tree JOIN pg_class c ON c.oid = tree.oid, aclexplode(c.relacl) a
-         WHERE a.privilege_type = 'TRIGGER'),
+         WHERE a.privilege_type = 'TRIGGER'
+        UNION ALL
+        -- a foreign key of theirs on the table's columns would make the run's writes cascade
+        -- into their table (plaintext, for a decrypt)
+        SELECT c.oid, a.grantee, 'REFERENCES privilege'
+          FROM tree JOIN pg_class c ON c.oid = tree.oid, aclexplode(c.relacl) a
+         WHERE a.privilege_type = 'REFERENCES'
+        UNION ALL
+        SELECT c.oid, a.grantee, format('REFERENCES privilege on column %I', at.attname)
+          FROM tree JOIN pg_class c ON c.oid = tree.oid
+          JOIN pg_attribute at ON at.attrelid = c.oid AND at.attnum > 0 AND NOT at.attisdropped,
+               aclexplode(at.attacl) a
+         WHERE a.privilege_type = 'REFERENCES'),
+    -- objects in this session's temporary schema that someone else created (code run under
+    -- SET ROLE earlier in the session): an unqualified table or type name in a trusted
+    -- trigger finds them before anything else the run's search_path holds
+    temps(object, owner) AS (
+        SELECT format('%s %s', CASE WHEN c.relkind IN ('r', 'p') THEN 'table' ELSE 'relation' END, c.oid::regclass), c.relowner
+          FROM pg_class c WHERE c.relnamespace = pg_my_temp_schema()
+        UNION ALL
+        SELECT format('type %s', t.oid::regtype), t.typowner
+          FROM pg_type t WHERE t.typnamespace = pg_my_temp_schema() AND t.typrelid = 0
+        UNION ALL
+        SELECT format('function %s', p.oid::regprocedure), p.proowner
+          FROM pg_proc p WHERE p.pronamespace = pg_my_temp_schema()),
     bad(ord, fix, text) AS (
-        SELECT 1, NULL::text,
+        SELECT 1,
+               CASE WHEN w.what = 'owner' THEN NULL
+                    WHEN w.what LIKE 'REFERENCES privilege on column %' THEN
+                        format('REVOKE REFERENCES (%s) ON %s FROM %s', substr(w.what, 32), w.rel::regclass,
+                               CASE WHEN w.role_oid = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END)
+                    ELSE format('REVOKE %s ON %s FROM %s', split_part(w.what, ' ', 1), w.rel::regclass,
+                                CASE WHEN w.role_oid = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END) END,
                format('%s (%s of %s)', CASE WHEN w.role_oid = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END,
                       w.what, w.rel::regclass)
           FROM who w LEFT JOIN pg_roles r ON r.oid = w.role_oid
@@ -496,7 +575,11 @@ BEGIN
         UNION ALL
         SELECT 2, c.fix, format('%s %s (owner %s, run by %s)', c.kind, c.object, quote_ident(r.rolname), c.part)
           FROM code c JOIN pg_roles r ON r.oid = c.owner
-         WHERE NOT pg_has_role(c.owner, current_user, 'USAGE'))
+         WHERE NOT pg_has_role(c.owner, current_user, 'USAGE')
+        UNION ALL
+        SELECT 3, NULL, format('%s in this session''s temporary schema (owner %s)', tm.object, quote_ident(r.rolname))
+          FROM temps tm JOIN pg_roles r ON r.oid = tm.owner
+         WHERE NOT pg_has_role(tm.owner, current_user, 'USAGE'))
     SELECT string_agg(b.text, ', ' ORDER BY b.ord, b.text),
            (array_agg(b.ord ORDER BY b.ord, b.text))[1],
            (array_agg(b.fix ORDER BY b.ord, b.text))[1]
@@ -507,8 +590,12 @@ BEGIN
         RAISE EXCEPTION 'table % runs code that roles who cannot act as you control: %', tbl, untrusted
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = 'A write to the table runs its triggers, rules, policies, constraints, defaults, generated columns and indexes, and the functions and operators they call, with your privileges; those roles can change what that code does.',
-                  HINT = CASE WHEN first_ord = 1
+                  HINT = CASE WHEN first_ord = 1 AND first_fix IS NULL
                       THEN format('Run it as the table''s owner: SET ROLE %I; CALL ...; RESET ROLE;', owner_name)
+                      WHEN first_ord = 1
+                      THEN format('Take the privilege back if that role does not need it (%s;), then run again.', first_fix)
+                      WHEN first_ord = 3
+                      THEN 'Drop this session''s temporary objects (DISCARD TEMP;), or run it in a new session.'
                       ELSE format('Read that code, then give it to a role you trust (as its owner or a superuser: %s;), or take it off the table.',
                                   first_fix) END;
     END IF;
@@ -929,13 +1016,15 @@ END
 $fn$;
 
 -- A batch that failed: probe every row it would write in a savepoint that is always rolled
--- back; WARN about each failing row (its secrets scrubbed) and return the others. give_up:
--- rows that pass alone keep failing together (a statement-level trigger, a constraint between
--- rows): report every row to write as failing, write none.
+-- back; return the others, and each failing row with its SQLSTATE and its message (the row's
+-- secrets scrubbed) for batch() to report. give_up: rows that pass alone keep failing together
+-- (a statement-level trigger, a constraint between rows): report every row to write as
+-- failing (SQLSTATE NULL), write none.
 CREATE OR REPLACE FUNCTION pke_internal.batch_isolate(
     mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
     after_id text, ids text[], batch_size integer, give_up boolean,
-    OUT good text[], OUT errors bigint, OUT range_end text)
+    OUT good text[], OUT errors bigint, OUT range_end text,
+    OUT failed_ids text[], OUT failed_providers text[], OUT failed_states text[], OUT failed_messages text[])
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
@@ -950,6 +1039,7 @@ DECLARE
 BEGIN
     good := '{}';
     errors := 0;
+    failed_ids := '{}'; failed_providers := '{}'; failed_states := '{}'; failed_messages := '{}';
     FOR x IN EXECUTE format(
         'SELECT t.id::text AS key, %s AS stored, t.provider::text AS prov,
                 CASE WHEN %s THEN NULL ELSE %s END AS st
@@ -962,8 +1052,8 @@ BEGIN
             good := good || x.key;  -- nothing to write: counted when the batch runs again
         ELSIF give_up THEN
             errors := errors + 1;
-            RAISE WARNING 'Failed to % provider key % for provider %: its write fails only together with other rows; left unchanged',
-                m.verb, x.key, x.prov;
+            failed_ids := failed_ids || x.key; failed_providers := failed_providers || x.prov;
+            failed_states := failed_states || NULL::text; failed_messages := failed_messages || NULL::text;
         ELSE
             BEGIN
                 EXECUTE one_sql USING x.key, m.todo;
@@ -983,8 +1073,9 @@ BEGIN
                             plain := NULL;
                         END;
                     END IF;
-                    RAISE WARNING 'Failed to % provider key % for provider % (SQLSTATE %): %',
-                        m.verb, x.key, x.prov, e_state, pke_internal.scrub(e_msg, x.stored || plain);
+                    failed_ids := failed_ids || x.key; failed_providers := failed_providers || x.prov;
+                    failed_states := failed_states || e_state;
+                    failed_messages := failed_messages || pke_internal.scrub(e_msg, x.stored || plain);
             END;
         END IF;
     END LOOP;
@@ -1014,8 +1105,9 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
-    IF r.overridden_ids IS NOT NULL THEN
-        FOR x IN SELECT * FROM unnest(r.overridden_ids, r.overridden_providers) AS u(key, prov) LOOP
+    IF r.overridden_ids IS NOT NULL AND warn_left - warned > 0 THEN
+        FOR x IN SELECT * FROM unnest(r.overridden_ids, r.overridden_providers) AS u(key, prov) LIMIT warn_left - warned LOOP
+            warned := warned + 1;
             RAISE WARNING 'Failed to % provider key % for provider %: a trigger stored another value than the one written (its state is not %); counted as an error',
                 m.verb, x.key, x.prov, array_to_string(m.target, ' or ');
         END LOOP;
@@ -1047,6 +1139,12 @@ DECLARE
     ids text[];
     range_end text;
     failed bigint := 0;
+    f_ids text[] := '{}';
+    f_providers text[] := '{}';
+    f_states text[] := '{}';
+    f_messages text[] := '{}';
+    x record;
+    warned bigint := 0;
     res pke_internal.batch_result;
 BEGIN
     FOR attempt IN 1..3 LOOP
@@ -1056,6 +1154,8 @@ BEGIN
         iso := pke_internal.batch_isolate(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
                                           batch_size, attempt = 3);
         failed := failed + iso.errors;
+        f_ids := f_ids || iso.failed_ids; f_providers := f_providers || iso.failed_providers;
+        f_states := f_states || iso.failed_states; f_messages := f_messages || iso.failed_messages;
         range_end := COALESCE(range_end, iso.range_end);
         ids := iso.good;
         IF attempt = 3 THEN
@@ -1077,7 +1177,34 @@ BEGIN
     -- rows this batch meant to write that someone else changed or deleted first
     res.changed := CASE WHEN dry_run THEN 0 ELSE r.todo - r.written - coalesce(cardinality(r.overridden_ids), 0) END;
     res.last_id := COALESCE(range_end, r.last_id);
-    res.warned := pke_internal.batch_messages(m, r, dry_run, warn_left);
+    -- A condition that fails every row is not a row's problem: when every row the batch was to
+    -- write failed, at least 10 of them, all with one SQLSTATE, the run stops with one ERROR
+    -- (that SQLSTATE, the first row's scrubbed message) instead of a WARNING per row. Earlier
+    -- batches stay committed; this one wrote nothing.
+    IF failed >= 10 AND r.written = 0 AND f_states[1] IS NOT NULL
+       AND (SELECT count(DISTINCT coalesce(u.s, '')) FROM unnest(f_states) AS u(s)) = 1 THEN
+        RAISE EXCEPTION 'every provider key of a batch failed to % the same way (SQLSTATE %): %', m.verb, f_states[1], f_messages[1]
+            USING ERRCODE = f_states[1],
+                  DETAIL = format('%s rows after id %s failed and none of them was written: the cause is not in a row.',
+                                  failed, coalesce(quote_literal(after_id), '(the start)')),
+                  HINT = CASE
+                      WHEN f_states[1] IN ('42P01', '42883', '42704', '3F000') THEN
+                          'During a run the table''s triggers and functions run with search_path = pg_catalog, pg_temp: give each of them the search_path it needs (ALTER FUNCTION ... SET search_path = ...), or write schema-qualified names in them, then run again.'
+                      WHEN f_states[1] = '22001' THEN
+                          'A token is longer than the key it holds: give the column room (ALTER TABLE ... ALTER COLUMN ... TYPE text), then run again.'
+                      ELSE 'Fix the cause, then run again: it skips what is done.' END;
+    END IF;
+    -- the failing rows, then the rest of the batch's messages, within the run's warning budget
+    FOR x IN SELECT * FROM unnest(f_ids, f_providers, f_states, f_messages) AS u(key, prov, st, msg) LIMIT greatest(warn_left, 0) LOOP
+        warned := warned + 1;
+        IF x.st IS NULL THEN
+            RAISE WARNING 'Failed to % provider key % for provider %: its write fails only together with other rows; left unchanged',
+                m.verb, x.key, x.prov;
+        ELSE
+            RAISE WARNING 'Failed to % provider key % for provider % (SQLSTATE %): %', m.verb, x.key, x.prov, x.st, x.msg;
+        END IF;
+    END LOOP;
+    res.warned := warned + pke_internal.batch_messages(m, r, dry_run, warn_left - warned);
     RETURN res;
 END
 $fn$;
@@ -1394,9 +1521,9 @@ DECLARE
     m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified, r.tbl);
     summary text;
 BEGIN
-    IF r.unverified > r.warned THEN
-        RAISE WARNING '% more unverified provider keys (warnings stopped after %)',
-            r.unverified - r.warned, r.warned;
+    IF r.unverified + r.errors > r.warned THEN
+        RAISE WARNING '% more provider keys not named above (warnings stopped after %): unverified=%, errors=% in all',
+            r.unverified + r.errors - r.warned, r.warned, r.unverified, r.errors;
     END IF;
     summary := format('total=%s, %s=%s, skipped=%s, errors=%s',
         r.examined, m.done_word, r.written, r.examined - r.written - r.errors, r.errors);
@@ -1417,7 +1544,8 @@ BEGIN
              WHEN r.remaining > 0 THEN 'incomplete'
              ELSE 'completed' END, summary);
     IF r.verified AND r.remaining = 0 THEN
-        summary := summary || format(' (verified: a scan of every row after the last batch found none left to %s)', m.verb);
+        summary := summary || format(' (verified: a scan of every row%s after the last batch found none left to %s)',
+                                     CASE WHEN m.deleted_sql = 'false' THEN '' ELSE ' not soft-deleted' END, m.verb);
     END IF;
     IF r.remaining > 0 THEN
         RAISE WARNING '%', summary
@@ -1558,6 +1686,11 @@ DECLARE
     m pke_internal.mode := pke_internal.mode('reencrypt', fmt, false, tbl, check_privileges => false);
     current_key text;
 BEGIN
+    -- the report's own privilege: a REVOKE on the public function holds for this internal too
+    IF NOT has_function_privilege('@extschema@.provider_keys_encryption_report(regclass, boolean, text)', 'EXECUTE') THEN
+        RAISE EXCEPTION 'permission denied for function provider_keys_encryption_report'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
     PERFORM pke_internal.check_table(tbl, m, false);
     EXECUTE 'SELECT ' || m.key_sql INTO current_key;  -- a clear error when there is no key
     RETURN QUERY EXECUTE format($q$

@@ -6,3 +6,7 @@
 -- in a fresh install's types.sql.
 ALTER TYPE pke_internal.run ADD ATTRIBUTE verified boolean, ADD ATTRIBUTE remaining bigint;
 ALTER TYPE pke_internal.batch_rows ADD ATTRIBUTE landed_ids text[];
+
+-- batch_isolate returns the failing rows for batch() to report (or to stop on, when every row
+-- of a batch fails the same way) instead of printing them: new OUT parameters.
+DROP FUNCTION pke_internal.batch_isolate(text, text, boolean, regclass, text, text[], integer, boolean);

@@ -81,6 +81,11 @@ DECLARE
     m pke_internal.mode := pke_internal.mode('reencrypt', fmt, false, tbl, check_privileges => false);
     current_key text;
 BEGIN
+    -- the report's own privilege: a REVOKE on the public function holds for this internal too
+    IF NOT has_function_privilege('@extschema@.provider_keys_encryption_report(regclass, boolean, text)', 'EXECUTE') THEN
+        RAISE EXCEPTION 'permission denied for function provider_keys_encryption_report'
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
     PERFORM pke_internal.check_table(tbl, m, false);
     EXECUTE 'SELECT ' || m.key_sql INTO current_key;  -- a clear error when there is no key
     RETURN QUERY EXECUTE format($q$

@@ -235,13 +235,15 @@ END
 $fn$;
 
 -- A batch that failed: probe every row it would write in a savepoint that is always rolled
--- back; WARN about each failing row (its secrets scrubbed) and return the others. give_up:
--- rows that pass alone keep failing together (a statement-level trigger, a constraint between
--- rows): report every row to write as failing, write none.
+-- back; return the others, and each failing row with its SQLSTATE and its message (the row's
+-- secrets scrubbed) for batch() to report. give_up: rows that pass alone keep failing together
+-- (a statement-level trigger, a constraint between rows): report every row to write as
+-- failing (SQLSTATE NULL), write none.
 CREATE FUNCTION pke_internal.batch_isolate(
     mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
     after_id text, ids text[], batch_size integer, give_up boolean,
-    OUT good text[], OUT errors bigint, OUT range_end text)
+    OUT good text[], OUT errors bigint, OUT range_end text,
+    OUT failed_ids text[], OUT failed_providers text[], OUT failed_states text[], OUT failed_messages text[])
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
@@ -256,6 +258,7 @@ DECLARE
 BEGIN
     good := '{}';
     errors := 0;
+    failed_ids := '{}'; failed_providers := '{}'; failed_states := '{}'; failed_messages := '{}';
     FOR x IN EXECUTE format(
         'SELECT t.id::text AS key, %s AS stored, t.provider::text AS prov,
                 CASE WHEN %s THEN NULL ELSE %s END AS st
@@ -268,8 +271,8 @@ BEGIN
             good := good || x.key;  -- nothing to write: counted when the batch runs again
         ELSIF give_up THEN
             errors := errors + 1;
-            RAISE WARNING 'Failed to % provider key % for provider %: its write fails only together with other rows; left unchanged',
-                m.verb, x.key, x.prov;
+            failed_ids := failed_ids || x.key; failed_providers := failed_providers || x.prov;
+            failed_states := failed_states || NULL::text; failed_messages := failed_messages || NULL::text;
         ELSE
             BEGIN
                 EXECUTE one_sql USING x.key, m.todo;
@@ -289,8 +292,9 @@ BEGIN
                             plain := NULL;
                         END;
                     END IF;
-                    RAISE WARNING 'Failed to % provider key % for provider % (SQLSTATE %): %',
-                        m.verb, x.key, x.prov, e_state, pke_internal.scrub(e_msg, x.stored || plain);
+                    failed_ids := failed_ids || x.key; failed_providers := failed_providers || x.prov;
+                    failed_states := failed_states || e_state;
+                    failed_messages := failed_messages || pke_internal.scrub(e_msg, x.stored || plain);
             END;
         END IF;
     END LOOP;
@@ -320,8 +324,9 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
-    IF r.overridden_ids IS NOT NULL THEN
-        FOR x IN SELECT * FROM unnest(r.overridden_ids, r.overridden_providers) AS u(key, prov) LOOP
+    IF r.overridden_ids IS NOT NULL AND warn_left - warned > 0 THEN
+        FOR x IN SELECT * FROM unnest(r.overridden_ids, r.overridden_providers) AS u(key, prov) LIMIT warn_left - warned LOOP
+            warned := warned + 1;
             RAISE WARNING 'Failed to % provider key % for provider %: a trigger stored another value than the one written (its state is not %); counted as an error',
                 m.verb, x.key, x.prov, array_to_string(m.target, ' or ');
         END LOOP;
@@ -353,6 +358,12 @@ DECLARE
     ids text[];
     range_end text;
     failed bigint := 0;
+    f_ids text[] := '{}';
+    f_providers text[] := '{}';
+    f_states text[] := '{}';
+    f_messages text[] := '{}';
+    x record;
+    warned bigint := 0;
     res pke_internal.batch_result;
 BEGIN
     FOR attempt IN 1..3 LOOP
@@ -362,6 +373,8 @@ BEGIN
         iso := pke_internal.batch_isolate(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
                                           batch_size, attempt = 3);
         failed := failed + iso.errors;
+        f_ids := f_ids || iso.failed_ids; f_providers := f_providers || iso.failed_providers;
+        f_states := f_states || iso.failed_states; f_messages := f_messages || iso.failed_messages;
         range_end := COALESCE(range_end, iso.range_end);
         ids := iso.good;
         IF attempt = 3 THEN
@@ -383,7 +396,34 @@ BEGIN
     -- rows this batch meant to write that someone else changed or deleted first
     res.changed := CASE WHEN dry_run THEN 0 ELSE r.todo - r.written - coalesce(cardinality(r.overridden_ids), 0) END;
     res.last_id := COALESCE(range_end, r.last_id);
-    res.warned := pke_internal.batch_messages(m, r, dry_run, warn_left);
+    -- A condition that fails every row is not a row's problem: when every row the batch was to
+    -- write failed, at least 10 of them, all with one SQLSTATE, the run stops with one ERROR
+    -- (that SQLSTATE, the first row's scrubbed message) instead of a WARNING per row. Earlier
+    -- batches stay committed; this one wrote nothing.
+    IF failed >= 10 AND r.written = 0 AND f_states[1] IS NOT NULL
+       AND (SELECT count(DISTINCT coalesce(u.s, '')) FROM unnest(f_states) AS u(s)) = 1 THEN
+        RAISE EXCEPTION 'every provider key of a batch failed to % the same way (SQLSTATE %): %', m.verb, f_states[1], f_messages[1]
+            USING ERRCODE = f_states[1],
+                  DETAIL = format('%s rows after id %s failed and none of them was written: the cause is not in a row.',
+                                  failed, coalesce(quote_literal(after_id), '(the start)')),
+                  HINT = CASE
+                      WHEN f_states[1] IN ('42P01', '42883', '42704', '3F000') THEN
+                          'During a run the table''s triggers and functions run with search_path = pg_catalog, pg_temp: give each of them the search_path it needs (ALTER FUNCTION ... SET search_path = ...), or write schema-qualified names in them, then run again.'
+                      WHEN f_states[1] = '22001' THEN
+                          'A token is longer than the key it holds: give the column room (ALTER TABLE ... ALTER COLUMN ... TYPE text), then run again.'
+                      ELSE 'Fix the cause, then run again: it skips what is done.' END;
+    END IF;
+    -- the failing rows, then the rest of the batch's messages, within the run's warning budget
+    FOR x IN SELECT * FROM unnest(f_ids, f_providers, f_states, f_messages) AS u(key, prov, st, msg) LIMIT greatest(warn_left, 0) LOOP
+        warned := warned + 1;
+        IF x.st IS NULL THEN
+            RAISE WARNING 'Failed to % provider key % for provider %: its write fails only together with other rows; left unchanged',
+                m.verb, x.key, x.prov;
+        ELSE
+            RAISE WARNING 'Failed to % provider key % for provider % (SQLSTATE %): %', m.verb, x.key, x.prov, x.st, x.msg;
+        END IF;
+    END LOOP;
+    res.warned := warned + pke_internal.batch_messages(m, r, dry_run, warn_left - warned);
     RETURN res;
 END
 $fn$;

@@ -308,9 +308,9 @@ DECLARE
     m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified, r.tbl);
     summary text;
 BEGIN
-    IF r.unverified > r.warned THEN
-        RAISE WARNING '% more unverified provider keys (warnings stopped after %)',
-            r.unverified - r.warned, r.warned;
+    IF r.unverified + r.errors > r.warned THEN
+        RAISE WARNING '% more provider keys not named above (warnings stopped after %): unverified=%, errors=% in all',
+            r.unverified + r.errors - r.warned, r.warned, r.unverified, r.errors;
     END IF;
     summary := format('total=%s, %s=%s, skipped=%s, errors=%s',
         r.examined, m.done_word, r.written, r.examined - r.written - r.errors, r.errors);
@@ -331,7 +331,8 @@ BEGIN
              WHEN r.remaining > 0 THEN 'incomplete'
              ELSE 'completed' END, summary);
     IF r.verified AND r.remaining = 0 THEN
-        summary := summary || format(' (verified: a scan of every row after the last batch found none left to %s)', m.verb);
+        summary := summary || format(' (verified: a scan of every row%s after the last batch found none left to %s)',
+                                     CASE WHEN m.deleted_sql = 'false' THEN '' ELSE ' not soft-deleted' END, m.verb);
     END IF;
     IF r.remaining > 0 THEN
         RAISE WARNING '%', summary

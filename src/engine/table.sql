@@ -22,6 +22,9 @@ DECLARE
     owner_name text;
     rule_name text;
     rule_rel regclass;
+    fk_name text;
+    fk_rel regclass;
+    fk_col text;
 BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'relation "provider_key" does not exist'
@@ -48,7 +51,7 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = 'Its policies decide which rows you can read and write; a run must reach every row to say that every key is done.',
                   HINT = CASE WHEN forced
-                      THEN format('The table forces row security on its owner too (FORCE ROW LEVEL SECURITY). As a superuser, let the owner bypass it for the run: ALTER ROLE %1$I BYPASSRLS; SET ROLE %1$I; CALL ...; RESET ROLE; ALTER ROLE %1$I NOBYPASSRLS;', owner_name)
+                      THEN format('The table forces row security on its owner too (FORCE ROW LEVEL SECURITY). Give the table to a role of its own that bypasses row security and that the application does not log in as (as a superuser: CREATE ROLE pke_owner BYPASSRLS NOLOGIN; ALTER TABLE %2$s OWNER TO pke_owner; GRANT SELECT, INSERT, UPDATE, DELETE ON %2$s TO %1$I;), then SET ROLE pke_owner; CALL ...; RESET ROLE; (ALTER ROLE %1$I BYPASSRLS would lift the tenant policy from every session of that role while it lasts.)', owner_name, tbl)
                       ELSE format('Run it as the table''s owner, to whom its policies do not apply: SET ROLE %I; CALL ...; RESET ROLE;', owner_name) END;
     END IF;
     -- A rule would rewrite the run's UPDATE into something else (or into nothing).
@@ -129,6 +132,26 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = format('A run walks the table in id order and would never reach rows without one. Add: ALTER TABLE %s ALTER COLUMN id SET NOT NULL;', tbl);
     END IF;
+    -- A foreign key that references a column the run writes: its ON UPDATE action would copy
+    -- the new values into the referencing table (plaintext, for a decrypt), or refuse every
+    -- row's write (NO ACTION, RESTRICT).
+    IF writes THEN
+        SELECT c.conname, c.conrelid::regclass, a.attname INTO fk_name, fk_rel, fk_col
+          FROM pg_constraint c
+          JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = ANY (c.confkey)
+         WHERE c.contype = 'f' AND a.attname = ANY (m.writes)
+           AND c.confrelid IN (WITH RECURSIVE tree(oid) AS (
+                                   SELECT tbl::oid
+                                   UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)
+                               SELECT tree.oid FROM tree)
+         ORDER BY 2::text, 1 LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'column "%" of relation % is referenced by foreign key % of table %', fk_col, tbl, quote_ident(fk_name), fk_rel
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = 'A run''s writes to that column would be copied into the referencing table (ON UPDATE CASCADE), or refused for every row.',
+                      HINT = format('A key column should not be what other tables point at. Drop the foreign key (ALTER TABLE %s DROP CONSTRAINT %I), then run again.', fk_rel, fk_name);
+        END IF;
+    END IF;
     PERFORM pke_internal.check_table_trust(tbl, writes);
 END
 $fn$;
@@ -168,8 +191,26 @@ BEGIN
     WITH RECURSIVE tree(oid) AS (
         SELECT tbl::oid
         UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid),
+    -- the types of the tree's columns, and the types they are made of (a domain's base type, an
+    -- array's element type, a range's subtype), of which the domains: a generated column's
+    -- value is checked against its domain's constraints on every write
+    types(typ) AS (
+        SELECT DISTINCT a.atttypid
+          FROM tree JOIN pg_attribute a ON a.attrelid = tree.oid
+         WHERE a.attnum > 0 AND NOT a.attisdropped
+        UNION
+        SELECT x.typ
+          FROM types y JOIN pg_type t ON t.oid = y.typ,
+               LATERAL (SELECT t.typbasetype WHERE t.typtype = 'd'
+                        UNION ALL SELECT t.typelem WHERE t.typelem <> 0
+                        UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = t.oid) AS x(typ)),
+    domains(typ) AS (
+        SELECT y.typ FROM types y JOIN pg_type t ON t.oid = y.typ WHERE t.typtype = 'd'),
     -- the parts of the tree whose code a write can run
     parts(classid, objid, part) AS (
+        SELECT 'pg_constraint'::regclass::oid, c.oid, format('constraint %s of domain %s', quote_ident(c.conname), c.contypid::regtype)
+          FROM domains d JOIN pg_constraint c ON c.contypid = d.typ
+        UNION ALL
         SELECT 'pg_trigger'::regclass::oid, tg.oid, format('trigger %s on %s', quote_ident(tg.tgname), tg.tgrelid::regclass)
           FROM tree JOIN pg_trigger tg ON tg.tgrelid = tree.oid
         UNION ALL
@@ -223,6 +264,10 @@ BEGIN
                format('ALTER FUNCTION %s OWNER TO %I', op.oprcode::regprocedure, current_user)
           FROM operators o JOIN pg_operator op ON op.oid = o.opr JOIN pg_proc pr ON pr.oid = op.oprcode
         UNION
+        SELECT 'domain', d.typ::regtype::text, t.typowner, 'a column of the table',
+               format('ALTER DOMAIN %s OWNER TO %I', d.typ::regtype, current_user)
+          FROM domains d JOIN pg_type t ON t.oid = d.typ
+        UNION
         SELECT 'operator family', format('%I.%I USING %I', n.nspname, fa.opfname, am.amname), fa.opfowner, f.part,
                format('ALTER OPERATOR FAMILY %I.%I USING %I OWNER TO %I', n.nspname, fa.opfname, am.amname, current_user)
           FROM families f JOIN pg_opfamily fa ON fa.oid = f.fam
@@ -234,9 +279,39 @@ BEGIN
         UNION ALL
         SELECT c.oid, a.grantee, 'TRIGGER privilege'
           FROM tree JOIN pg_class c ON c.oid = tree.oid, aclexplode(c.relacl) a
-         WHERE a.privilege_type = 'TRIGGER'),
+         WHERE a.privilege_type = 'TRIGGER'
+        UNION ALL
+        -- a foreign key of theirs on the table's columns would make the run's writes cascade
+        -- into their table (plaintext, for a decrypt)
+        SELECT c.oid, a.grantee, 'REFERENCES privilege'
+          FROM tree JOIN pg_class c ON c.oid = tree.oid, aclexplode(c.relacl) a
+         WHERE a.privilege_type = 'REFERENCES'
+        UNION ALL
+        SELECT c.oid, a.grantee, format('REFERENCES privilege on column %I', at.attname)
+          FROM tree JOIN pg_class c ON c.oid = tree.oid
+          JOIN pg_attribute at ON at.attrelid = c.oid AND at.attnum > 0 AND NOT at.attisdropped,
+               aclexplode(at.attacl) a
+         WHERE a.privilege_type = 'REFERENCES'),
+    -- objects in this session's temporary schema that someone else created (code run under
+    -- SET ROLE earlier in the session): an unqualified table or type name in a trusted
+    -- trigger finds them before anything else the run's search_path holds
+    temps(object, owner) AS (
+        SELECT format('%s %s', CASE WHEN c.relkind IN ('r', 'p') THEN 'table' ELSE 'relation' END, c.oid::regclass), c.relowner
+          FROM pg_class c WHERE c.relnamespace = pg_my_temp_schema()
+        UNION ALL
+        SELECT format('type %s', t.oid::regtype), t.typowner
+          FROM pg_type t WHERE t.typnamespace = pg_my_temp_schema() AND t.typrelid = 0
+        UNION ALL
+        SELECT format('function %s', p.oid::regprocedure), p.proowner
+          FROM pg_proc p WHERE p.pronamespace = pg_my_temp_schema()),
     bad(ord, fix, text) AS (
-        SELECT 1, NULL::text,
+        SELECT 1,
+               CASE WHEN w.what = 'owner' THEN NULL
+                    WHEN w.what LIKE 'REFERENCES privilege on column %' THEN
+                        format('REVOKE REFERENCES (%s) ON %s FROM %s', substr(w.what, 32), w.rel::regclass,
+                               CASE WHEN w.role_oid = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END)
+                    ELSE format('REVOKE %s ON %s FROM %s', split_part(w.what, ' ', 1), w.rel::regclass,
+                                CASE WHEN w.role_oid = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END) END,
                format('%s (%s of %s)', CASE WHEN w.role_oid = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END,
                       w.what, w.rel::regclass)
           FROM who w LEFT JOIN pg_roles r ON r.oid = w.role_oid
@@ -244,7 +319,11 @@ BEGIN
         UNION ALL
         SELECT 2, c.fix, format('%s %s (owner %s, run by %s)', c.kind, c.object, quote_ident(r.rolname), c.part)
           FROM code c JOIN pg_roles r ON r.oid = c.owner
-         WHERE NOT pg_has_role(c.owner, current_user, 'USAGE'))
+         WHERE NOT pg_has_role(c.owner, current_user, 'USAGE')
+        UNION ALL
+        SELECT 3, NULL, format('%s in this session''s temporary schema (owner %s)', tm.object, quote_ident(r.rolname))
+          FROM temps tm JOIN pg_roles r ON r.oid = tm.owner
+         WHERE NOT pg_has_role(tm.owner, current_user, 'USAGE'))
     SELECT string_agg(b.text, ', ' ORDER BY b.ord, b.text),
            (array_agg(b.ord ORDER BY b.ord, b.text))[1],
            (array_agg(b.fix ORDER BY b.ord, b.text))[1]
@@ -255,8 +334,12 @@ BEGIN
         RAISE EXCEPTION 'table % runs code that roles who cannot act as you control: %', tbl, untrusted
             USING ERRCODE = 'insufficient_privilege',
                   DETAIL = 'A write to the table runs its triggers, rules, policies, constraints, defaults, generated columns and indexes, and the functions and operators they call, with your privileges; those roles can change what that code does.',
-                  HINT = CASE WHEN first_ord = 1
+                  HINT = CASE WHEN first_ord = 1 AND first_fix IS NULL
                       THEN format('Run it as the table''s owner: SET ROLE %I; CALL ...; RESET ROLE;', owner_name)
+                      WHEN first_ord = 1
+                      THEN format('Take the privilege back if that role does not need it (%s;), then run again.', first_fix)
+                      WHEN first_ord = 3
+                      THEN 'Drop this session''s temporary objects (DISCARD TEMP;), or run it in a new session.'
                       ELSE format('Read that code, then give it to a role you trust (as its owner or a superuser: %s;), or take it off the table.',
                                   first_fix) END;
     END IF;

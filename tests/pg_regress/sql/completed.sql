@@ -29,10 +29,14 @@ SELECT * FROM provider_keys_encryption_report('c_rls');
 CALL encrypt_provider_keys('c_rls', dry_run => true);
 RESET ROLE;
 -- following the HINT
-ALTER ROLE c_owner BYPASSRLS; SET ROLE c_owner; CALL encrypt_provider_keys('c_rls'); RESET ROLE; ALTER ROLE c_owner NOBYPASSRLS;
+CREATE ROLE pke_owner BYPASSRLS NOLOGIN; ALTER TABLE public.c_rls OWNER TO pke_owner; GRANT SELECT, INSERT, UPDATE, DELETE ON public.c_rls TO c_owner;
+SET ROLE pke_owner; CALL encrypt_provider_keys('c_rls'); RESET ROLE;
+-- the former owner, the application, is now held to the tenant policy like every other session
+SET ROLE c_owner; SELECT count(*) AS rows_the_app_sees_without_a_tenant FROM c_rls; RESET ROLE;
 SELECT id, is_encrypted_token(token) AS encrypted FROM c_rls ORDER BY id;
 -- without FORCE, the owner is not subject to the policy; a role it granted UPDATE to is
 ALTER TABLE c_rls NO FORCE ROW LEVEL SECURITY;
+ALTER TABLE c_rls OWNER TO c_owner;
 GRANT SELECT, UPDATE ON c_rls TO c_app;
 SET ROLE c_app;
 CALL decrypt_provider_keys('c_rls');
@@ -189,9 +193,82 @@ SET ROLE c_owner;
 CALL encrypt_provider_keys('c_gw', format => 'llmgw', verbose => false);
 RESET ROLE;
 
+-- 7. What an attacker's review found (0.2.1), each now one clear answer.
+-- A condition that fails every row of a batch is one ERROR, not a WARNING per row: a column too
+-- narrow for a token,
+CREATE TABLE c_narrow (id text PRIMARY KEY, token varchar(40) NOT NULL, provider text NOT NULL, status text);
+INSERT INTO c_narrow SELECT 'n' || lpad(g::text, 3, '0'), 'sk-' || md5(g::text), 'openai', 'active' FROM generate_series(1, 30) g;
+CALL encrypt_provider_keys('c_narrow', batch_size => 20);
+-- following the HINT
+ALTER TABLE c_narrow ALTER COLUMN token TYPE text;
+CALL encrypt_provider_keys('c_narrow', verbose => false);
+-- a trusted trigger that names its table without a schema (the run's search_path is pinned),
+CREATE TABLE c_audit_log (id text);
+CREATE TABLE c_audited (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text);
+INSERT INTO c_audited SELECT 'a' || lpad(g::text, 3, '0'), 'sk-' || md5(g::text), 'openai', 'active' FROM generate_series(1, 30) g;
+CREATE FUNCTION c_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO c_audit_log VALUES (NEW.id); RETURN NEW; END $$;
+CREATE TRIGGER audit BEFORE UPDATE ON c_audited FOR EACH ROW EXECUTE FUNCTION c_audit();
+CALL encrypt_provider_keys('c_audited');
+-- following the HINT
+ALTER FUNCTION c_audit() SET search_path = public;
+CALL encrypt_provider_keys('c_audited', verbose => false);
+SELECT count(*) AS audited FROM c_audit_log;
+-- but a few rows failing alone are still rows' problems, reported by id
+CREATE TABLE c_some (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text,
+                     CHECK (id <> 's003' OR token LIKE 'sk-%'));
+INSERT INTO c_some SELECT 's' || lpad(g::text, 3, '0'), 'sk-' || md5(g::text), 'openai', 'active' FROM generate_series(1, 5) g;
+CALL encrypt_provider_keys('c_some', verbose => false);
+-- a domain of someone else's on a generated column runs that role's code on every write
+SET ROLE c_mallory;
+CREATE FUNCTION c_evil.len_ok(n integer) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$ SELECT true $$;
+CREATE DOMAIN c_evil.token_length AS integer CHECK (c_evil.len_ok(VALUE));
+RESET ROLE;
+CREATE TABLE c_dom (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text,
+                    token_len c_evil.token_length GENERATED ALWAYS AS (length(token)) STORED);
+INSERT INTO c_dom (id, token, provider) VALUES ('d1', 'sk-dom-1', 'openai');
+CALL encrypt_provider_keys('c_dom');
+DROP TABLE c_dom;
+-- a foreign key that points at token would copy every plaintext of a decrypt into its table
+CREATE TABLE c_ref (id text PRIMARY KEY, token text NOT NULL UNIQUE, provider text NOT NULL, status text);
+INSERT INTO c_ref VALUES ('f1', encrypt_token('sk-ref-1'), 'openai', 'active');
+GRANT SELECT, REFERENCES ON c_ref TO c_mallory;
+CALL decrypt_provider_keys('c_ref');
+-- following the HINT
+REVOKE REFERENCES ON public.c_ref FROM c_mallory;
+CREATE TABLE c_copy (tok text REFERENCES c_ref (token) ON UPDATE CASCADE);
+INSERT INTO c_copy SELECT token FROM c_ref;
+CALL decrypt_provider_keys('c_ref');
+DROP TABLE c_copy;
+CALL decrypt_provider_keys('c_ref', verbose => false);
+-- objects someone else left in this session's temporary schema (under SET ROLE) would be
+-- found first by a trusted trigger's unqualified names
+GRANT TEMPORARY ON DATABASE provider_keys_encrypt_regress TO c_mallory;
+SET ROLE c_mallory;
+CREATE TEMP TABLE c_audit_log (id text);
+RESET ROLE;
+CALL encrypt_provider_keys('c_some', verbose => false);
+-- following the HINT
+DISCARD TEMP;
+CALL encrypt_provider_keys('c_some', verbose => false);
+-- an AFTER trigger that writes back every row: named rows stop after 100
+CREATE TABLE c_flood (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text, legacy text);
+INSERT INTO c_flood SELECT 'w' || lpad(g::text, 3, '0'), 'sk-' || md5(g::text), 'openai', 'active', 'sk-' || md5(g::text) FROM generate_series(1, 120) g;
+CREATE FUNCTION c_flood_back() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN UPDATE public.c_flood SET token = legacy WHERE id = NEW.id AND token IS DISTINCT FROM legacy; RETURN NULL; END $$;
+CREATE TRIGGER back AFTER UPDATE OF token ON c_flood FOR EACH ROW EXECUTE FUNCTION c_flood_back();
+\set VERBOSITY terse
+CALL encrypt_provider_keys('c_flood', verbose => false);
+\set VERBOSITY default
+DROP TABLE c_narrow, c_audit_log, c_audited, c_some, c_ref, c_flood;
+DROP FUNCTION c_audit(), c_flood_back();
+DROP DOMAIN c_evil.token_length;
+DROP FUNCTION c_evil.len_ok(integer);
+REVOKE TEMPORARY ON DATABASE provider_keys_encrypt_regress FROM c_mallory;
+
 DROP TABLE c_rls, c_sync, c_trust, c_rule, c_ro, c_gw;
 DROP FUNCTION c_sync_back(), c_gw_dual_write(), c_evil.c_audit_trg(), c_evil.c_token_ok(text), c_evil.c_noop_trg();
 DROP OPERATOR c_evil.=== (text, text);
 DROP FUNCTION c_evil.c_same(text, text);
 DROP SCHEMA c_evil;
-DROP ROLE c_owner, c_mallory, c_app;
+DROP ROLE c_owner, c_mallory, c_app, pke_owner;
