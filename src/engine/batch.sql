@@ -145,9 +145,22 @@ DECLARE
     r pke_internal.batch_rows;
     ok boolean;
 BEGIN
+    -- Deferred checks (a DEFERRABLE INITIALLY DEFERRED unique or exclusion constraint, a
+    -- deferrable constraint trigger) would fire at COMMIT, outside every savepoint here, and
+    -- their message (a unique violation's DETAIL: the key value) would reach the client and
+    -- the server log unscrubbed. SET CONSTRAINTS ALL IMMEDIATE inside the savepoint makes
+    -- them fire at the end of the batch statement, inside it: a failure is caught and its
+    -- rows are isolated. The mode lasts as long as its savepoint: restored when it is rolled
+    -- back (the trial below), kept when it is released (a batch that may commit: up to the
+    -- COMMIT that follows; the next transaction starts with each constraint's own mode).
+    -- A dry run and write_none write nothing, and their savepoint is released in the
+    -- caller's transaction too: they leave the mode alone.
     IF may_commit OR dry_run THEN
         -- one savepoint around the whole batch; the caller commits
         BEGIN
+            IF NOT (dry_run OR write_none) THEN
+                SET CONSTRAINTS ALL IMMEDIATE;
+            END IF;
             EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
             ok := true;
         EXCEPTION WHEN OTHERS THEN
@@ -155,8 +168,14 @@ BEGIN
         END;
     ELSE
         -- inside the caller's transaction: try in a savepoint that is always rolled back,
-        -- then write for real at the caller's level (no written subtransaction is kept)
+        -- then write for real at the caller's level (no written subtransaction is kept).
+        -- The trial runs the deferred checks (its mode is rolled back with it); the real
+        -- write leaves them deferred to the caller's COMMIT, where they pass as in the trial
+        -- (run_start refused to start while the caller's own pending checks failed).
         BEGIN
+            IF NOT write_none THEN
+                SET CONSTRAINTS ALL IMMEDIATE;
+            END IF;
             EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
             RAISE SQLSTATE 'PK000';
         EXCEPTION
@@ -230,6 +249,7 @@ BEGIN
                 m.verb, x.key, x.prov;
         ELSE
             BEGIN
+                SET CONSTRAINTS ALL IMMEDIATE;  -- deferred checks fail here, not at COMMIT
                 EXECUTE one_sql USING x.key, m.todo;
                 RAISE SQLSTATE 'PK000';
             EXCEPTION
