@@ -386,8 +386,9 @@ unsafe extern "C-unwind" fn hide_refused_statement(edata: *mut pg_sys::ErrorData
     // SAFETY: elog.c passes a valid ErrorData (or NULL, checked) that it owns while we run.
     if let Some(e) = unsafe { edata.as_mut() } {
         // SAFETY: the message is NULL or a NUL-terminated string of the report.
-        if REFUSED.with(Cell::get) && unsafe { is_refusal(e) } {
-            REFUSED.with(|c| c.set(false));
+        // try_with: a report emitted while the thread exits must not panic in here
+        if REFUSED.try_with(Cell::get).unwrap_or(false) && unsafe { is_refusal(e) } {
+            let _ = REFUSED.try_with(|c| c.set(false));
             e.hide_stmt = true;
             e.hide_ctx = true;
         }
