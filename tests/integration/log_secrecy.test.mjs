@@ -155,3 +155,23 @@ test("a refused SET of a key setting, every way and every setting: 55P02, and th
   db.run(`DO $$ BEGIN RAISE EXCEPTION 'provider_keys_encrypt.encryption_key cannot be set: provider_keys_encrypt reads keys only from the server''s environment (ENCRYPTION_KEY) ${marker}2' USING ERRCODE = '55P02'; END $$`, { allowFail: true });
   assert.match(db.log(), new RegExp(`STATEMENT:  DO .*${marker}2`));
 });
+
+test("reencrypt: a deferrable constraint trigger that refuses the rotation fails inside the run: rows reported, the stored token scrubbed, nothing fails at COMMIT", () => {
+  const p1 = "sk-rotate-deferred-aa11bb22cc33";
+  base64Table("dr", [p1]);
+  const stored = db.psql("SELECT token FROM dr WHERE id = '1'");
+  db.psql(`CREATE FUNCTION dr_check() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             RAISE EXCEPTION 'rotation of % refused', OLD.token USING ERRCODE = 'check_violation';
+           END $$`);
+  db.psql(`CREATE CONSTRAINT TRIGGER dr_check AFTER UPDATE ON dr DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW EXECUTE FUNCTION dr_check()`);
+  // rotate: the test key becomes the previous one
+  db.restart({ env: { ENCRYPTION_KEY: "bmV3LWtleS1sb2ctc2VjcmVjeS10ZXN0LTMyYnl0ZXM=", ENCRYPTION_KEY_PREVIOUS: TEST_KEY, GATEWAY_API_KEY_HASH_SECRET: SECRET } });
+  const r = db.run("CALL reencrypt_provider_keys('dr')");
+  assert.match(r.err, /errors=1/, r.err);
+  assert.match(r.err, /WARNING:  Failed to re-?encrypt provider key 1 for provider openai \(SQLSTATE 23514\): rotation of \[redacted\] refused/, r.err);
+  assert.ok(!r.err.includes(stored), r.err);
+  assert.equal(db.psql("SELECT token FROM dr WHERE id = '1'"), stored, "left unchanged");
+  assertNotInLog([p1, stored], "a plaintext or the stored token");
+});
