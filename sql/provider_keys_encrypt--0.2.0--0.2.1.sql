@@ -949,6 +949,22 @@ BEGIN
 END
 $fn$;
 
+-- The deferrable constraints of the table and its partitions (constraint triggers included),
+-- as a SET CONSTRAINTS list; NULL when it has none.
+CREATE OR REPLACE FUNCTION pke_internal.deferrable_constraints(tbl regclass)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH RECURSIVE tree(oid) AS (
+        SELECT tbl::oid
+        UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)
+    SELECT string_agg(DISTINCT format('%I.%I', n.nspname, c.conname), ', ')
+      FROM tree JOIN pg_constraint c ON c.conrelid = tree.oid
+      JOIN pg_namespace n ON n.oid = c.connamespace
+     WHERE c.condeferrable
+$fn$;
+
 -- write_none: only count the rows (the mode's todo emptied), for a batch given up on.
 CREATE OR REPLACE FUNCTION pke_internal.batch_apply(
     mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
@@ -965,10 +981,24 @@ DECLARE
                                         pke_internal.table_may_rewrite(tbl));
     r pke_internal.batch_rows;
     ok boolean;
+    deferred_list text := CASE WHEN NOT (may_commit OR dry_run) THEN pke_internal.deferrable_constraints(tbl) END;
 BEGIN
+    -- Deferred checks (a DEFERRABLE INITIALLY DEFERRED unique or exclusion constraint, a
+    -- deferrable constraint trigger) would fire at COMMIT, outside every savepoint here, and
+    -- their message (a unique violation's DETAIL: the key value) would reach the client and
+    -- the server log unscrubbed. SET CONSTRAINTS ALL IMMEDIATE inside the savepoint makes
+    -- them fire at the end of the batch statement, inside it: a failure is caught and its
+    -- rows are isolated. The mode lasts as long as its savepoint: restored when it is rolled
+    -- back (the trial below), kept when it is released (a batch that may commit: up to the
+    -- COMMIT that follows; the next transaction starts with each constraint's own mode).
+    -- A dry run and write_none write nothing, and their savepoint is released in the
+    -- caller's transaction too: they leave the mode alone.
     IF may_commit OR dry_run THEN
         -- one savepoint around the whole batch; the caller commits
         BEGIN
+            IF NOT (dry_run OR write_none) THEN
+                SET CONSTRAINTS ALL IMMEDIATE;
+            END IF;
             EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
             r := pke_internal.batch_recheck(m, tbl, r);
             ok := true;
@@ -977,8 +1007,17 @@ BEGIN
         END;
     ELSE
         -- inside the caller's transaction: try in a savepoint that is always rolled back,
-        -- then write for real at the caller's level (no written subtransaction is kept)
+        -- then write for real at the caller's level (no written subtransaction is kept).
+        -- The trial runs the deferred checks (its mode is rolled back with it; run_start
+        -- refused to start while the caller's own pending checks failed). The real write sets
+        -- the table's own deferrable constraints IMMEDIATE for the rest of the caller's
+        -- transaction: what they do (a deferred trigger that writes the old value back) then
+        -- happens inside the run, where batch_recheck and run_verify see it, instead of at the
+        -- caller's COMMIT, after the run has said "completed".
         BEGIN
+            IF NOT write_none THEN
+                SET CONSTRAINTS ALL IMMEDIATE;
+            END IF;
             EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
             RAISE SQLSTATE 'PK000';
         EXCEPTION
@@ -986,6 +1025,9 @@ BEGIN
             WHEN OTHERS THEN ok := false;
         END;
         IF ok THEN
+            IF NOT write_none AND deferred_list IS NOT NULL THEN
+                EXECUTE format('SET CONSTRAINTS %s IMMEDIATE', deferred_list);
+            END IF;
             EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
             r := pke_internal.batch_recheck(m, tbl, r);
         END IF;
@@ -1056,6 +1098,7 @@ BEGIN
             failed_states := failed_states || NULL::text; failed_messages := failed_messages || NULL::text;
         ELSE
             BEGIN
+                SET CONSTRAINTS ALL IMMEDIATE;  -- deferred checks fail here, not at COMMIT
                 EXECUTE one_sql USING x.key, m.todo;
                 RAISE SQLSTATE 'PK000';
             EXCEPTION
@@ -1284,6 +1327,9 @@ BEGIN
         EXECUTE 'EXPLAIN ' || pke_internal.batch_sql(m, tbl, pke_internal.batch_range(NULL, NULL), false, false)
             USING NULL::text, batch_size, NULL::text[], m.todo, false, false, m.target;
     END IF;
+    IF NOT may_commit AND NOT dry_run THEN
+        PERFORM pke_internal.pending_checks_pass();
+    END IF;
 
     r.mode := mode_name;
     r.format := format_name;
@@ -1324,6 +1370,39 @@ BEGIN
         PERFORM pke_internal.guard_install(tbl, m, dry_run);
     END IF;
     RETURN r;
+END
+$fn$;
+
+-- Inside the caller's transaction block, a batch runs the deferred checks (deferrable
+-- constraints, constraint triggers) in its trial savepoint (batch_apply), and SET CONSTRAINTS
+-- ALL IMMEDIATE runs all of them, also those the caller's own earlier statements left
+-- pending. If one of those fails, every row of the run would fail with the caller's message,
+-- which may hold the caller's values: refuse before the first row instead, naming the
+-- constraint only. Checked in a savepoint that is always rolled back: the caller's
+-- constraints stay in the mode they were in, their checks still pending.
+CREATE OR REPLACE FUNCTION pke_internal.pending_checks_pass()
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    e_state text;
+    e_constraint text;
+BEGIN
+    BEGIN
+        SET CONSTRAINTS ALL IMMEDIATE;
+        RAISE SQLSTATE 'PK000';
+    EXCEPTION
+        WHEN SQLSTATE 'PK000' THEN
+            RETURN;
+        WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_constraint = CONSTRAINT_NAME;
+    END;
+    RAISE EXCEPTION 'a deferred check of this transaction already fails%, before the run wrote anything',
+        CASE WHEN e_constraint <> '' THEN format(' (constraint %I)', e_constraint) ELSE '' END
+        USING ERRCODE = CASE WHEN e_state LIKE '23%' THEN e_state ELSE 'integrity_constraint_violation' END,
+              DETAIL = format('SQLSTATE %s, raised by a change this transaction made before the CALL; its message is not shown, as it may hold a key.', e_state),
+              HINT = 'Make the transaction''s earlier changes satisfy their deferred constraints before the CALL, or run the CALL outside a transaction block.';
 END
 $fn$;
 
@@ -1783,7 +1862,8 @@ GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 -- plaintext; guard_settings and guard_watches only parse trigger arguments; guards and
 -- guard_check read catalogs everyone can read, and so does schema_writers; base64_check_notice
 -- says whether ENCRYPTION_KEY is set (as provider_keys_encrypt_fingerprint does); guard_install
--- creates a trigger only with the caller's own TRIGGER privilege; scrub only replaces text; every internal that reads or writes rows takes a mode
+-- creates a trigger only with the caller's own TRIGGER privilege; pending_checks_pass runs the
+-- caller's own deferred checks in a savepoint it rolls back and names a constraint, never a value; scrub only replaces text; every internal that reads or writes rows takes a mode
 -- by name from pke_internal.mode, which refuses an unknown mode and a caller without EXECUTE
 -- on that mode's public procedure (and on the format's decrypting function when the mode
 -- writes plaintext). All of them run with the caller's rights.

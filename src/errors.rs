@@ -266,6 +266,10 @@ impl Error {
 
     /// Raise as a PostgreSQL ERROR. Does not return.
     pub fn raise(self) -> ! {
+        // The statement that caused any of these errors may hold the value refused (a
+        // plaintext key written past a guard, an input too long to encrypt): keep it out of
+        // the server log (gucs.rs, the log hook). The client still gets the whole report.
+        crate::gucs::hide_statement_of_next(self.sqlstate());
         let mut report =
             ErrorReport::new(self.sqlstate(), self.to_string(), "provider_keys_encrypt");
         if let Some(h) = self.hint() {

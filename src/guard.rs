@@ -749,6 +749,8 @@ fn warn_unverified(format: Format, id: &str, provider: &str, sealed: bool) {
             "An llmgw token belongs in token_ciphertext, with token NULL; the guard's unverified=keep (the default for format=llmgw) leaves such a write as given.",
         ),
     };
+    // the statement that wrote the row holds the value (log_min_error_statement = warning)
+    crate::gucs::hide_statement_of_next(PgSqlErrorCode::ERRCODE_WARNING);
     let mut report = ErrorReport::new(
         PgSqlErrorCode::ERRCODE_WARNING,
         format!("Provider key {id} for provider {provider} {what}: {done}"),

@@ -32,6 +32,7 @@ use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -108,6 +109,13 @@ thread_local! {
     static GIVEN_IN_CONFIG: Cell<Option<(Setting, ConfigPlace)>> = const { Cell::new(None) };
     /// The key ring, once built (`Err` too: the environment does not change).
     static RING: RefCell<Option<Result<Rc<KeyRing>, KeyError>>> = const { RefCell::new(None) };
+    /// Set by the check hook when it refuses a value; the log hook hides the statement of the
+    /// refusal that follows (see [`hide_refused_statement`]).
+    static REFUSED: Cell<bool> = const { Cell::new(false) };
+    /// The SQLSTATE of a report this library is about to raise whose statement may hold a
+    /// plaintext or a token (a guard refusing a write, a function refusing its input): the
+    /// log hook hides that report's statement and context (see [`hide_statement_of_next`]).
+    static HIDE_NEXT: Cell<i32> = const { Cell::new(0) };
     /// The gateway's keyring (GATEWAY_API_KEY_HASH_SECRET), once built.
     static GATEWAY_RING: RefCell<Option<Result<Rc<format_llmgw::Keyring>, format_llmgw::LlmgwError>>> =
         const { RefCell::new(None) };
@@ -159,6 +167,10 @@ pub fn init() {
         );
         #[cfg(not(any(feature = "pg13", feature = "pg14")))]
         pg_sys::MarkGUCPrefixReserved(c"provider_keys_encrypt".as_ptr());
+        // chained: whatever hook was installed before ours still sees every report
+        if PREVIOUS_EMIT_LOG_HOOK.set(pg_sys::emit_log_hook).is_ok() {
+            pg_sys::emit_log_hook = Some(hide_refused_statement);
+        }
     }
     INITIALIZING.store(false, Ordering::Relaxed);
 }
@@ -346,17 +358,89 @@ unsafe fn check_read_only(
             drop_cached_rings();
         }
     }
-    let msg = format!(
-        "{} cannot be set: provider_keys_encrypt reads keys only from the server's environment ({})",
-        setting.name(),
-        setting.env_var()
-    );
+    let msg = refusal_message(setting);
+    REFUSED.with(|c| c.set(true));
     let hint = format!(
         "Start the server with {} in its environment; SHOW {} displays what it holds, never the value. A key given here must be treated as exposed.",
         setting.env_var(),
         setting.name()
     );
     reject(&msg, &hint)
+}
+
+/// The `emit_log_hook` that was installed before ours (called after ours, always).
+static PREVIOUS_EMIT_LOG_HOOK: OnceLock<pg_sys::emit_log_hook_type> = OnceLock::new();
+
+/// Keep the statement of a refused `SET`/`ALTER SYSTEM`/… of one of the settings out of the
+/// server log. With `log_min_error_statement = error` (the default) PostgreSQL writes the
+/// failing statement after the error as a `STATEMENT:` line, and the statement holds the
+/// value that was refused: a key. The check hook cannot `errhidestmt` (guc.c raises the error
+/// itself), so this hook marks exactly that report: the check hook refused a value just
+/// before ([`REFUSED`]), and the report carries the refusal's SQLSTATE (55P02) and message.
+/// It sets `hide_stmt` (the `STATEMENT:` line) and `hide_ctx` (a `CONTEXT:` line quotes the
+/// SQL statement of a PL/pgSQL function, e.g. `PERFORM set_config(…, '<key>', …)`). Both
+/// only affect the server log; the client still gets the whole report. Out of reach: a
+/// statement logged before it runs (`log_statement = all`, `log_min_duration_statement`,
+/// an extension's own logging): README "Security".
+///
+/// # Safety
+/// Called by elog.c with the report being emitted.
+#[pg_guard]
+unsafe extern "C-unwind" fn hide_refused_statement(edata: *mut pg_sys::ErrorData) {
+    // SAFETY: elog.c passes a valid ErrorData (or NULL, checked) that it owns while we run.
+    if let Some(e) = unsafe { edata.as_mut() } {
+        // SAFETY: the message is NULL or a NUL-terminated string of the report.
+        // try_with: a report emitted while the thread exits must not panic in here
+        if REFUSED.try_with(Cell::get).unwrap_or(false) && unsafe { is_refusal(e) } {
+            let _ = REFUSED.try_with(|c| c.set(false));
+            e.hide_stmt = true;
+            e.hide_ctx = true;
+        } else if HIDE_NEXT.try_with(Cell::get).unwrap_or(0) == e.sqlerrcode && e.sqlerrcode != 0 {
+            let _ = HIDE_NEXT.try_with(|c| c.set(0));
+            e.hide_stmt = true;
+            e.hide_ctx = true;
+        }
+    }
+    if let Some(Some(previous)) = PREVIOUS_EMIT_LOG_HOOK.get() {
+        // SAFETY: the previous hook gets the report exactly as elog.c gave it to us.
+        unsafe { previous(edata) }
+    }
+}
+
+/// The next report with this SQLSTATE is one of this library's own errors or warnings about a
+/// value the statement carries (a plaintext key a guard refuses, an input a function refuses):
+/// keep that report's `STATEMENT:` and `CONTEXT:` lines out of the server log, as for a refused
+/// key setting. Called right before the report is raised. (If the report is caught instead of
+/// emitted, the mark stays until a report with the same SQLSTATE: that one's statement is
+/// hidden too. It never hides less.)
+pub(crate) fn hide_statement_of_next(sqlstate: PgSqlErrorCode) {
+    let _ = HIDE_NEXT.try_with(|c| c.set(sqlstate as i32));
+}
+
+/// Is this report the check hook's refusal ([`check_read_only`]'s message and SQLSTATE)?
+///
+/// # Safety
+/// `e.message` must be NULL or a valid NUL-terminated string.
+unsafe fn is_refusal(e: &pg_sys::ErrorData) -> bool {
+    if e.sqlerrcode != PgSqlErrorCode::ERRCODE_CANT_CHANGE_RUNTIME_PARAM as i32
+        || e.message.is_null()
+    {
+        return false;
+    }
+    // SAFETY: guaranteed by the caller.
+    let message = unsafe { CStr::from_ptr(e.message) }.to_bytes();
+    Setting::ALL
+        .iter()
+        .any(|s| message.starts_with(refusal_message(*s).as_bytes()))
+}
+
+/// The refusal's message for a setting (its whole text: it names no value).
+fn refusal_message(setting: Setting) -> String {
+    format!(
+        "{} cannot be set: provider_keys_encrypt reads keys only from the server's environment ({})",
+        setting.name(),
+        setting.env_var()
+    )
 }
 
 fn drop_cached_rings() {

@@ -48,7 +48,8 @@ GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 -- plaintext; guard_settings and guard_watches only parse trigger arguments; guards and
 -- guard_check read catalogs everyone can read, and so does schema_writers; base64_check_notice
 -- says whether ENCRYPTION_KEY is set (as provider_keys_encrypt_fingerprint does); guard_install
--- creates a trigger only with the caller's own TRIGGER privilege; scrub only replaces text; every internal that reads or writes rows takes a mode
+-- creates a trigger only with the caller's own TRIGGER privilege; pending_checks_pass runs the
+-- caller's own deferred checks in a savepoint it rolls back and names a constraint, never a value; scrub only replaces text; every internal that reads or writes rows takes a mode
 -- by name from pke_internal.mode, which refuses an unknown mode and a caller without EXECUTE
 -- on that mode's public procedure (and on the format's decrypting function when the mode
 -- writes plaintext). All of them run with the caller's rights.

@@ -168,6 +168,22 @@ BEGIN
 END
 $fn$;
 
+-- The deferrable constraints of the table and its partitions (constraint triggers included),
+-- as a SET CONSTRAINTS list; NULL when it has none.
+CREATE FUNCTION pke_internal.deferrable_constraints(tbl regclass)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH RECURSIVE tree(oid) AS (
+        SELECT tbl::oid
+        UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)
+    SELECT string_agg(DISTINCT format('%I.%I', n.nspname, c.conname), ', ')
+      FROM tree JOIN pg_constraint c ON c.conrelid = tree.oid
+      JOIN pg_namespace n ON n.oid = c.connamespace
+     WHERE c.condeferrable
+$fn$;
+
 -- write_none: only count the rows (the mode's todo emptied), for a batch given up on.
 CREATE FUNCTION pke_internal.batch_apply(
     mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
@@ -184,10 +200,24 @@ DECLARE
                                         pke_internal.table_may_rewrite(tbl));
     r pke_internal.batch_rows;
     ok boolean;
+    deferred_list text := CASE WHEN NOT (may_commit OR dry_run) THEN pke_internal.deferrable_constraints(tbl) END;
 BEGIN
+    -- Deferred checks (a DEFERRABLE INITIALLY DEFERRED unique or exclusion constraint, a
+    -- deferrable constraint trigger) would fire at COMMIT, outside every savepoint here, and
+    -- their message (a unique violation's DETAIL: the key value) would reach the client and
+    -- the server log unscrubbed. SET CONSTRAINTS ALL IMMEDIATE inside the savepoint makes
+    -- them fire at the end of the batch statement, inside it: a failure is caught and its
+    -- rows are isolated. The mode lasts as long as its savepoint: restored when it is rolled
+    -- back (the trial below), kept when it is released (a batch that may commit: up to the
+    -- COMMIT that follows; the next transaction starts with each constraint's own mode).
+    -- A dry run and write_none write nothing, and their savepoint is released in the
+    -- caller's transaction too: they leave the mode alone.
     IF may_commit OR dry_run THEN
         -- one savepoint around the whole batch; the caller commits
         BEGIN
+            IF NOT (dry_run OR write_none) THEN
+                SET CONSTRAINTS ALL IMMEDIATE;
+            END IF;
             EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
             r := pke_internal.batch_recheck(m, tbl, r);
             ok := true;
@@ -196,8 +226,17 @@ BEGIN
         END;
     ELSE
         -- inside the caller's transaction: try in a savepoint that is always rolled back,
-        -- then write for real at the caller's level (no written subtransaction is kept)
+        -- then write for real at the caller's level (no written subtransaction is kept).
+        -- The trial runs the deferred checks (its mode is rolled back with it; run_start
+        -- refused to start while the caller's own pending checks failed). The real write sets
+        -- the table's own deferrable constraints IMMEDIATE for the rest of the caller's
+        -- transaction: what they do (a deferred trigger that writes the old value back) then
+        -- happens inside the run, where batch_recheck and run_verify see it, instead of at the
+        -- caller's COMMIT, after the run has said "completed".
         BEGIN
+            IF NOT write_none THEN
+                SET CONSTRAINTS ALL IMMEDIATE;
+            END IF;
             EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
             RAISE SQLSTATE 'PK000';
         EXCEPTION
@@ -205,6 +244,9 @@ BEGIN
             WHEN OTHERS THEN ok := false;
         END;
         IF ok THEN
+            IF NOT write_none AND deferred_list IS NOT NULL THEN
+                EXECUTE format('SET CONSTRAINTS %s IMMEDIATE', deferred_list);
+            END IF;
             EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
             r := pke_internal.batch_recheck(m, tbl, r);
         END IF;
@@ -275,6 +317,7 @@ BEGIN
             failed_states := failed_states || NULL::text; failed_messages := failed_messages || NULL::text;
         ELSE
             BEGIN
+                SET CONSTRAINTS ALL IMMEDIATE;  -- deferred checks fail here, not at COMMIT
                 EXECUTE one_sql USING x.key, m.todo;
                 RAISE SQLSTATE 'PK000';
             EXCEPTION

@@ -71,6 +71,9 @@ BEGIN
         EXECUTE 'EXPLAIN ' || pke_internal.batch_sql(m, tbl, pke_internal.batch_range(NULL, NULL), false, false)
             USING NULL::text, batch_size, NULL::text[], m.todo, false, false, m.target;
     END IF;
+    IF NOT may_commit AND NOT dry_run THEN
+        PERFORM pke_internal.pending_checks_pass();
+    END IF;
 
     r.mode := mode_name;
     r.format := format_name;
@@ -111,6 +114,39 @@ BEGIN
         PERFORM pke_internal.guard_install(tbl, m, dry_run);
     END IF;
     RETURN r;
+END
+$fn$;
+
+-- Inside the caller's transaction block, a batch runs the deferred checks (deferrable
+-- constraints, constraint triggers) in its trial savepoint (batch_apply), and SET CONSTRAINTS
+-- ALL IMMEDIATE runs all of them, also those the caller's own earlier statements left
+-- pending. If one of those fails, every row of the run would fail with the caller's message,
+-- which may hold the caller's values: refuse before the first row instead, naming the
+-- constraint only. Checked in a savepoint that is always rolled back: the caller's
+-- constraints stay in the mode they were in, their checks still pending.
+CREATE FUNCTION pke_internal.pending_checks_pass()
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    e_state text;
+    e_constraint text;
+BEGIN
+    BEGIN
+        SET CONSTRAINTS ALL IMMEDIATE;
+        RAISE SQLSTATE 'PK000';
+    EXCEPTION
+        WHEN SQLSTATE 'PK000' THEN
+            RETURN;
+        WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_constraint = CONSTRAINT_NAME;
+    END;
+    RAISE EXCEPTION 'a deferred check of this transaction already fails%, before the run wrote anything',
+        CASE WHEN e_constraint <> '' THEN format(' (constraint %I)', e_constraint) ELSE '' END
+        USING ERRCODE = CASE WHEN e_state LIKE '23%' THEN e_state ELSE 'integrity_constraint_violation' END,
+              DETAIL = format('SQLSTATE %s, raised by a change this transaction made before the CALL; its message is not shown, as it may hold a key.', e_state),
+              HINT = 'Make the transaction''s earlier changes satisfy their deferred constraints before the CALL, or run the CALL outside a transaction block.';
 END
 $fn$;
 

@@ -36,8 +36,8 @@ class Standby extends Cluster {
 }
 
 const env = { ENCRYPTION_KEY: TEST_KEY };
-const primary = new Cluster("standby-primary", { port: 54450, env, conf: ["wal_level = replica", "max_wal_senders = 4"] });
-const standby = new Standby("standby-replica", primary, { port: 54451, env });
+const primary = new Cluster("standby-primary", { port: 54452, env, conf: ["wal_level = replica", "max_wal_senders = 4"] });
+const standby = new Standby("standby-replica", primary, { port: 54453, env });
 
 before(() => {
   primary.start();
