@@ -18,6 +18,10 @@ ALTER TYPE pke_internal.batch_rows ADD ATTRIBUTE landed_ids text[];
 -- of a batch fails the same way) instead of printing them: new OUT parameters.
 DROP FUNCTION pke_internal.batch_isolate(text, text, boolean, regclass, text, text[], integer, boolean);
 
+-- The report's internal takes the caller's search_path (the default table, the shadowing
+-- warning): a new signature.
+DROP FUNCTION pke_internal.report(regclass, boolean, text);
+
 -- ==== every engine function, as a fresh install creates it ====
 
 -- ---- from src/engine/types.sql -------------------------------------------------------
@@ -58,7 +62,7 @@ $fn$;
 --
 -- The formats:
 --   base64  the seed guide's: base64(nonce || tag || ciphertext) in column token, key
---           ENCRYPTION_KEY (+ provider_keys_encrypt.previous_keys). Soft-deleted rows are left
+--           ENCRYPTION_KEY (+ ENCRYPTION_KEY_PREVIOUS). Soft-deleted rows are left
 --           alone.
 --   llmgw   the gateway's current: llmgw:v2:<kid>:<iv>:<ct>:<tag> in column token_ciphertext,
 --           bound to the row's id and organization, with token_hash and token_masked; keyring
@@ -97,7 +101,7 @@ DECLARE
     llmgw_unverified constant text :=
         'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
-        '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all';
+        '(move those with CALL @extschema@.decrypt_provider_keys(format => ''base64'') first), or the row has no token at all';
 BEGIN
     FOR m IN
       SELECT v.*
@@ -145,7 +149,7 @@ BEGIN
          'The table needs the provider_key columns id, token, provider and status.',
          '',
          'looks like a token but authenticates under no configured key',
-         'No provider key needs a previous key any more: provider_keys_encrypt.previous_keys can be emptied.',
+         'No provider key needs a previous key any more: ENCRYPTION_KEY_PREVIOUS can be removed from the server''s environment (it is read at server start: the change takes effect at the next restart; SHOW provider_keys_encrypt.previous_keys shows what is configured now).',
          CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[],
          NULL),
         -- llmgw ----------------------------------------------------------------------------
@@ -165,7 +169,7 @@ BEGIN
          '{token,token_ciphertext,token_hash,token_masked}'::text[], '{token}'::text[],
          'The llmgw format moves keys from token to token_ciphertext, token_hash and token_masked (with id, provider '
          'and organization_id): the gateway''s rollout schema. Without column token the gateway''s final migration has '
-         'run and nothing is left to encrypt; rotate with CALL reencrypt_provider_keys(format => ''llmgw'').',
+         'run and nothing is left to encrypt; rotate with CALL @extschema@.reencrypt_provider_keys(format => ''llmgw'').',
          ', soft-deleted ones included: the gateway''s next migration sets token_ciphertext, token_hash and token_masked NOT NULL on every row',
          llmgw_unverified,
          NULL,
@@ -285,7 +289,7 @@ BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'relation "provider_key" does not exist'
             USING ERRCODE = 'undefined_table',
-                  HINT = 'Check search_path, or name the table: CALL encrypt_provider_keys(table_name => ''myschema.provider_key'').';
+                  HINT = 'Check search_path, or name the table: CALL @extschema@.encrypt_provider_keys(table_name => ''myschema.provider_key'').';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = tbl AND c.relkind IN ('r', 'p')) THEN
         RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = 'wrong_object_type';
@@ -1142,7 +1146,7 @@ BEGIN
             IF 'unverified' = ANY (m.todo) THEN
                 RAISE WARNING 'Provider key % for provider % looks like a token but authenticates under no configured key: % it as plaintext',
                     x.key, x.prov, CASE WHEN dry_run THEN 'would encrypt' ELSE 'encrypted' END
-                    USING HINT = 'If it is a token written under another key, check ENCRYPTION_KEY and the previous keys; decrypt_provider_keys() gives the stored value back unchanged.';
+                    USING HINT = 'If it is a token written under another key, check ENCRYPTION_KEY and the previous keys; @extschema@.decrypt_provider_keys() gives the stored value back unchanged.';
             ELSE
                 RAISE WARNING 'Provider key % for provider % %: left unchanged', x.key, x.prov, m.unverified_text;
             END IF;
@@ -1293,7 +1297,7 @@ BEGIN
         RAISE EXCEPTION 'cannot run the provider key % on a hot standby', m.job
             USING ERRCODE = 'read_only_sql_transaction',
                   DETAIL = 'This server is in recovery (a replica): nothing can be written here.',
-                  HINT = 'Connect to the primary server and run it there. Here, a dry run (dry_run => true) and provider_keys_encryption_report() work.';
+                  HINT = 'Connect to the primary server and run it there. Here, a dry run (dry_run => true) and @extschema@.provider_keys_encryption_report() work.';
     END IF;
     IF NOT dry_run AND current_setting('transaction_read_only')::boolean THEN
         RAISE EXCEPTION 'cannot run the provider key % in a read-only transaction', m.job
@@ -1632,7 +1636,7 @@ BEGIN
                                   r.remaining, array_to_string(m.todo, ' or ')),
                   HINT = CASE WHEN m.retire_note IS NOT NULL
                       THEN 'Keep every key configured until a run has re-encrypted them: rows written meanwhile under an older key (a gateway instance whose first secret is still the old one?) are re-encrypted by the next run.'
-                      ELSE 'Fix the rows named above (if any), then run the procedure again: it skips what is done. provider_keys_encryption_report() counts the keys per state.' END;
+                      ELSE 'Fix the rows named above (if any), then run the procedure again: it skips what is done. @extschema@.provider_keys_encryption_report() counts the keys per state.' END;
     ELSIF r.errors > 0 THEN
         RAISE WARNING '%', summary
             USING HINT = 'The rows named above were left unchanged; fix them and run the procedure again (it skips what is done).';
@@ -1644,6 +1648,77 @@ BEGIN
             ' (The %s unverified provider keys open under none of the configured keys, older or not.)', r.unverified)
             ELSE '' END;
     END IF;
+END
+$fn$;
+
+-- What the caller's search_path (captured where it is still the caller's: pke_internal.run and
+-- the report, which carry no SET clause) holds that a call without a schema could resolve to
+-- instead of this extension: a WARNING when a routine with the name of one of the
+-- extension's routines, not a member of the extension, is on it (a role that can create in
+-- a schema there can plant an overload that a superuser's CALL encrypt_provider_keys('t')
+-- prefers: the untyped literal matches text better than regclass). Such an overload that
+-- runs and then calls ours is exactly the case this names. No code of ours can stop a call
+-- that never reaches it: README "What remains yours".
+CREATE OR REPLACE FUNCTION pke_internal.warn_shadowing(schemas name[])
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    found text[];
+BEGIN
+    WITH ours AS (
+        SELECT p.oid, p.proname
+          FROM pg_proc p
+          JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+          JOIN pg_extension x ON x.oid = d.refobjid AND x.extname = 'provider_keys_encrypt'
+         WHERE p.pronamespace = '@extschema@'::regnamespace)
+    SELECT array_agg(format('%s (owner %s)', p.oid::regprocedure, quote_ident(r.rolname))
+                     ORDER BY array_position(schemas, n.nspname), p.oid::regprocedure::text)
+      INTO found
+      FROM pg_proc p
+      JOIN pg_namespace n ON n.oid = p.pronamespace
+      JOIN pg_roles r ON r.oid = p.proowner
+     WHERE n.nspname = ANY (schemas)
+       AND p.proname IN (SELECT o.proname FROM ours o)
+       AND p.oid NOT IN (SELECT o.oid FROM ours o);
+    IF found IS NOT NULL THEN
+        RAISE WARNING 'routines named like this extension''s are on your search_path: %',
+            array_to_string(found[1:5], ', ')
+            || CASE WHEN cardinality(found) > 5 THEN format(' and %s more', cardinality(found) - 5) ELSE '' END
+            USING DETAIL = 'A call that names a routine without its schema may run one of those instead of provider_keys_encrypt''s, with your rights.',
+                  HINT = 'Call the extension''s routines by their schema-qualified names (CALL @extschema@.encrypt_provider_keys(...)), and drop what you did not create (DROP ROUTINE ...).';
+    END IF;
+END
+$fn$;
+
+-- provider_key, as the caller's search_path (schemas, captured by the caller) finds it, for a
+-- run or a report that names no table. When more than one schema on that path has one and the
+-- one found first belongs to a role that cannot act as the caller, it may be a decoy that role
+-- created in an earlier schema (the report and a dry run would answer for it, and the trust
+-- check's "SET ROLE <owner>" would encrypt it): refused, so that the table is named. (Several
+-- tables of the caller's own, picked by search_path, are a legitimate setup.)
+CREATE OR REPLACE FUNCTION pke_internal.default_table(schemas name[])
+RETURNS regclass
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    found regclass[];
+BEGIN
+    SELECT array_agg(c.oid::regclass ORDER BY array_position(schemas, n.nspname))
+      INTO found
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relname = 'provider_key' AND n.nspname = ANY (schemas);
+    IF cardinality(found) > 1
+       AND NOT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = found[1]), current_user, 'USAGE') THEN
+        RAISE EXCEPTION 'more than one relation named provider_key is on your search_path: %', array_to_string(found, ', ')
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Without a table name the first one, %s, would be used: its owner %s cannot act as you, and it may not be the table you mean.',
+                                  found[1], (SELECT quote_ident(r.rolname) FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE c.oid = found[1])),
+                  HINT = format('Name the table: CALL @extschema@.encrypt_provider_keys(table_name => %L);', found[cardinality(found)]::text);
+    END IF;
+    RETURN found[1];
 END
 $fn$;
 
@@ -1659,8 +1734,9 @@ AS $proc$
 DECLARE
     r pke_internal.run;
 BEGIN
+    PERFORM pke_internal.warn_shadowing(pg_catalog.current_schemas(true));
     r := pke_internal.run_start(mode_name, format_name,
-                                COALESCE(table_name, pg_catalog.to_regclass('provider_key')),
+                                COALESCE(table_name, pke_internal.default_table(pg_catalog.current_schemas(true))),
                                 batch_size, dry_run, notices, encrypt_unverified, guard,
                                 pke_internal.may_commit());
     IF r.do_commit THEN
@@ -1751,12 +1827,15 @@ COMMENT ON PROCEDURE @extschema@.reencrypt_provider_keys(regclass, integer, bool
 -- format's re-encrypt descriptor, which needs the fewest columns (it works on the gateway's
 -- final schema). format NULL: llmgw when the table has the gateway's token_ciphertext column,
 -- else base64.
-CREATE OR REPLACE FUNCTION pke_internal.report(tbl regclass, by_provider boolean, format_name text)
+-- caller_schemas: the caller's search_path (the public function has no SET clause), for the
+-- default table and the shadowing warning.
+CREATE OR REPLACE FUNCTION pke_internal.report(table_name regclass, by_provider boolean, format_name text, caller_schemas name[])
 RETURNS TABLE (token_format text, provider text, state text, key_id text, keys bigint)
 LANGUAGE plpgsql STABLE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    tbl regclass := COALESCE(table_name, pke_internal.default_table(caller_schemas));
     fmt text := COALESCE(format_name,
         CASE WHEN EXISTS (SELECT 1 FROM pg_attribute a
                            WHERE a.attrelid = tbl AND a.attname = 'token_ciphertext' AND a.attnum > 0
@@ -1765,6 +1844,7 @@ DECLARE
     m pke_internal.mode := pke_internal.mode('reencrypt', fmt, false, tbl, check_privileges => false);
     current_key text;
 BEGIN
+    PERFORM pke_internal.warn_shadowing(caller_schemas);
     -- the report's own privilege: a REVOKE on the public function holds for this internal too
     IF NOT has_function_privilege('@extschema@.provider_keys_encryption_report(regclass, boolean, text)', 'EXECUTE') THEN
         RAISE EXCEPTION 'permission denied for function provider_keys_encryption_report'
@@ -1804,7 +1884,7 @@ CREATE OR REPLACE FUNCTION @extschema@.provider_keys_encryption_report(
 RETURNS TABLE (token_format text, provider text, state text, key_id text, keys bigint)
 LANGUAGE sql STABLE PARALLEL UNSAFE
 AS $fn$
-    SELECT * FROM pke_internal.report(COALESCE(table_name, pg_catalog.to_regclass('provider_key')), by_provider, format)
+    SELECT * FROM pke_internal.report(table_name, by_provider, format, pg_catalog.current_schemas(true))
 $fn$;
 
 COMMENT ON FUNCTION @extschema@.provider_keys_encryption_report(regclass, boolean, text) IS

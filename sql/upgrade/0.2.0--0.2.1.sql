@@ -10,3 +10,7 @@ ALTER TYPE pke_internal.batch_rows ADD ATTRIBUTE landed_ids text[];
 -- batch_isolate returns the failing rows for batch() to report (or to stop on, when every row
 -- of a batch fails the same way) instead of printing them: new OUT parameters.
 DROP FUNCTION pke_internal.batch_isolate(text, text, boolean, regclass, text, text[], integer, boolean);
+
+-- The report's internal takes the caller's search_path (the default table, the shadowing
+-- warning): a new signature.
+DROP FUNCTION pke_internal.report(regclass, boolean, text);

@@ -67,12 +67,15 @@ COMMENT ON PROCEDURE @extschema@.reencrypt_provider_keys(regclass, integer, bool
 -- format's re-encrypt descriptor, which needs the fewest columns (it works on the gateway's
 -- final schema). format NULL: llmgw when the table has the gateway's token_ciphertext column,
 -- else base64.
-CREATE FUNCTION pke_internal.report(tbl regclass, by_provider boolean, format_name text)
+-- caller_schemas: the caller's search_path (the public function has no SET clause), for the
+-- default table and the shadowing warning.
+CREATE FUNCTION pke_internal.report(table_name regclass, by_provider boolean, format_name text, caller_schemas name[])
 RETURNS TABLE (token_format text, provider text, state text, key_id text, keys bigint)
 LANGUAGE plpgsql STABLE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    tbl regclass := COALESCE(table_name, pke_internal.default_table(caller_schemas));
     fmt text := COALESCE(format_name,
         CASE WHEN EXISTS (SELECT 1 FROM pg_attribute a
                            WHERE a.attrelid = tbl AND a.attname = 'token_ciphertext' AND a.attnum > 0
@@ -81,6 +84,7 @@ DECLARE
     m pke_internal.mode := pke_internal.mode('reencrypt', fmt, false, tbl, check_privileges => false);
     current_key text;
 BEGIN
+    PERFORM pke_internal.warn_shadowing(caller_schemas);
     -- the report's own privilege: a REVOKE on the public function holds for this internal too
     IF NOT has_function_privilege('@extschema@.provider_keys_encryption_report(regclass, boolean, text)', 'EXECUTE') THEN
         RAISE EXCEPTION 'permission denied for function provider_keys_encryption_report'
@@ -120,7 +124,7 @@ CREATE FUNCTION @extschema@.provider_keys_encryption_report(
 RETURNS TABLE (token_format text, provider text, state text, key_id text, keys bigint)
 LANGUAGE sql STABLE PARALLEL UNSAFE
 AS $fn$
-    SELECT * FROM pke_internal.report(COALESCE(table_name, pg_catalog.to_regclass('provider_key')), by_provider, format)
+    SELECT * FROM pke_internal.report(table_name, by_provider, format, pg_catalog.current_schemas(true))
 $fn$;
 
 COMMENT ON FUNCTION @extschema@.provider_keys_encryption_report(regclass, boolean, text) IS

@@ -361,7 +361,7 @@ BEGIN
             IF 'unverified' = ANY (m.todo) THEN
                 RAISE WARNING 'Provider key % for provider % looks like a token but authenticates under no configured key: % it as plaintext',
                     x.key, x.prov, CASE WHEN dry_run THEN 'would encrypt' ELSE 'encrypted' END
-                    USING HINT = 'If it is a token written under another key, check ENCRYPTION_KEY and the previous keys; decrypt_provider_keys() gives the stored value back unchanged.';
+                    USING HINT = 'If it is a token written under another key, check ENCRYPTION_KEY and the previous keys; @extschema@.decrypt_provider_keys() gives the stored value back unchanged.';
             ELSE
                 RAISE WARNING 'Provider key % for provider % %: left unchanged', x.key, x.prov, m.unverified_text;
             END IF;

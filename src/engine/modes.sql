@@ -6,7 +6,7 @@
 --
 -- The formats:
 --   base64  the seed guide's: base64(nonce || tag || ciphertext) in column token, key
---           ENCRYPTION_KEY (+ provider_keys_encrypt.previous_keys). Soft-deleted rows are left
+--           ENCRYPTION_KEY (+ ENCRYPTION_KEY_PREVIOUS). Soft-deleted rows are left
 --           alone.
 --   llmgw   the gateway's current: llmgw:v2:<kid>:<iv>:<ct>:<tag> in column token_ciphertext,
 --           bound to the row's id and organization, with token_hash and token_masked; keyring
@@ -45,7 +45,7 @@ DECLARE
     llmgw_unverified constant text :=
         'is unverified: its token_ciphertext opens under no secret of GATEWAY_API_KEY_HASH_SECRET for this row '
         '(llmgw_decrypt_token names the cause), or column token holds an llmgw token or a base64 token of this extension '
-        '(move those with CALL decrypt_provider_keys(format => ''base64'') first), or the row has no token at all';
+        '(move those with CALL @extschema@.decrypt_provider_keys(format => ''base64'') first), or the row has no token at all';
 BEGIN
     FOR m IN
       SELECT v.*
@@ -93,7 +93,7 @@ BEGIN
          'The table needs the provider_key columns id, token, provider and status.',
          '',
          'looks like a token but authenticates under no configured key',
-         'No provider key needs a previous key any more: provider_keys_encrypt.previous_keys can be emptied.',
+         'No provider key needs a previous key any more: ENCRYPTION_KEY_PREVIOUS can be removed from the server''s environment (it is read at server start: the change takes effect at the next restart; SHOW provider_keys_encrypt.previous_keys shows what is configured now).',
          CASE WHEN encrypt_unverified THEN '{}' ELSE '{unverified=keep}' END::text[],
          NULL),
         -- llmgw ----------------------------------------------------------------------------
@@ -113,7 +113,7 @@ BEGIN
          '{token,token_ciphertext,token_hash,token_masked}'::text[], '{token}'::text[],
          'The llmgw format moves keys from token to token_ciphertext, token_hash and token_masked (with id, provider '
          'and organization_id): the gateway''s rollout schema. Without column token the gateway''s final migration has '
-         'run and nothing is left to encrypt; rotate with CALL reencrypt_provider_keys(format => ''llmgw'').',
+         'run and nothing is left to encrypt; rotate with CALL @extschema@.reencrypt_provider_keys(format => ''llmgw'').',
          ', soft-deleted ones included: the gateway''s next migration sets token_ciphertext, token_hash and token_masked NOT NULL on every row',
          llmgw_unverified,
          NULL,

@@ -37,7 +37,7 @@ BEGIN
         RAISE EXCEPTION 'cannot run the provider key % on a hot standby', m.job
             USING ERRCODE = 'read_only_sql_transaction',
                   DETAIL = 'This server is in recovery (a replica): nothing can be written here.',
-                  HINT = 'Connect to the primary server and run it there. Here, a dry run (dry_run => true) and provider_keys_encryption_report() work.';
+                  HINT = 'Connect to the primary server and run it there. Here, a dry run (dry_run => true) and @extschema@.provider_keys_encryption_report() work.';
     END IF;
     IF NOT dry_run AND current_setting('transaction_read_only')::boolean THEN
         RAISE EXCEPTION 'cannot run the provider key % in a read-only transaction', m.job
@@ -376,7 +376,7 @@ BEGIN
                                   r.remaining, array_to_string(m.todo, ' or ')),
                   HINT = CASE WHEN m.retire_note IS NOT NULL
                       THEN 'Keep every key configured until a run has re-encrypted them: rows written meanwhile under an older key (a gateway instance whose first secret is still the old one?) are re-encrypted by the next run.'
-                      ELSE 'Fix the rows named above (if any), then run the procedure again: it skips what is done. provider_keys_encryption_report() counts the keys per state.' END;
+                      ELSE 'Fix the rows named above (if any), then run the procedure again: it skips what is done. @extschema@.provider_keys_encryption_report() counts the keys per state.' END;
     ELSIF r.errors > 0 THEN
         RAISE WARNING '%', summary
             USING HINT = 'The rows named above were left unchanged; fix them and run the procedure again (it skips what is done).';
@@ -388,6 +388,77 @@ BEGIN
             ' (The %s unverified provider keys open under none of the configured keys, older or not.)', r.unverified)
             ELSE '' END;
     END IF;
+END
+$fn$;
+
+-- What the caller's search_path (captured where it is still the caller's: pke_internal.run and
+-- the report, which carry no SET clause) holds that a call without a schema could resolve to
+-- instead of this extension: a WARNING when a routine with the name of one of the
+-- extension's routines, not a member of the extension, is on it (a role that can create in
+-- a schema there can plant an overload that a superuser's CALL encrypt_provider_keys('t')
+-- prefers: the untyped literal matches text better than regclass). Such an overload that
+-- runs and then calls ours is exactly the case this names. No code of ours can stop a call
+-- that never reaches it: README "What remains yours".
+CREATE FUNCTION pke_internal.warn_shadowing(schemas name[])
+RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    found text[];
+BEGIN
+    WITH ours AS (
+        SELECT p.oid, p.proname
+          FROM pg_proc p
+          JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+          JOIN pg_extension x ON x.oid = d.refobjid AND x.extname = 'provider_keys_encrypt'
+         WHERE p.pronamespace = '@extschema@'::regnamespace)
+    SELECT array_agg(format('%s (owner %s)', p.oid::regprocedure, quote_ident(r.rolname))
+                     ORDER BY array_position(schemas, n.nspname), p.oid::regprocedure::text)
+      INTO found
+      FROM pg_proc p
+      JOIN pg_namespace n ON n.oid = p.pronamespace
+      JOIN pg_roles r ON r.oid = p.proowner
+     WHERE n.nspname = ANY (schemas)
+       AND p.proname IN (SELECT o.proname FROM ours o)
+       AND p.oid NOT IN (SELECT o.oid FROM ours o);
+    IF found IS NOT NULL THEN
+        RAISE WARNING 'routines named like this extension''s are on your search_path: %',
+            array_to_string(found[1:5], ', ')
+            || CASE WHEN cardinality(found) > 5 THEN format(' and %s more', cardinality(found) - 5) ELSE '' END
+            USING DETAIL = 'A call that names a routine without its schema may run one of those instead of provider_keys_encrypt''s, with your rights.',
+                  HINT = 'Call the extension''s routines by their schema-qualified names (CALL @extschema@.encrypt_provider_keys(...)), and drop what you did not create (DROP ROUTINE ...).';
+    END IF;
+END
+$fn$;
+
+-- provider_key, as the caller's search_path (schemas, captured by the caller) finds it, for a
+-- run or a report that names no table. When more than one schema on that path has one and the
+-- one found first belongs to a role that cannot act as the caller, it may be a decoy that role
+-- created in an earlier schema (the report and a dry run would answer for it, and the trust
+-- check's "SET ROLE <owner>" would encrypt it): refused, so that the table is named. (Several
+-- tables of the caller's own, picked by search_path, are a legitimate setup.)
+CREATE FUNCTION pke_internal.default_table(schemas name[])
+RETURNS regclass
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    found regclass[];
+BEGIN
+    SELECT array_agg(c.oid::regclass ORDER BY array_position(schemas, n.nspname))
+      INTO found
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relname = 'provider_key' AND n.nspname = ANY (schemas);
+    IF cardinality(found) > 1
+       AND NOT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = found[1]), current_user, 'USAGE') THEN
+        RAISE EXCEPTION 'more than one relation named provider_key is on your search_path: %', array_to_string(found, ', ')
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Without a table name the first one, %s, would be used: its owner %s cannot act as you, and it may not be the table you mean.',
+                                  found[1], (SELECT quote_ident(r.rolname) FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner WHERE c.oid = found[1])),
+                  HINT = format('Name the table: CALL @extschema@.encrypt_provider_keys(table_name => %L);', found[cardinality(found)]::text);
+    END IF;
+    RETURN found[1];
 END
 $fn$;
 
@@ -403,8 +474,9 @@ AS $proc$
 DECLARE
     r pke_internal.run;
 BEGIN
+    PERFORM pke_internal.warn_shadowing(pg_catalog.current_schemas(true));
     r := pke_internal.run_start(mode_name, format_name,
-                                COALESCE(table_name, pg_catalog.to_regclass('provider_key')),
+                                COALESCE(table_name, pke_internal.default_table(pg_catalog.current_schemas(true))),
                                 batch_size, dry_run, notices, encrypt_unverified, guard,
                                 pke_internal.may_commit());
     IF r.do_commit THEN

@@ -29,7 +29,7 @@ BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'relation "provider_key" does not exist'
             USING ERRCODE = 'undefined_table',
-                  HINT = 'Check search_path, or name the table: CALL encrypt_provider_keys(table_name => ''myschema.provider_key'').';
+                  HINT = 'Check search_path, or name the table: CALL @extschema@.encrypt_provider_keys(table_name => ''myschema.provider_key'').';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = tbl AND c.relkind IN ('r', 'p')) THEN
         RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = 'wrong_object_type';

@@ -38,12 +38,16 @@ test("rotation through restarts: old key -> new key + ENCRYPTION_KEY_PREVIOUS ->
   assert.equal(db.psql("SELECT decrypt_token(token) FROM provider_key WHERE id = 'k999'"), "sk-from-node");
   const skip = db.run("CALL encrypt_provider_keys(verbose => false)", { tuples: false });
   assert.match(skip.err, /encrypted=0, skipped=50, errors=0, previous_key=50/);
-  db.run("CALL reencrypt_provider_keys(verbose => false)", { tuples: false });
+  const rotated = db.run("CALL reencrypt_provider_keys(verbose => false)", { tuples: false });
   assert.equal(report().current_key, N);
   assert.equal(report().previous_key ?? 0, 0);
+  // the run says what to do next, and step 2 does exactly that (issue 21, item 9: 0.2.0 said
+  // to empty provider_keys_encrypt.previous_keys, a setting that refuses every value)
+  assert.match(rotated.err, /No provider key needs a previous key any more: ENCRYPTION_KEY_PREVIOUS can be removed from the server's environment \(it is read at server start: the change takes effect at the next restart/);
+  assert.doesNotMatch(rotated.err, /previous_keys can be emptied/);
   for (const t of tokens()) assert.match(decrypt(t, k(NEW)), /^sk-(rot-\d+|from-node)$/);
 
-  // step 2: previous_key = 0, so the old key leaves the environment
+  // step 2, following that NOTICE: the old key leaves the environment, and the server restarts
   db.restart({ env: { ENCRYPTION_KEY: NEW } });
   assert.equal(db.psql("SELECT count(*) FROM provider_key WHERE decrypt_token(token) LIKE 'sk-%'"), String(N));
   assert.match(db.psql("SHOW provider_keys_encrypt.previous_keys"), /^none/);

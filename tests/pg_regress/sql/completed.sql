@@ -266,6 +266,43 @@ DROP DOMAIN c_evil.token_length;
 DROP FUNCTION c_evil.len_ok(integer);
 REVOKE TEMPORARY ON DATABASE provider_keys_encrypt_regress FROM c_mallory;
 
+-- 8. An overload on the caller's search path (issue 21, item 4). mallory can create in c_evil,
+-- which a superuser's search_path lists before the extension's schema; her procedure takes the
+-- table name as text, which the untyped literal prefers over regclass, and then calls ours.
+CREATE TABLE c_sp (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text);
+INSERT INTO c_sp VALUES ('p1', 'sk-path-1', 'openai', 'active');
+SET ROLE c_mallory;
+CREATE PROCEDURE c_evil.encrypt_provider_keys(table_name text) LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE NOTICE 'mallory''s procedure ran as %', current_user;
+    CALL public.encrypt_provider_keys(table_name::regclass, verbose => false);
+END $$;
+RESET ROLE;
+SET search_path = c_evil, public;
+CALL encrypt_provider_keys('c_sp');
+-- the schema-qualified call runs ours only (and still names what is on the path)
+UPDATE c_sp SET token = decrypt_token(token);
+CALL public.encrypt_provider_keys('c_sp', verbose => false);
+SELECT * FROM public.provider_keys_encryption_report('c_sp') WHERE keys > 0;
+RESET search_path;
+DROP PROCEDURE c_evil.encrypt_provider_keys(text);
+-- a decoy provider_key in a schema the caller's path lists first, owned by mallory: a run or a
+-- report without a table name refuses instead of answering for it
+CREATE SCHEMA c_app;
+CREATE TABLE c_app.provider_key (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text);
+INSERT INTO c_app.provider_key VALUES ('k1', 'sk-real-1', 'openai', 'active');
+SET ROLE c_mallory;
+CREATE TABLE c_evil.provider_key (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text);
+RESET ROLE;
+SET search_path = c_evil, c_app, public;
+SELECT * FROM provider_keys_encryption_report() WHERE keys > 0;
+CALL encrypt_provider_keys(dry_run => true);
+-- following the HINT
+CALL public.encrypt_provider_keys(table_name => 'c_app.provider_key', verbose => false);
+RESET search_path;
+DROP TABLE c_evil.provider_key, c_app.provider_key, c_sp;
+DROP SCHEMA c_app;
+
 DROP TABLE c_rls, c_sync, c_trust, c_rule, c_ro, c_gw;
 DROP FUNCTION c_sync_back(), c_gw_dual_write(), c_evil.c_audit_trg(), c_evil.c_token_ok(text), c_evil.c_noop_trg();
 DROP OPERATOR c_evil.=== (text, text);
