@@ -737,7 +737,7 @@ fn warn_unverified(format: Format, id: &str, provider: &str, sealed: bool) {
             } else {
                 "the guard stored it as written"
             },
-            "If it is a token written under another key, check ENCRYPTION_KEY and the previous keys; decrypt_provider_keys() gives the stored value back unchanged.",
+            "If it is a token written under another key, check ENCRYPTION_KEY and the previous keys; decrypting it (the extension's decrypt_provider_keys procedure, called by its schema-qualified name) gives the stored value back unchanged.",
         ),
         (Format::Llmgw, _) => (
             "has an llmgw token in column token (the gateway reads token_ciphertext)",

@@ -126,6 +126,16 @@ CALL decrypt_provider_keys('c_trust', dry_run => true, verbose => false);
 CALL decrypt_provider_keys('c_trust', verbose => false);
 DROP TRIGGER audit2 ON c_trust;
 
+-- A table owned by a role that cannot act as the caller (the gateway's own tables, run by a
+-- superuser): its triggers and constraints are that role's to change
+CREATE TABLE c_owned (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text);
+INSERT INTO c_owned VALUES ('o1', 'sk-owned-1', 'openai', 'active');
+ALTER TABLE c_owned OWNER TO c_owner;
+CALL encrypt_provider_keys('c_owned');
+-- following the HINT
+SET ROLE c_owner; CALL encrypt_provider_keys('c_owned', verbose => false); RESET ROLE;
+DROP TABLE c_owned;
+
 -- 4. A rule would rewrite the run's UPDATE into something else
 CREATE TABLE c_rule (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
 INSERT INTO c_rule VALUES ('q1', 'sk-rule-1', 'openai');
@@ -146,6 +156,10 @@ SELECT state, keys FROM provider_keys_encryption_report('c_ro') WHERE keys > 0;
 -- following the HINT
 SET default_transaction_read_only = off;
 BEGIN READ ONLY;
+CALL encrypt_provider_keys('c_ro', verbose => false);
+ROLLBACK;
+-- following the HINT
+BEGIN READ WRITE;
 CALL encrypt_provider_keys('c_ro', verbose => false);
 ROLLBACK;
 -- a role without EXECUTE on a function every row's write calls
@@ -239,6 +253,8 @@ REVOKE REFERENCES ON public.c_ref FROM c_mallory;
 CREATE TABLE c_copy (tok text REFERENCES c_ref (token) ON UPDATE CASCADE);
 INSERT INTO c_copy SELECT token FROM c_ref;
 CALL decrypt_provider_keys('c_ref');
+-- following the HINT
+ALTER TABLE public.c_copy DROP CONSTRAINT c_copy_tok_fkey;
 DROP TABLE c_copy;
 CALL decrypt_provider_keys('c_ref', verbose => false);
 -- objects someone else left in this session's temporary schema (under SET ROLE) would be
@@ -250,6 +266,9 @@ RESET ROLE;
 CALL encrypt_provider_keys('c_some', verbose => false);
 -- following the HINT
 DISCARD TEMP;
+CALL encrypt_provider_keys('c_some', verbose => false);
+-- following the HINT (the row named above fails its table's CHECK constraint)
+ALTER TABLE c_some DROP CONSTRAINT c_some_check;
 CALL encrypt_provider_keys('c_some', verbose => false);
 -- an AFTER trigger that writes back every row: named rows stop after 100
 CREATE TABLE c_flood (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text, legacy text);
@@ -280,7 +299,7 @@ END $$;
 RESET ROLE;
 SET search_path = c_evil, public;
 CALL encrypt_provider_keys('c_sp');
--- the schema-qualified call runs ours only (and still names what is on the path)
+-- following the HINT: the schema-qualified call runs ours only (and still names what is on the path)
 UPDATE c_sp SET token = decrypt_token(token);
 CALL public.encrypt_provider_keys('c_sp', verbose => false);
 SELECT * FROM public.provider_keys_encryption_report('c_sp') WHERE keys > 0;

@@ -162,13 +162,23 @@ SELECT llmgw_decrypt_token(token_ciphertext, id, organization_id), token_hash = 
 -- on the final schema there is nothing to encrypt, and no column to roll back to
 CALL encrypt_provider_keys('gw_key', format => 'llmgw');
 CALL decrypt_provider_keys('gw_key', format => 'llmgw');
+-- following the HINT (in a transaction block, rolled back: the session goes on with the final schema)
+BEGIN;
+ALTER TABLE gw_key ADD COLUMN token text, ALTER COLUMN token_ciphertext DROP NOT NULL;
+CALL public.decrypt_provider_keys('gw_key', format => 'llmgw', verbose => false);
+SELECT count(*) FILTER (WHERE token IS NOT NULL AND token_ciphertext IS NULL) AS rolled_back FROM gw_key;
+ROLLBACK;
 
 -- Tables the format cannot work on: the seed guide's (no llmgw columns), a token NOT NULL
 CREATE TABLE seed_key (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
 CALL encrypt_provider_keys('seed_key', format => 'llmgw');
+-- following the HINT: the gateway's rollout columns
 ALTER TABLE seed_key ADD COLUMN token_ciphertext text, ADD COLUMN token_hash text, ADD COLUMN token_masked text,
                      ADD COLUMN organization_id text;
 CALL encrypt_provider_keys('seed_key', format => 'llmgw');
+-- following the HINT
+ALTER TABLE public.seed_key ALTER COLUMN token DROP NOT NULL;
+CALL public.encrypt_provider_keys('seed_key', format => 'llmgw', verbose => false);
 CALL encrypt_provider_keys('seed_key', format => 'llmgw2');
 
 -- A table encrypted in format base64 before (this extension's first format): its tokens are
