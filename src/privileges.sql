@@ -53,3 +53,7 @@ GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 -- by name from pke_internal.mode, which refuses an unknown mode and a caller without EXECUTE
 -- on that mode's public procedure (and on the format's decrypting function when the mode
 -- writes plaintext). All of them run with the caller's rights.
+
+-- pke_internal.guard_ddl_check, the event trigger's function, stays executable by PUBLIC: an
+-- event trigger function cannot be called directly (it only runs as an event trigger), and it
+-- only reads catalogs and refuses a broken guard trigger.

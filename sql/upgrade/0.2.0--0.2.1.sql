@@ -14,3 +14,12 @@ DROP FUNCTION pke_internal.batch_isolate(text, text, boolean, regclass, text, te
 -- The report's internal takes the caller's search_path (the default table, the shadowing
 -- warning): a new signature.
 DROP FUNCTION pke_internal.report(regclass, boolean, text);
+
+-- A guard with wrong arguments is refused when it is created (guard.sql): the event trigger,
+-- on a stub of its function that the generated part below replaces with the real one.
+CREATE FUNCTION pke_internal.guard_ddl_check() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN END $$;
+CREATE EVENT TRIGGER provider_keys_encrypt_guard_check ON ddl_command_end
+    WHEN TAG IN ('CREATE TRIGGER')
+    EXECUTE FUNCTION pke_internal.guard_ddl_check();
+COMMENT ON EVENT TRIGGER provider_keys_encrypt_guard_check IS
+'provider_keys_encrypt: refuses a guard trigger whose arguments are wrong or that is not BEFORE ... FOR EACH ROW, when it is created.';

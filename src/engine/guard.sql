@@ -47,6 +47,36 @@ AS $fn$
                            FROM unnest(args) WITH ORDINALITY a(arg, n)), ''::bytea)) s
 $fn$;
 
+-- The first relation of tbl's tree (tbl and every partition, at every level) that has no
+-- enabled guard of this format covering every write, and why; no row when each has one.
+-- PostgreSQL clones a row trigger of a partitioned table to every partition, attached now or
+-- later (an ATTACH of a table that already has a trigger of that name fails), and each clone
+-- can be disabled on its own (ALTER TABLE partition DISABLE TRIGGER …): a guard on the parent
+-- protects only the partitions whose clone fires.
+CREATE FUNCTION pke_internal.guard_gap(tbl regclass, format_name text)
+RETURNS TABLE (relation regclass, trigger_name text, why text)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT t.relid, g.trigger_name,
+           CASE WHEN g.trigger_name IS NULL THEN 'it has no guard'
+                WHEN g.problem IS NOT NULL THEN g.problem
+                WHEN NOT g.enabled THEN 'its guard is disabled'
+                WHEN NOT g.covers_writes THEN 'its guard does not fire before every write'
+                ELSE format('its guard is for format %s', g.format) END
+      FROM (SELECT tbl AS relid UNION SELECT p.relid FROM pg_partition_tree(tbl) p) t
+      LEFT JOIN LATERAL (
+          SELECT x.* FROM pke_internal.guards(t.relid) x
+           WHERE x.relation = t.relid
+           ORDER BY (x.enabled AND x.covers_writes AND x.problem IS NULL AND x.format = format_name) DESC,
+                    x.trigger_name
+           LIMIT 1) g ON true
+     WHERE g.trigger_name IS NULL
+        OR NOT (g.enabled AND g.covers_writes AND g.problem IS NULL AND g.format = format_name)
+     ORDER BY t.relid::text
+     LIMIT 1
+$fn$;
+
 -- Before a run that installs the guard touches anything: the caller may create the trigger
 -- (the TRIGGER privilege on the table, which its owner has, and EXECUTE on the guard), and
 -- no half-working guard, guard for the other format or foreign trigger of the same name is in
@@ -59,6 +89,7 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     g record;
+    gap record;
 BEGIN
     IF NOT has_table_privilege(tbl, 'TRIGGER') THEN
         RAISE EXCEPTION 'permission denied to install the guard on table %', tbl
@@ -75,6 +106,17 @@ BEGIN
      WHERE x.relation = tbl AND x.enabled AND x.covers_writes AND x.problem IS NULL
      ORDER BY x.format = m.format DESC, x.trigger_name LIMIT 1;
     IF FOUND AND g.format = m.format THEN
+        -- installed and working on the table: on every partition too?
+        SELECT * INTO gap FROM pke_internal.guard_gap(tbl, m.format);
+        IF FOUND THEN
+            RAISE EXCEPTION 'the guard on % does not protect its partition %: %', tbl, gap.relation, gap.why
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = 'A plaintext key written to that partition would be stored as written.',
+                      HINT = CASE WHEN gap.why = 'its guard is disabled'
+                          THEN format('Enable it: ALTER TABLE %s ENABLE TRIGGER %I;', gap.relation, gap.trigger_name)
+                          ELSE format('Drop the guard (DROP TRIGGER %I ON %s) and run again: the run installs it on the table, and PostgreSQL on every partition.',
+                                      g.trigger_name, tbl) END;
+        END IF;
         RETURN;  -- installed and working: the run says so and goes on
     ELSIF FOUND THEN
         RAISE EXCEPTION 'table % has a guard for format %, not %: trigger %', tbl, g.format, m.format, quote_ident(g.trigger_name)
@@ -170,3 +212,47 @@ $fn$;
 
 COMMENT ON FUNCTION @extschema@.provider_keys_guard_status(regclass) IS
 'The guard triggers on a table and its partitions (NULL: on every table): enabled, covering every write, mode, format, unverified treatment, and what is wrong with their arguments.';
+
+-- A guard with arguments it cannot read, or fired otherwise than BEFORE … FOR EACH ROW, would
+-- refuse every write of the application once it is in place (the trigger raises on every row):
+-- refused when the trigger is created instead, by this event trigger of the extension. It
+-- runs as the role creating the trigger, reads only catalogs, and lets every other CREATE
+-- TRIGGER through after one catalog look-up. (Guards created while it was disabled still
+-- show their problem in provider_keys_guard_status().)
+CREATE FUNCTION pke_internal.guard_ddl_check()
+RETURNS event_trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN
+        SELECT tg.tgrelid::regclass AS relation, tg.tgname::text AS trigger_name, tg.tgtype, s.problem
+          FROM pg_event_trigger_ddl_commands() c
+          JOIN pg_trigger tg ON tg.oid = c.objid
+         CROSS JOIN LATERAL pke_internal.guard_settings(tg.tgnargs, tg.tgargs) s
+         WHERE c.classid = 'pg_trigger'::regclass
+           AND tg.tgfoid = '@extschema@.provider_keys_encrypt_guard()'::regprocedure
+    LOOP
+        IF g.problem IS NOT NULL THEN
+            RAISE EXCEPTION 'trigger % on %: %', quote_ident(g.trigger_name), g.relation, g.problem
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'The guard would refuse every write to the table with this error.',
+                      HINT = 'The guard''s arguments are mode=encrypt|reject, unverified=plaintext|keep and format=base64|llmgw, each at most once; none gives the defaults (mode=encrypt, format=base64, unverified=plaintext; for format=llmgw unverified=keep).';
+        END IF;
+        IF (g.tgtype & 1) = 0 OR (g.tgtype & 2) = 0 THEN  -- not FOR EACH ROW, or not BEFORE
+            RAISE EXCEPTION 'trigger % on %: provider_keys_encrypt_guard() must be fired BEFORE INSERT OR UPDATE, FOR EACH ROW', quote_ident(g.trigger_name), g.relation
+                USING ERRCODE = 'trigger_protocol_violated',
+                      DETAIL = 'The guard would refuse every write to the table with this error.',
+                      HINT = 'CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF id, token, status ON <table> FOR EACH ROW EXECUTE FUNCTION @extschema@.provider_keys_encrypt_guard(); for the llmgw layout: BEFORE INSERT OR UPDATE OF id, token ... @extschema@.provider_keys_encrypt_guard(''format=llmgw'').';
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+CREATE EVENT TRIGGER provider_keys_encrypt_guard_check ON ddl_command_end
+    WHEN TAG IN ('CREATE TRIGGER')
+    EXECUTE FUNCTION pke_internal.guard_ddl_check();
+COMMENT ON EVENT TRIGGER provider_keys_encrypt_guard_check IS
+'provider_keys_encrypt: refuses a guard trigger whose arguments are wrong or that is not BEFORE ... FOR EACH ROW, when it is created.';
