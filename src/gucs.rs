@@ -395,7 +395,11 @@ unsafe extern "C-unwind" fn hide_refused_statement(edata: *mut pg_sys::ErrorData
             let _ = REFUSED.try_with(|c| c.set(false));
             e.hide_stmt = true;
             e.hide_ctx = true;
-        } else if HIDE_NEXT.try_with(Cell::get).unwrap_or(0) == e.sqlerrcode && e.sqlerrcode != 0 {
+        } else if HIDE_NEXT.try_with(Cell::get).unwrap_or(0) == e.sqlerrcode
+            && e.sqlerrcode != 0
+            // SAFETY: funcname is NULL or a NUL-terminated string of the report
+            && unsafe { raised_here(e) }
+        {
             let _ = HIDE_NEXT.try_with(|c| c.set(0));
             e.hide_stmt = true;
             e.hide_ctx = true;
@@ -415,6 +419,20 @@ unsafe extern "C-unwind" fn hide_refused_statement(edata: *mut pg_sys::ErrorData
 /// hidden too. It never hides less.)
 pub(crate) fn hide_statement_of_next(sqlstate: PgSqlErrorCode) {
     let _ = HIDE_NEXT.try_with(|c| c.set(sqlstate as i32));
+}
+
+/// Was this report raised by this library (`Error::raise`, the guard's warnings: their
+/// `ErrorReport` function name starts with the extension's name)? A mark left by a report that
+/// was caught never hides another code's statement.
+///
+/// # Safety
+/// `e.funcname` must be NULL or a valid NUL-terminated string.
+unsafe fn raised_here(e: &pg_sys::ErrorData) -> bool {
+    // SAFETY: guaranteed by the caller.
+    !e.funcname.is_null()
+        && unsafe { CStr::from_ptr(e.funcname) }
+            .to_bytes()
+            .starts_with(b"provider_keys_encrypt")
 }
 
 /// Is this report the check hook's refusal ([`check_read_only`]'s message and SQLSTATE)?
