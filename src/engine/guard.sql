@@ -213,7 +213,8 @@ $fn$;
 COMMENT ON FUNCTION @extschema@.provider_keys_guard_status(regclass) IS
 'The guard triggers on a table and its partitions (NULL: on every table): enabled, covering every write, mode, format, unverified treatment, and what is wrong with their arguments.';
 
--- A guard with arguments it cannot read, or fired otherwise than BEFORE … FOR EACH ROW, would
+-- A guard with arguments it cannot read, or fired otherwise than BEFORE INSERT OR UPDATE … FOR
+-- EACH ROW (AFTER, INSTEAD OF, FOR EACH STATEMENT, or on DELETE or TRUNCATE too), would
 -- refuse every write of the application once it is in place (the trigger raises on every row):
 -- refused when the trigger is created instead, by this event trigger of the extension. It
 -- runs as the role creating the trigger, reads only catalogs, and lets every other CREATE
@@ -241,7 +242,8 @@ BEGIN
                       DETAIL = 'The guard would refuse every write to the table with this error.',
                       HINT = 'The guard''s arguments are mode=encrypt|reject, unverified=plaintext|keep and format=base64|llmgw, each at most once; none gives the defaults (mode=encrypt, format=base64, unverified=plaintext; for format=llmgw unverified=keep).';
         END IF;
-        IF (g.tgtype & 1) = 0 OR (g.tgtype & 2) = 0 THEN  -- not FOR EACH ROW, or not BEFORE
+        -- tgtype: 1 FOR EACH ROW, 2 BEFORE, 4 INSERT, 8 DELETE, 16 UPDATE, 32 TRUNCATE, 64 INSTEAD OF
+        IF (g.tgtype & 1) = 0 OR (g.tgtype & 2) = 0 OR (g.tgtype & (8 | 32 | 64)) <> 0 OR (g.tgtype & (4 | 16)) = 0 THEN
             RAISE EXCEPTION 'trigger % on %: provider_keys_encrypt_guard() must be fired BEFORE INSERT OR UPDATE, FOR EACH ROW', quote_ident(g.trigger_name), g.relation
                 USING ERRCODE = 'trigger_protocol_violated',
                       DETAIL = 'The guard would refuse every write to the table with this error.',

@@ -50,6 +50,8 @@ CREATE TRIGGER provider_keys_encrypt_guard AFTER INSERT OR UPDATE ON gp.plain
     FOR EACH ROW EXECUTE FUNCTION public.provider_keys_encrypt_guard();
 CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE ON gp.plain
     FOR EACH STATEMENT EXECUTE FUNCTION public.provider_keys_encrypt_guard();
+CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR DELETE ON gp.plain
+    FOR EACH ROW EXECUTE FUNCTION public.provider_keys_encrypt_guard();
 -- following the HINT
 CREATE TRIGGER provider_keys_encrypt_guard BEFORE INSERT OR UPDATE OF id, token, status ON gp.plain
     FOR EACH ROW EXECUTE FUNCTION public.provider_keys_encrypt_guard('mode=reject');
