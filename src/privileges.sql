@@ -57,3 +57,10 @@ GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 -- pke_internal.guard_ddl_check, the event trigger's function, stays executable by PUBLIC: an
 -- event trigger function cannot be called directly (it only runs as an event trigger), and it
 -- only reads catalogs and refuses a broken guard trigger.
+
+-- The internals 0.2.1 adds stay executable by PUBLIC too, for the same reasons: state_counts
+-- and todo_count count a table's rows per state with the caller's own SELECT (what the report
+-- shows); batch_recheck classifies rows the caller can read; warn_shadowing, default_table,
+-- guard_gap and deferrable_constraints read catalogs everyone can read; pending_checks_pass
+-- runs the caller's own pending deferred checks in a savepoint it rolls back. A mode record
+-- built by hand and passed to one of them runs only what its caller could run directly.
