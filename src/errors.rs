@@ -7,6 +7,10 @@
 //! | the catalog scan for stored keys failed | 58000    | system_error                     |
 //! | no key configured                       | 55000    | object_not_in_prerequisite_state |
 //! | key not 32 bytes of base64              | 22023    | invalid_parameter_value          |
+//! | both `<VAR>` and `<VAR>_FILE` set        | 42710    | duplicate_object                 |
+//! | the file `<VAR>_FILE` names is missing   | 58P01    | undefined_file                   |
+//! | … cannot be read (permission, not a regular file, over 64 KiB) | 58030 | io_error  |
+//! | … is readable or writable by others (as PostgreSQL's ssl_key_file check) | F0000 | config_file_error |
 //! | value is not a token (base64 / length)  | 22P02    | invalid_text_representation      |
 //! | token authenticates under no key        | 22000    | data_exception                   |
 //! | decrypted bytes are not UTF-8 text      | 22021    | character_not_in_repertoire      |
@@ -53,6 +57,7 @@ use crate::gucs::{ConfigPlace, Setting};
 use crate::keys::KeyError;
 use crate::token::TokenError;
 use provider_keys_encrypt_core::format_llmgw::LlmgwError;
+use provider_keys_encrypt_core::key_file::KeyFileError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -61,6 +66,9 @@ pub enum Error {
     Setup(#[from] SetupError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// A `<VAR>_FILE` the server refused to read a key from (`key_file`).
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
     #[error(transparent)]
     Token(#[from] TokenError),
     /// The gateway's llmgw format and its GATEWAY_API_KEY_HASH_SECRET keyring.
@@ -122,6 +130,13 @@ impl Error {
             Error::Setup(SetupError::Scan) => ERRCODE_SYSTEM_ERROR,
             Error::Key(KeyError::Missing) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             Error::Key(KeyError::Invalid(_)) => ERRCODE_INVALID_PARAMETER_VALUE,
+            Error::KeyFile(e) => match e {
+                KeyFileError::BothSet { .. } => ERRCODE_DUPLICATE_OBJECT,
+                KeyFileError::Missing { .. } => ERRCODE_UNDEFINED_FILE,
+                KeyFileError::Unreadable { .. } => ERRCODE_IO_ERROR,
+                // PostgreSQL's own code for an ssl_key_file with group or world access
+                KeyFileError::OthersCanAccess { .. } => ERRCODE_CONFIG_FILE_ERROR,
+            },
             Error::Token(TokenError::NotBase64 | TokenError::TooShort) => {
                 ERRCODE_INVALID_TEXT_REPRESENTATION
             }
@@ -168,6 +183,30 @@ impl Error {
                     "{fix} Keys come only from the server's environment: ENCRYPTION_KEY, \
                      ENCRYPTION_KEY_PREVIOUS, GATEWAY_API_KEY_HASH_SECRET."
                 )))
+            }
+            Error::KeyFile(e) => {
+                let var = e.var();
+                return Some(Cow::Owned(match e {
+                    KeyFileError::BothSet { .. } => format!(
+                        "Remove {var} or {var}_FILE from the server's environment (Debian: \
+                         /etc/postgresql/NN/main/environment) and restart the server."
+                    ),
+                    KeyFileError::Missing { .. } => format!(
+                        "Create the file or correct {var}_FILE, then restart the server: key \
+                         files are read once, when the server starts."
+                    ),
+                    KeyFileError::Unreadable { .. } => format!(
+                        "The server reads {var}_FILE as its own OS user (postgres): make the \
+                         file a regular file that user can read (owner postgres, mode 0400 or \
+                         0600; or group postgres, mode 0440 or 0640), then restart the server."
+                    ),
+                    KeyFileError::OthersCanAccess { path, .. } => format!(
+                        "Remove the others' access (chmod o-rwx {}; in Kubernetes give the \
+                         secret volume defaultMode: 0400, or 0440 with fsGroup), then restart \
+                         the server. A key others could read may be exposed: consider rotating it.",
+                        path.display()
+                    ),
+                }));
             }
             Error::Guard(GuardError::TooLong { column, .. }) => {
                 return Some(Cow::Owned(format!(

@@ -39,8 +39,8 @@ use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 use crate::errors::{Error, SetupError};
-use crate::keys::{self, KeyError, KeyRing, KeySource};
-use provider_keys_encrypt_core::format_llmgw;
+use crate::keys::{self, KeyRing, KeySource};
+use provider_keys_encrypt_core::{format_llmgw, key_file};
 
 /// `provider_keys_encrypt.encryption_key`: displays `ENCRYPTION_KEY`'s fingerprint.
 pub static ENCRYPTION_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -108,7 +108,7 @@ thread_local! {
     /// Set in the postmaster, it is inherited by every backend it forks afterwards.
     static GIVEN_IN_CONFIG: Cell<Option<(Setting, ConfigPlace)>> = const { Cell::new(None) };
     /// The key ring, once built (`Err` too: the environment does not change).
-    static RING: RefCell<Option<Result<Rc<KeyRing>, KeyError>>> = const { RefCell::new(None) };
+    static RING: RefCell<Option<Result<Rc<KeyRing>, Error>>> = const { RefCell::new(None) };
     /// Set by the check hook when it refuses a value; the log hook hides the statement of the
     /// refusal that follows (see [`hide_refused_statement`]).
     static REFUSED: Cell<bool> = const { Cell::new(false) };
@@ -117,7 +117,7 @@ thread_local! {
     /// log hook hides that report's statement and context (see [`hide_statement_of_next`]).
     static HIDE_NEXT: Cell<i32> = const { Cell::new(0) };
     /// The gateway's keyring (GATEWAY_API_KEY_HASH_SECRET), once built.
-    static GATEWAY_RING: RefCell<Option<Result<Rc<format_llmgw::Keyring>, format_llmgw::LlmgwError>>> =
+    static GATEWAY_RING: RefCell<Option<Result<Rc<format_llmgw::Keyring>, Error>>> =
         const { RefCell::new(None) };
 }
 
@@ -173,6 +173,14 @@ pub fn init() {
         }
     }
     INITIALIZING.store(false, Ordering::Relaxed);
+    // Read the key variables now: preloading, this is the postmaster, so every backend
+    // inherits what the server started with and none reads a key file itself. A refused
+    // `<VAR>_FILE` is logged here once (path and cause, never content); every function that
+    // needs that key raises the same error.
+    let vars = key_vars();
+    for e in [&vars.current, &vars.previous, &vars.gateway].into_iter().filter_map(|v| v.as_ref().err()) {
+        pgrx::warning!("provider_keys_encrypt: {e}");
+    }
 }
 
 /// Run `f` with the key ring (`ENCRYPTION_KEY` + `ENCRYPTION_KEY_PREVIOUS`), built on first
@@ -201,24 +209,67 @@ pub fn with_gateway_keyring<T>(f: impl FnOnce(&format_llmgw::Keyring) -> T) -> R
     Ok(f(&*ring?))
 }
 
-/// The environment variable's text as Node would see it, in a wiping buffer; `None` if unset.
-fn env(name: &str) -> Option<zeroize::Zeroizing<String>> {
-    std::env::var_os(name).map(|v| keys::env_text(std::os::unix::ffi::OsStringExt::into_vec(v)))
+/// The three key variables, each read once per server: in the postmaster while it preloads the
+/// library ([`init`]), so every backend works with what the server started with, from
+/// `<VAR>` or from the file `<VAR>_FILE` names (`key_file`: a regular file others cannot
+/// access). Decoded as Node would see the variable, in wiping buffers.
+struct KeyVars {
+    current: KeyVar,
+    previous: KeyVar,
+    gateway: KeyVar,
+}
+type KeyVar = Result<Option<(zeroize::Zeroizing<String>, key_file::Origin)>, key_file::KeyFileError>;
+static KEY_VARS: OnceLock<KeyVars> = OnceLock::new();
+
+fn read_key_var(var: &'static str) -> KeyVar {
+    Ok(key_file::read_var(var, |n| std::env::var_os(n))?
+        .map(|(mut bytes, origin)| (keys::env_text(std::mem::take(&mut *bytes)), origin)))
 }
 
-fn build_ring() -> Result<KeyRing, KeyError> {
-    let current = env(keys::ENV_VAR);
-    let previous = env(keys::ENV_VAR_PREVIOUS);
-    KeyRing::build(keys::KeyConfig {
-        env: current.as_deref().map(String::as_str),
-        env_previous: previous.as_deref().map(String::as_str),
-        ..keys::KeyConfig::default()
+fn key_vars() -> &'static KeyVars {
+    KEY_VARS.get_or_init(|| KeyVars {
+        current: read_key_var(keys::ENV_VAR),
+        previous: read_key_var(keys::ENV_VAR_PREVIOUS),
+        gateway: read_key_var(format_llmgw::ENV_VAR),
     })
 }
 
-fn build_gateway_ring() -> Result<format_llmgw::Keyring, format_llmgw::LlmgwError> {
-    let text = env(format_llmgw::ENV_VAR).ok_or(format_llmgw::LlmgwError::MissingSecret)?;
-    format_llmgw::Keyring::parse(&text)
+/// A key variable's text, `None` if unset; a refused `<VAR>_FILE` is an error.
+fn env(var: &KeyVar) -> Result<Option<&str>, key_file::KeyFileError> {
+    match var {
+        Ok(v) => Ok(v.as_ref().map(|(text, _)| text.as_str())),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+/// Where a variable's value came from, for SHOW: `ENCRYPTION_KEY` or
+/// `ENCRYPTION_KEY_FILE (/run/secrets/encryption_key)`.
+fn origin_name(name: &str, var: &KeyVar) -> String {
+    match var {
+        Ok(Some((_, key_file::Origin::File(path)))) => format!("{name}_FILE ({})", path.display()),
+        _ => name.to_owned(),
+    }
+}
+
+/// What a refused `<VAR>_FILE` shows in SHOW: the refusal, never the file's content.
+fn refused(e: &key_file::KeyFileError) -> String {
+    format!("refused: {e}")
+}
+
+fn build_ring() -> Result<KeyRing, Error> {
+    let vars = key_vars();
+    let current = env(&vars.current)?;
+    let previous = env(&vars.previous)?;
+    Ok(KeyRing::build(keys::KeyConfig {
+        env: current,
+        env_previous: previous,
+        ..keys::KeyConfig::default()
+    })?)
+}
+
+fn build_gateway_ring() -> Result<format_llmgw::Keyring, Error> {
+    let text = env(&key_vars().gateway)?.ok_or(format_llmgw::LlmgwError::MissingSecret)?;
+    Ok(format_llmgw::Keyring::parse(text)?)
 }
 
 /// Refuse to work while a key sits where PostgreSQL put it before the check hook could refuse
@@ -491,32 +542,37 @@ fn reject(msg: &str, hint: &str) -> bool {
 
 /// What `SHOW provider_keys_encrypt.encryption_key` prints: never the key.
 pub fn describe_current() -> String {
-    match env(keys::ENV_VAR).filter(|v| !v.trim().is_empty()) {
-        None => "not set (no ENCRYPTION_KEY in the server's environment)".into(),
-        Some(v) => match keys::parse_key(&v, KeySource::Environment) {
-            Ok(k) => format!("from ENCRYPTION_KEY, fingerprint {}", keys::fingerprint(&k)),
-            Err(_) => "from ENCRYPTION_KEY, invalid: not 32 bytes as Buffer.from(value, 'base64') decodes it".into(),
+    let var = &key_vars().current;
+    let from = origin_name(keys::ENV_VAR, var);
+    match env(var).map(|v| v.filter(|v| !v.trim().is_empty())) {
+        Err(e) => refused(&e),
+        Ok(None) => "not set (no ENCRYPTION_KEY or ENCRYPTION_KEY_FILE in the server's environment)".into(),
+        Ok(Some(v)) => match keys::parse_key(v, KeySource::Environment) {
+            Ok(k) => format!("from {from}, fingerprint {}", keys::fingerprint(&k)),
+            Err(_) => format!("from {from}, invalid: not 32 bytes as Buffer.from(value, 'base64') decodes it"),
         },
     }
 }
 
 /// What `SHOW provider_keys_encrypt.previous_keys` prints: the fingerprints, in order.
 pub fn describe_previous() -> String {
-    let text = env(keys::ENV_VAR_PREVIOUS);
-    let entries: Vec<String> = keys::parse_key_list(
-        text.as_deref().map(String::as_str).unwrap_or(""),
-        KeySource::EnvironmentPrevious,
-    )
-    .map(|k| match k {
-        Ok(k) => keys::fingerprint(&k),
-        Err(_) => "invalid".into(),
-    })
-    .collect();
+    let var = &key_vars().previous;
+    let text = match env(var) {
+        Err(e) => return refused(&e),
+        Ok(t) => t.unwrap_or(""),
+    };
+    let entries: Vec<String> = keys::parse_key_list(text, KeySource::EnvironmentPrevious)
+        .map(|k| match k {
+            Ok(k) => keys::fingerprint(&k),
+            Err(_) => "invalid".into(),
+        })
+        .collect();
     if entries.is_empty() {
         "none (no ENCRYPTION_KEY_PREVIOUS in the server's environment)".into()
     } else {
         format!(
-            "from ENCRYPTION_KEY_PREVIOUS, fingerprints {}",
+            "from {}, fingerprints {}",
+            origin_name(keys::ENV_VAR_PREVIOUS, var),
             entries.join(", ")
         )
     }
@@ -525,11 +581,14 @@ pub fn describe_previous() -> String {
 /// What `SHOW provider_keys_encrypt.gateway_api_key_hash_secret` prints: the key ids (public:
 /// every llmgw:v2 token carries one), current first.
 pub fn describe_gateway() -> String {
-    match env(format_llmgw::ENV_VAR).map(|t| format_llmgw::Keyring::parse(&t)) {
-        Some(Ok(ring)) => {
+    let var = &key_vars().gateway;
+    match env(var).map(|t| t.map(format_llmgw::Keyring::parse)) {
+        Err(e) => refused(&e),
+        Ok(Some(Ok(ring))) => {
             let ids: Vec<String> = ring.entries().iter().map(|s| s.kid().to_string()).collect();
             format!(
-                "from GATEWAY_API_KEY_HASH_SECRET, key ids {}",
+                "from {}, key ids {}",
+                origin_name(format_llmgw::ENV_VAR, var),
                 ids.join(", ")
             )
         }

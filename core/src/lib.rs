@@ -4,6 +4,7 @@
 //!
 //! * `format_base64` — the seed guide's format: base64(nonce ‖ tag ‖ ciphertext) in `token`
 //! * `keys`          — `ENCRYPTION_KEY` parsing, the key ring, fingerprints
+//! * `key_file`      — `<VAR>_FILE`: a key variable's value read from a secret file
 //! * `format_llmgw`  — the gateway's current format: `llmgw:v2:<kid>:<iv>:<ct>:<tag>` (and v1),
 //!   keyed by `GATEWAY_API_KEY_HASH_SECRET`, bound to its row; `token_hash`, `token_masked`
 //!
@@ -11,6 +12,7 @@
 
 pub mod format_base64;
 pub mod format_llmgw;
+pub mod key_file;
 pub mod keys;
 
 /// The row a token belongs to. `format_llmgw` binds its tokens to it (associated data);
