@@ -123,10 +123,10 @@ as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 # Copy the hand-written scripts sql/provider_keys_encrypt--*.sql (frozen install scripts of
 # earlier versions, upgrade scripts) into an extension directory. pgrx generates only the
 # current version's install script. No scripts yet: nothing to copy.
-copy_sql_scripts() {
-  local extdir=$1 f run=()
+copy_sql_scripts() {   # EXTDIR [CHECKOUT, default this one]
+  local extdir=$1 src=${2:-$ROOT} f run=()
   [ -w "$extdir" ] || run=(sudo)
-  for f in "$ROOT"/sql/"$EXT"--*.sql; do
+  for f in "$src"/sql/"$EXT"--*.sql; do
     [ -e "$f" ] || continue
     "${run[@]}" install -m 644 "$f" "$extdir/"
   done
@@ -176,6 +176,11 @@ system_ext_listing() {
   mapfile -t dirs < <(system_ext_dirs)
   ext_file_listing "${dirs[@]}"
 }
+
+# The previous release: scripts/system-check installs its package first and upgrades it to this
+# checkout's (built from that commit with scripts/package --source).
+PKE_PREVIOUS_RELEASE=0.2.1
+PKE_PREVIOUS_RELEASE_COMMIT=c6936c308160a8a0daa51ef48446cf4340b38fcb
 
 # A fresh base64 32-byte key from the OS CSPRNG (the same as `openssl rand -base64 32`).
 generate_key() { head -c 32 /dev/urandom | base64; }

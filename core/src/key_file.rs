@@ -79,7 +79,10 @@ pub fn read_var(
     let file = lookup(&format!("{var}_FILE")).filter(|p| !p.is_empty());
     match (direct, file) {
         (Some(_), Some(_)) => Err(KeyFileError::BothSet { var }),
-        (Some(v), None) => Ok(Some((Zeroizing::new(v.as_bytes().to_vec()), Origin::Environment))),
+        (Some(v), None) => Ok(Some((
+            Zeroizing::new(v.as_bytes().to_vec()),
+            Origin::Environment,
+        ))),
         (None, Some(path)) => {
             let path = PathBuf::from(path);
             let bytes = read_key_file(var, &path)?;
@@ -90,21 +93,27 @@ pub fn read_var(
 }
 
 /// Read a key file after checking what it is and who can access it. The checks are made on
-/// the opened file (`fstat`), so they hold for the bytes read.
+/// the opened file (`fstat`), so they hold for the bytes read. Opened non-blocking: a FIFO (or
+/// a device) is refused as not a regular file instead of blocking the server's start.
 fn read_key_file(var: &'static str, path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyFileError> {
     let unreadable = |reason: String| KeyFileError::Unreadable {
         var,
         path: path.to_owned(),
         reason,
     };
-    let mut file = std::fs::File::open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => KeyFileError::Missing {
-            var,
-            path: path.to_owned(),
-        },
-        std::io::ErrorKind::PermissionDenied => unreadable("permission denied".into()),
-        _ => unreadable(io_reason(&e)),
-    })?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => KeyFileError::Missing {
+                var,
+                path: path.to_owned(),
+            },
+            std::io::ErrorKind::PermissionDenied => unreadable("permission denied".into()),
+            _ => unreadable(io_reason(&e)),
+        })?;
     let meta = file.metadata().map_err(|e| unreadable(io_reason(&e)))?;
     if !meta.is_file() {
         return Err(unreadable("not a regular file".into()));
@@ -166,8 +175,10 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &OsString)]) -> impl Fn(&str) -> Option<OsString> {
-        let m: HashMap<String, OsString> =
-            pairs.iter().map(|(k, v)| (k.to_string(), (*v).clone())).collect();
+        let m: HashMap<String, OsString> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), (*v).clone()))
+            .collect();
         move |k| m.get(k).cloned()
     }
 
@@ -180,7 +191,10 @@ mod tests {
     fn neither_set_is_none() {
         assert_eq!(read_var(VAR, env(&[])).unwrap(), None);
         let empty = OsString::new();
-        assert_eq!(read_var(VAR, env(&[("ENCRYPTION_KEY_FILE", &empty)])).unwrap(), None);
+        assert_eq!(
+            read_var(VAR, env(&[("ENCRYPTION_KEY_FILE", &empty)])).unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -212,7 +226,10 @@ mod tests {
         }
         // group-readable is fine (root:postgres 0640 is the usual secret file)
         let p = file(&d, b"k2\n", 0o640).into_os_string();
-        assert_eq!(value(read_var(VAR, env(&[("ENCRYPTION_KEY_FILE", &p)]))).0, b"k2");
+        assert_eq!(
+            value(read_var(VAR, env(&[("ENCRYPTION_KEY_FILE", &p)]))).0,
+            b"k2"
+        );
     }
 
     #[test]
@@ -241,7 +258,14 @@ mod tests {
             let p = file(&d, b"secret-key-material\n", mode);
             let po = p.clone().into_os_string();
             let e = read_var(VAR, env(&[("ENCRYPTION_KEY_FILE", &po)])).unwrap_err();
-            assert_eq!(e, KeyFileError::OthersCanAccess { var: VAR, path: p, mode });
+            assert_eq!(
+                e,
+                KeyFileError::OthersCanAccess {
+                    var: VAR,
+                    path: p,
+                    mode
+                }
+            );
             let text = e.to_string();
             assert!(!text.contains("secret"), "{text}");
             assert!(text.contains(&format!("mode {mode:04o}")), "{text}");
@@ -261,6 +285,24 @@ mod tests {
     }
 
     #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let d = dir("fifo");
+        let p = d.join("fifo");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&p)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        let po = p.into_os_string();
+        let e = read_var(VAR, env(&[("ENCRYPTION_KEY_FILE", &po)])).unwrap_err();
+        assert!(
+            e.to_string().ends_with("cannot read: not a regular file"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_file_the_process_may_not_open_is_unreadable() {
         // root opens any file, so this can only be seen as another user
         if unsafe_is_root() {
@@ -269,12 +311,18 @@ mod tests {
         let d = dir("perm");
         let p = file(&d, b"k", 0o000).into_os_string();
         let e = read_var(VAR, env(&[("ENCRYPTION_KEY_FILE", &p)])).unwrap_err();
-        assert!(e.to_string().ends_with("cannot read: permission denied"), "{e}");
+        assert!(
+            e.to_string().ends_with("cannot read: permission denied"),
+            "{e}"
+        );
     }
 
     fn unsafe_is_root() -> bool {
         fs::read_to_string("/proc/self/status")
-            .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+            })
             .unwrap_or(false)
     }
 }

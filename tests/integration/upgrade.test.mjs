@@ -3,6 +3,7 @@
 // 0.1.0 wrote.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
+import { readdirSync } from "node:fs";
 import { Cluster, TEST_KEY } from "./cluster.mjs";
 
 const db = new Cluster("upgrade", { port: 54419, env: { ENCRYPTION_KEY: TEST_KEY } });
@@ -33,9 +34,15 @@ SELECT pg_describe_object(d.classid, d.objid, 0) || ' | ' ||
    AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'provider_keys_encrypt')
  ORDER BY 1;`;
 
-// Every earlier version with a frozen install script in sql/ (0.1.0, 0.2.0): installed, data
-// written by its own engine, then ALTER EXTENSION UPDATE (through every step in between).
-for (const from of ["0.1.0", "0.2.0"]) {
+// Every earlier version with a frozen install script in sql/ (0.1.0, 0.2.0, 0.2.1, ...): installed,
+// data written by its own engine, then ALTER EXTENSION UPDATE (through every step in between).
+const FROZEN = readdirSync(new URL("../../sql/", import.meta.url))
+  .map((f) => /^provider_keys_encrypt--(\d+\.\d+\.\d+)\.sql$/.exec(f)?.[1]).filter(Boolean)
+  .sort((a, b) => a.localeCompare(b, undefined, { numeric: true }));
+test("the frozen install scripts include every earlier release", () => {
+  assert.deepEqual(FROZEN.slice(0, 3), ["0.1.0", "0.2.0", "0.2.1"]);
+});
+for (const from of FROZEN) {
   test(`ALTER EXTENSION UPDATE from ${from} gives exactly a fresh install of the current version`, () => {
     const fresh = `fresh_${from.replaceAll(".", "_")}`, upgraded = `upgraded_${from.replaceAll(".", "_")}`;
     db.psql("DROP EXTENSION IF EXISTS provider_keys_encrypt");
