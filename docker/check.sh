@@ -107,7 +107,7 @@ docker_run_step() {
 # CMD's arguments, run as the image runs them: as postgres, PGDATA set, the secrets' variables in
 # the environment (and no key variable itself).
 docker_start() {
-  unshare -n sh -c 'ip link set lo up && exec chroot "$1" /usr/bin/env -i PATH=/usr/lib/postgresql/'"$M"'/bin:/usr/bin:/bin \
+  unshare -n sh -c 'ip link set lo up && exec chroot "$1" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/postgresql/'"$M"'/bin \
     PGDATA=/var/lib/postgresql/data ENCRYPTION_KEY_FILE=/run/secrets/encryption_key \
     GATEWAY_API_KEY_HASH_SECRET_FILE=/run/secrets/gateway_api_key_hash_secret \
     runuser -u postgres -- pg_ctl -D /var/lib/postgresql/data -l /var/lib/postgresql/server.log -w -o "$2" start' \

@@ -8,9 +8,10 @@
 //! | no key configured                       | 55000    | object_not_in_prerequisite_state |
 //! | key not 32 bytes of base64              | 22023    | invalid_parameter_value          |
 //! | both `<VAR>` and `<VAR>_FILE` set        | 42710    | duplicate_object                 |
+//! | `<VAR>_FILE` not an absolute path, or the file holds no value | 22023 | invalid_parameter_value |
 //! | the file `<VAR>_FILE` names is missing   | 58P01    | undefined_file                   |
 //! | … cannot be read (permission, not a regular file, over 64 KiB) | 58030 | io_error  |
-//! | … is readable or writable by others (as PostgreSQL's ssl_key_file check) | F0000 | config_file_error |
+//! | … others can access it or its group write it, or its owner is neither the server's user nor root (as PostgreSQL's ssl_key_file check) | F0000 | config_file_error |
 //! | value is not a token (base64 / length)  | 22P02    | invalid_text_representation      |
 //! | token authenticates under no key        | 22000    | data_exception                   |
 //! | decrypted bytes are not UTF-8 text      | 22021    | character_not_in_repertoire      |
@@ -132,10 +133,15 @@ impl Error {
             Error::Key(KeyError::Invalid(_)) => ERRCODE_INVALID_PARAMETER_VALUE,
             Error::KeyFile(e) => match e {
                 KeyFileError::BothSet { .. } => ERRCODE_DUPLICATE_OBJECT,
+                KeyFileError::NotAbsolute { .. } | KeyFileError::Empty { .. } => {
+                    ERRCODE_INVALID_PARAMETER_VALUE
+                }
                 KeyFileError::Missing { .. } => ERRCODE_UNDEFINED_FILE,
                 KeyFileError::Unreadable { .. } => ERRCODE_IO_ERROR,
-                // PostgreSQL's own code for an ssl_key_file with group or world access
-                KeyFileError::OthersCanAccess { .. } => ERRCODE_CONFIG_FILE_ERROR,
+                // PostgreSQL's own code for an ssl_key_file with the wrong owner or mode
+                KeyFileError::OthersCanAccess { .. } | KeyFileError::WrongOwner { .. } => {
+                    ERRCODE_CONFIG_FILE_ERROR
+                }
             },
             Error::Token(TokenError::NotBase64 | TokenError::TooShort) => {
                 ERRCODE_INVALID_TEXT_REPRESENTATION
@@ -201,10 +207,23 @@ impl Error {
                          0600; or group postgres, mode 0440 or 0640), then restart the server."
                     ),
                     KeyFileError::OthersCanAccess { path, .. } => format!(
-                        "Remove the others' access (chmod o-rwx {}; in Kubernetes give the \
-                         secret volume defaultMode: 0400, or 0440 with fsGroup), then restart \
-                         the server. A key others could read may be exposed: consider rotating it.",
-                        path.display()
+                        "Make it mode 0600, 0400, 0640 or 0440 (chmod go-w,o-rwx {path}; in \
+                         Kubernetes give the secret volume defaultMode: 0400, or 0440 with \
+                         fsGroup), then restart the server. A key others could read may be \
+                         exposed: consider rotating it."
+                    ),
+                    KeyFileError::WrongOwner { path, .. } => format!(
+                        "Give it to the server's user or root (chown postgres {path}), then \
+                         restart the server. Its owner could read or replace the key: consider \
+                         rotating it."
+                    ),
+                    KeyFileError::NotAbsolute { .. } => format!(
+                        "Name the file by its absolute path in {var}_FILE (a relative one would \
+                         be looked up in the data directory), then restart the server."
+                    ),
+                    KeyFileError::Empty { .. } => format!(
+                        "Write the value into the file (or remove {var}_FILE if there is none), \
+                         then restart the server."
                     ),
                 }));
             }

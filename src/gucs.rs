@@ -177,9 +177,14 @@ pub fn init() {
     // inherits what the server started with and none reads a key file itself. A refused
     // `<VAR>_FILE` is logged here once (path and cause, never content); every function that
     // needs that key raises the same error.
-    let vars = key_vars();
-    for e in [&vars.current, &vars.previous, &vars.gateway].into_iter().filter_map(|v| v.as_ref().err()) {
-        pgrx::warning!("provider_keys_encrypt: {e}");
+    if PRELOADED.load(Ordering::Relaxed) {
+        let vars = key_vars();
+        for e in [&vars.current, &vars.previous, &vars.gateway]
+            .into_iter()
+            .filter_map(|v| v.as_ref().err())
+        {
+            pgrx::warning!("provider_keys_encrypt: {e}");
+        }
     }
 }
 
@@ -222,10 +227,16 @@ type KeyVar = Result<Option<(zeroize::Zeroizing<String>, key_file::Origin)>, key
 static KEY_VARS: OnceLock<KeyVars> = OnceLock::new();
 
 fn read_key_var(var: &'static str) -> KeyVar {
-    Ok(key_file::read_var(var, |n| std::env::var_os(n))?
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    Ok(key_file::read_var(var, |n| std::env::var_os(n), uid)?
         .map(|(mut bytes, origin)| (keys::env_text(std::mem::take(&mut *bytes)), origin)))
 }
 
+/// The key variables, read on first call. Called first by [`init`] while the postmaster
+/// preloads the library; a backend that loaded the library otherwise never calls it (its
+/// functions refuse with F0000 before they need a key, SHOW says "not read"), so no backend
+/// reads a key file.
 fn key_vars() -> &'static KeyVars {
     KEY_VARS.get_or_init(|| KeyVars {
         current: read_key_var(keys::ENV_VAR),
@@ -233,6 +244,10 @@ fn key_vars() -> &'static KeyVars {
         gateway: read_key_var(format_llmgw::ENV_VAR),
     })
 }
+
+/// What SHOW prints in a backend that loaded the library without preloading.
+const NOT_READ: &str =
+    "not read: provider_keys_encrypt is not in shared_preload_libraries, so keys are not read";
 
 /// A key variable's text, `None` if unset; a refused `<VAR>_FILE` is an error.
 fn env(var: &KeyVar) -> Result<Option<&str>, key_file::KeyFileError> {
@@ -542,11 +557,16 @@ fn reject(msg: &str, hint: &str) -> bool {
 
 /// What `SHOW provider_keys_encrypt.encryption_key` prints: never the key.
 pub fn describe_current() -> String {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return NOT_READ.into();
+    }
     let var = &key_vars().current;
     let from = origin_name(keys::ENV_VAR, var);
     match env(var).map(|v| v.filter(|v| !v.trim().is_empty())) {
         Err(e) => refused(&e),
-        Ok(None) => "not set (no ENCRYPTION_KEY or ENCRYPTION_KEY_FILE in the server's environment)".into(),
+        Ok(None) => {
+            "not set (no ENCRYPTION_KEY or ENCRYPTION_KEY_FILE in the server's environment)".into()
+        }
         Ok(Some(v)) => match keys::parse_key(v, KeySource::Environment) {
             Ok(k) => format!("from {from}, fingerprint {}", keys::fingerprint(&k)),
             Err(_) => format!("from {from}, invalid: not 32 bytes as Buffer.from(value, 'base64') decodes it"),
@@ -556,6 +576,9 @@ pub fn describe_current() -> String {
 
 /// What `SHOW provider_keys_encrypt.previous_keys` prints: the fingerprints, in order.
 pub fn describe_previous() -> String {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return NOT_READ.into();
+    }
     let var = &key_vars().previous;
     let text = match env(var) {
         Err(e) => return refused(&e),
@@ -581,6 +604,9 @@ pub fn describe_previous() -> String {
 /// What `SHOW provider_keys_encrypt.gateway_api_key_hash_secret` prints: the key ids (public:
 /// every llmgw:v2 token carries one), current first.
 pub fn describe_gateway() -> String {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return NOT_READ.into();
+    }
     let var = &key_vars().gateway;
     match env(var).map(|t| t.map(format_llmgw::Keyring::parse)) {
         Err(e) => refused(&e),

@@ -2,8 +2,9 @@
 // official image's convention). A real server is started with each variant of the file:
 //   the right value (for all three variables), read by the postmaster once: a backend of a
 //   server whose file has changed since it started still uses what the server read;
-//   a missing file (58P01), a file the server cannot read (58030), a file others can read (F0000),
-//   and both VAR and VAR_FILE set (42710).
+//   a missing file (58P01), a file the server cannot read (58030), a file others can read or its
+//   group write, or owned by another user (F0000), an empty file or a relative path (22023), and
+//   both VAR and VAR_FILE set (42710).
 // Each refusal: every function that needs that key raises it, SHOW says it, the server log has
 // one WARNING at start, and no byte of the file appears anywhere a role or the log can see.
 import { test, after } from "node:test";
@@ -27,7 +28,8 @@ const SECRETS_SEEN = [KEY, PREV, SECRET];
 const fingerprint = (k) =>
   createHmac("sha256", Buffer.from(k, "base64")).update("provider_keys_encrypt key fingerprint v1").digest("hex").slice(0, 16);
 
-// A secret file: content, mode, owner ("postgres" or "root").
+// A secret file: content, mode, owner ("postgres", "root" or "nobody").
+const owners = { postgres: () => [pgId("-u"), pgId("-g")], root: () => [0, 0], nobody: () => [65534, 65534] };
 function secretFile(name, content, mode, owner = "postgres") {
   mkdirSync(dir, { recursive: true });
   chmodSync(dir, 0o755);
@@ -35,7 +37,7 @@ function secretFile(name, content, mode, owner = "postgres") {
   rmSync(p, { force: true });
   writeFileSync(p, content);
   chmodSync(p, mode);
-  if (isRoot) chownSync(p, owner === "postgres" ? pgId("-u") : 0, owner === "postgres" ? pgId("-g") : 0);
+  if (isRoot) chownSync(p, ...owners[owner]());
   return p;
 }
 
@@ -114,12 +116,37 @@ test("a file the server cannot read: 58030", { skip: !isRoot && "needs root to m
   refused({ ...base(), ENCRYPTION_KEY_FILE: dir }, "58030", `ENCRYPTION_KEY_FILE names ${dir}, which the server cannot read: not a regular file`);
 });
 
-test("a file others can read: F0000, whatever it holds", () => {
-  for (const mode of [0o644, 0o604]) {
+test("a file others can read, or its group write: F0000, whatever it holds", () => {
+  for (const mode of [0o644, 0o604, 0o660]) {
     const p = secretFile("world_readable", KEY + "\n", mode);
     refused({ ...base(), ENCRYPTION_KEY_FILE: p }, "F0000",
       `ENCRYPTION_KEY_FILE names ${p}, which other users can access \\(mode 0${mode.toString(8)}\\)`);
   }
+});
+
+test("a file owned by neither the server's user nor root: F0000", { skip: !isRoot && "needs root to chown" }, () => {
+  // owner nobody, group postgres: the server can read it, but its owner could replace it
+  const p = secretFile("nobodys", KEY + "\n", 0o640, "nobody");
+  if (isRoot) chownSync(p, 65534, pgId("-g"));
+  refused({ ...base(), ENCRYPTION_KEY_FILE: p }, "F0000",
+    `ENCRYPTION_KEY_FILE names ${p}, which is owned by uid 65534; a key file must be owned by the server's user or root`);
+  // root's, group postgres, 0640: the usual secret file, accepted
+  const ok = secretFile("roots", KEY + "\n", 0o640, "root");
+  if (isRoot) chownSync(ok, 0, pgId("-g"));
+  cluster.restart({ env: { ...base(), ENCRYPTION_KEY_FILE: ok } });
+  assert.equal(cluster.psql("SHOW provider_keys_encrypt.encryption_key"), `from ENCRYPTION_KEY_FILE (${ok}), fingerprint ${fingerprint(KEY)}`);
+});
+
+test("an empty file, or a relative path: 22023", () => {
+  const p = secretFile("empty", "\n", 0o600);
+  refused({ ...base(), ENCRYPTION_KEY_FILE: p }, "22023", `ENCRYPTION_KEY_FILE names ${p}, which holds no value`);
+  refused({ ...base(), ENCRYPTION_KEY_FILE: "postgresql.conf" }, "22023", "ENCRYPTION_KEY_FILE names postgresql.conf, which is not an absolute path");
+});
+
+test("a path is shown escaped: it cannot start a log line", () => {
+  const p = join(dir, "no\nLOG:  forged");
+  refused({ ...base(), ENCRYPTION_KEY_FILE: p }, "58P01", `ENCRYPTION_KEY_FILE names ${dir}/no\\\\nLOG:  forged, which does not exist`);
+  assert.ok(!cluster.log().includes("\nLOG:  forged"), "the raw newline reached the log");
 });
 
 test("both ENCRYPTION_KEY and ENCRYPTION_KEY_FILE: 42710", () => {
@@ -136,4 +163,20 @@ test("a refused GATEWAY_API_KEY_HASH_SECRET_FILE stops llmgw only", () => {
   assert.match(cluster.psql("SHOW provider_keys_encrypt.gateway_api_key_hash_secret"), /^refused: /);
   assert.equal(decrypt(cluster.psql("SELECT encrypt_token('sk-z')"), Buffer.from(KEY, "base64")), "sk-z");
   noSecretIn(r.err);
+});
+
+test("without preloading no backend reads a key file", () => {
+  const p = secretFile("world_readable_np", KEY + "\n", 0o644);
+  const np = new Cluster("key-files-nopreload", { port: 54461, preload: false, env: { ENCRYPTION_KEY_FILE: p } });
+  try {
+    np.start();
+    const r = np.run("SELECT encrypt_token('sk-x')", { allowFail: true, verbose: true });
+    assert.match(r.err, /ERROR: {2}F0000: provider_keys_encrypt is not in shared_preload_libraries/);
+    assert.equal(np.script("LOAD 'provider_keys_encrypt';\nSHOW provider_keys_encrypt.encryption_key;"),
+      "not read: provider_keys_encrypt is not in shared_preload_libraries, so keys are not read");
+    // the file was never judged, so nothing about it was said anywhere
+    assert.ok(!(r.err + np.log()).includes("world_readable_np"), "a backend read the key file");
+  } finally {
+    np.stop();
+  }
 });
