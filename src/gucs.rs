@@ -223,7 +223,8 @@ struct KeyVars {
     previous: KeyVar,
     gateway: KeyVar,
 }
-type KeyVar = Result<Option<(zeroize::Zeroizing<String>, key_file::Origin)>, key_file::KeyFileError>;
+type KeyVar =
+    Result<Option<(zeroize::Zeroizing<String>, key_file::Origin)>, key_file::KeyFileError>;
 static KEY_VARS: OnceLock<KeyVars> = OnceLock::new();
 
 fn read_key_var(var: &'static str) -> KeyVar {
@@ -569,7 +570,9 @@ pub fn describe_current() -> String {
         }
         Ok(Some(v)) => match keys::parse_key(v, KeySource::Environment) {
             Ok(k) => format!("from {from}, fingerprint {}", keys::fingerprint(&k)),
-            Err(_) => format!("from {from}, invalid: not 32 bytes as Buffer.from(value, 'base64') decodes it"),
+            Err(_) => format!(
+                "from {from}, invalid: not 32 bytes as Buffer.from(value, 'base64') decodes it"
+            ),
         },
     }
 }
