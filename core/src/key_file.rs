@@ -35,6 +35,10 @@ pub enum Origin {
     File(PathBuf),
 }
 
+/// A key variable's raw value and where it came from; `None` when neither `<VAR>` nor
+/// `<VAR>_FILE` is set.
+pub type KeyValue = Option<(Zeroizing<Vec<u8>>, Origin)>;
+
 /// Why a `<VAR>_FILE` was refused. Never holds the file's content; `path` is [`shown`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyFileError {
@@ -115,7 +119,7 @@ pub fn read_var(
     var: &'static str,
     lookup: impl Fn(&str) -> Option<OsString>,
     server_uid: u32,
-) -> Result<Option<(Zeroizing<Vec<u8>>, Origin)>, KeyFileError> {
+) -> Result<KeyValue, KeyFileError> {
     let direct = lookup(var);
     let file = lookup(&format!("{var}_FILE")).filter(|p| !p.is_empty());
     match (direct, file) {
@@ -262,7 +266,7 @@ mod tests {
         read_var(VAR, env(pairs), me())
     }
 
-    fn value(r: Result<Option<(Zeroizing<Vec<u8>>, Origin)>, KeyFileError>) -> (Vec<u8>, Origin) {
+    fn value(r: Result<KeyValue, KeyFileError>) -> (Vec<u8>, Origin) {
         let (b, o) = r.unwrap().unwrap();
         (b.to_vec(), o)
     }
