@@ -182,6 +182,25 @@ system_ext_listing() {
 PKE_PREVIOUS_RELEASE=0.2.1
 PKE_PREVIOUS_RELEASE_COMMIT=c6936c308160a8a0daa51ef48446cf4340b38fcb
 
+# Remove a throwaway root file system (scripts/system-check, scripts/musl/build). First unmount
+# everything mounted under it: a run that was killed can leave its /proc and /dev mounts, and
+# `rm -rf` through a bind mount of /dev deletes the host's device nodes. Refuses while anything is
+# still mounted there, and never leaves the root's own file system (--one-file-system).
+remove_root() {
+  local r m
+  r=$(realpath -m "$1")
+  [ -e "$r" ] || return 0
+  [ "$r" != / ] || { echo "remove_root: refusing /" >&2; return 1; }
+  for m in $(awk -v r="$r" '$2 == r || index($2, r "/") == 1 {print $2}' /proc/mounts | sort -r); do
+    umount "$m" 2>/dev/null || umount -l "$m"
+  done
+  if awk -v r="$r" '$2 == r || index($2, r "/") == 1 {f = 1} END {exit !f}' /proc/mounts; then
+    echo "remove_root: $r still has file systems mounted; not removing it" >&2
+    return 1
+  fi
+  rm -rf --one-file-system "$r"
+}
+
 # A fresh base64 32-byte key from the OS CSPRNG (the same as `openssl rand -base64 32`).
 generate_key() { head -c 32 /dev/urandom | base64; }
 
