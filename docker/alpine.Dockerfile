@@ -11,8 +11,8 @@
 # (the extension reads <VAR>_FILE itself; the file must be owned by postgres, uid 70 here, or
 # root, and not readable by others).
 #
-# Not built here: no container runtime or registry is reachable. scripts/musl/build loads the
-# same tarball into a musl PostgreSQL 17.4 at these paths (README "Alpine images").
+# Not built here: no container runtime or registry is reachable. scripts/test loads the same
+# tarball into a musl PostgreSQL 17 at these paths and runs the suites there (README "Alpine images").
 ARG PKE_VERSION=0.2.2
 FROM postgres:17-alpine
 ARG PKE_VERSION

@@ -42,6 +42,16 @@ major_is_wheel() { [ -n "${PKE_WHEEL[$1]:-}" ]; }
 major_pins() { echo "wheel ${PKE_WHEEL[$1]} headers ${PKE_HEADERS_DEB[$1]:-none}"; }
 
 # sha256_ok FILE HASH
+# The musl PostgreSQL's source (scripts/musl/build): the upstream tarball, from the Debian archive
+# (its sha256 as Debian's signed postgresql-17_17.11-0+deb13u1.dsc gives it).
+PKE_MUSL_PG_SOURCE="17.11 pool/main/p/postgresql-17/postgresql-17_17.11.orig.tar.bz2 dd27f2b3c59e73ed14aa3324901242bf69a032a6347805f274e6260322d42979"
+
+# The musl build root's toolchain (scripts/musl/build): the Debian sid versions it was last tested
+# with. sid moves on: a version the archive no longer has is replaced by its current one, with a
+# WARNING, and the tarball's .buildinfo records what was used.
+PKE_MUSL_ROOT_PINS="rustc=1.97.1+dfsg1-1 cargo=1.97.1+dfsg1-1 rust-src=1.97.1+dfsg1-1 rustfmt=1.97.1+dfsg1-1
+  musl-dev=1.2.6-2 musl-tools=1.2.6-2 clang=1:21.1.8-74 libclang-dev=1:21.1.8-74 nodejs=24.22.2+dfsg+~cs24.19.2-1"
+
 sha256_ok() { [ "$(sha256sum "$1" | cut -c1-64)" = "$2" ]; }
 
 # Download a pinned wheel into $WORK/downloads (pip checks the hash too) and print its path.
@@ -65,18 +75,25 @@ fetch_wheel() {
   echo "$f"
 }
 
+# The same Debian archive as the system's own sources.
+debian_archive_uri() {
+  local uri
+  uri=$(grep -h '^URIs:' /etc/apt/sources.list.d/debian.sources 2>/dev/null | grep -v security | head -1 | awk '{print $2}')
+  echo "${uri:-http://deb.debian.org/debian}"
+}
+
 # A private apt configuration for one Debian suite of the archive the system uses: its own
 # sources, lists and cache under $WORK/downloads/apt-SUITE, no dpkg status. It never reads or
-# writes the system's apt state.
+# writes the system's apt state. SUITE-src is that suite's source packages (deb-src, with its
+# -updates), for `apt-get source --download-only`, which checks each file against the signed index.
 private_apt() {
   local suite=$1; shift
-  local a=$WORK/downloads/apt-$suite uri
+  local a=$WORK/downloads/apt-$suite types=deb suites=$suite
+  [[ $suite == *-src ]] && { types=deb-src; suites="${suite%-src} ${suite%-src}-updates"; }
   if [ ! -f "$a/sources/$suite.sources" ]; then
     mkdir -p "$a/sources" "$a/lists/partial" "$a/cache/archives/partial"
-    # the same archive as the system's Debian sources
-    uri=$(grep -h '^URIs:' /etc/apt/sources.list.d/debian.sources 2>/dev/null | grep -v security | head -1 | awk '{print $2}')
-    printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-      "${uri:-http://deb.debian.org/debian}" "$suite" >"$a/sources/$suite.sources"
+    printf 'Types: %s\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+      "$types" "$(debian_archive_uri)" "$suites" >"$a/sources/$suite.sources"
   fi
   "$@" -o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts="$a/sources" \
     -o Dir::State::Lists="$a/lists" -o Dir::Cache="$a/cache" -o Dir::State::status=/dev/null \
