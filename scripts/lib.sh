@@ -16,6 +16,10 @@ export PKE_PG_MAJOR=${PKE_PG_MAJOR:-15}
 # The key every test server gets through its environment, like production (tests only, never a
 # real key). The single definition: tests/integration/cluster.mjs reads it from the environment.
 export PKE_TEST_KEY=dGVzdC1rZXktcHJvdmlkZXJfa2V5c19lbmNyeXB0LTE=
+# The keys the #[pg_test] and pg_regress servers start with (src/pg_tests.rs and tests/pg_regress
+# expect these); integration clusters get their own.
+PKE_TEST_KEY_PREVIOUS=cHJldmlvdXMta2V5LXByb3ZpZGVyX2tleXNfZW5jcnk=
+PKE_TEST_GATEWAY_SECRET=test-gateway-secret-2,test-gateway-secret-1
 
 # Everything PostgreSQL touches lives under the work directory: the server runs as the
 # unprivileged `postgres` user and may not be able to enter the checkout (e.g. under /root).
