@@ -8,6 +8,7 @@ import { Cluster, TEST_KEY } from "../tests/integration/cluster.mjs";
 const argv = process.argv.slice(2);
 const smoke = argv.includes("--smoke");
 const record = argv.includes("--record");
+const jsonArg = argv.indexOf("--json");   // also write the results as JSON (scripts/musl/bench compares two runs)
 const rowsArg = argv.indexOf("--rows");
 const N = rowsArg >= 0 ? Number(argv[rowsArg + 1]) : smoke ? 2000 : 1_000_000;
 const NODE_N = smoke ? 500 : 50_000;
@@ -279,6 +280,9 @@ lines.push("", "| 4 | peak private memory (RssAnon) of the backend running the C
 for (const m of memory) lines.push(`| 4 | ${m.label} | ${fmt(m.rows)} | ${fmt(m.startKb / 1024, 1)} MiB | ${fmt(m.peakKb / 1024, 1)} MiB |`);
 const report = lines.join("\n");
 console.log(report);
+if (jsonArg >= 0) {
+  writeFileSync(argv[jsonArg + 1], JSON.stringify({ version: db.psql("SELECT version()"), rows: N, results, memory }, null, 1));
+}
 if (record) {
   const path = new URL("../BENCHMARKS.md", import.meta.url).pathname;
   const doc = readFileSync(path, "utf8");
