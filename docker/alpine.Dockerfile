@@ -12,7 +12,7 @@
 # root, and not readable by others).
 #
 # Not built here: no container runtime or registry is reachable. scripts/test loads the same
-# tarball into a musl PostgreSQL 17 at these paths and runs the suites there (README "Alpine images").
+# tarball into a musl PostgreSQL 17 at these paths and runs the suites there (docs/install.md, "Alpine images").
 ARG PKE_VERSION=0.2.2
 FROM postgres:17-alpine
 ARG PKE_VERSION

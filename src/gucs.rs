@@ -448,7 +448,7 @@ static PREVIOUS_EMIT_LOG_HOOK: OnceLock<pg_sys::emit_log_hook_type> = OnceLock::
 /// SQL statement of a PL/pgSQL function, e.g. `PERFORM set_config(…, '<key>', …)`). Both
 /// only affect the server log; the client still gets the whole report. Out of reach: a
 /// statement logged before it runs (`log_statement = all`, `log_min_duration_statement`,
-/// an extension's own logging): README "Security".
+/// an extension's own logging): docs/security.md.
 ///
 /// # Safety
 /// Called by elog.c with the report being emitted.

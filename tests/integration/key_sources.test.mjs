@@ -1,9 +1,9 @@
 // Every way to give a key, with and without preloading, against every observer: a plain role,
 // a pg_read_all_settings member, a pg_monitor member, and the server log under default logging
-// settings (reloads included). The tables this prints are README "Configuring the key" →
-// "Every way to give a key": the test renders them from what it observed and requires the
-// README to say exactly that. It also asserts the policy outright (below), so a README edit
-// cannot make a leak pass.
+// settings (reloads included). The tables this prints are docs/security.md's "Every way to give
+// a key, and who can see it": the test renders them from what it observed and requires the
+// document to say exactly that. It also asserts the policy outright (below), so an edit of the
+// document cannot make a leak pass.
 //
 // Each attempt uses fresh values (valid keys, or gateway secrets), one per setting, so a value
 // seen anywhere is attributed to the path that gave it. The environment's own keys must never
@@ -229,7 +229,7 @@ const clusters = [];
 after(() => {
   for (const c of clusters) c.stop();
   for (const [mode, t] of Object.entries(tables)) console.log(`# ${mode}\n${t.replace(/\n/g, "\n# ")}`);
-  // PKE_KEY_SOURCES_OUT=file: write the README blocks there, ready to paste
+  // PKE_KEY_SOURCES_OUT=file: write the document's blocks there, ready to paste
   if (process.env.PKE_KEY_SOURCES_OUT) {
     writeFileSync(process.env.PKE_KEY_SOURCES_OUT, Object.entries(tables)
       .map(([mode, t]) => `<!-- key-sources:${mode} -->\n${t}\n<!-- /key-sources -->\n`).join("\n"));
@@ -317,23 +317,23 @@ test("a key stored while the library was not preloaded: found at first use, name
   assert.ok(!c.log().split("\n").some((l) => l.includes(value) && !/ STATEMENT: {2}/.test(l)));
 });
 
-test("README.md's tables are exactly what was observed", () => {
-  const readme = readFileSync(new URL("../../README.md", import.meta.url), "utf8");
+test("docs/security.md's tables are exactly what was observed", () => {
+  const doc = readFileSync(new URL("../../docs/security.md", import.meta.url), "utf8");
   for (const mode of ["preloaded", "not_preloaded"]) {
     assert.ok(tables[mode], `the ${mode} matrix ran`);
-    const m = new RegExp(`<!-- key-sources:${mode} -->\\n([\\s\\S]*?)\\n<!-- /key-sources -->`).exec(readme);
-    assert.ok(m, `README.md has the ${mode} table`);
-    // The tables are PostgreSQL 15's; README lists the rows a later major observes differently
+    const m = new RegExp(`<!-- key-sources:${mode} -->\\n([\\s\\S]*?)\\n<!-- /key-sources -->`).exec(doc);
+    assert.ok(m, `docs/security.md has the ${mode} table`);
+    // The tables are PostgreSQL 15's; the document lists the rows a later major observes differently
     // (`<!-- key-sources:MODE:MAJOR -->`, from that major on), and they replace the rows they name.
     let want = m[1];
-    for (const d of readme.matchAll(new RegExp(`<!-- key-sources:${mode}:(\\d+) -->\\n([\\s\\S]*?)\\n<!-- /key-sources -->`, "g"))) {
+    for (const d of doc.matchAll(new RegExp(`<!-- key-sources:${mode}:(\\d+) -->\\n([\\s\\S]*?)\\n<!-- /key-sources -->`, "g"))) {
       if (major < Number(d[1])) continue;
       for (const row of d[2].split("\n")) {
         const label = row.split(" | ")[0];
-        assert.ok(want.split("\n").some((l) => l.split(" | ")[0] === label), `README's ${mode}:${d[1]} row ${label} replaces a row`);
+        assert.ok(want.split("\n").some((l) => l.split(" | ")[0] === label), `docs/security.md's ${mode}:${d[1]} row ${label} replaces a row`);
         want = want.split("\n").map((l) => (l.split(" | ")[0] === label ? row : l)).join("\n");
       }
     }
-    assert.equal(tables[mode], want, `README.md's ${mode} table (PostgreSQL ${major}) is what the test observed`);
+    assert.equal(tables[mode], want, `docs/security.md's ${mode} table (PostgreSQL ${major}) is what the test observed`);
   }
 });
