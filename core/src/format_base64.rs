@@ -113,12 +113,18 @@ pub fn seal_with_nonce(
         .map_err(|_| TokenError::TooLong)?;
     raw[NONCE_LEN..HEADER_LEN].copy_from_slice(&tag);
     let len = encoded_len(raw.len(), true).ok_or(TokenError::TooLong)?;
-    let mut token = String::new();
+    // base64 written in place into a buffer of the exact length (no String push: a memcpy call,
+    // which musl makes costly for small sizes).
+    let mut token = Vec::new();
     token
         .try_reserve_exact(len)
         .map_err(|_| TokenError::OutOfMemory)?;
-    STANDARD.encode_string(&*raw, &mut token);
-    Ok(token)
+    token.resize(len, 0);
+    let n = STANDARD
+        .encode_slice(&*raw, &mut token)
+        .expect("the buffer is sized for the encoding");
+    debug_assert_eq!(n, len);
+    Ok(String::from_utf8(token).expect("base64 is ASCII"))
 }
 
 /// Decode a token's base64 without checking its authenticity: canonical, padded standard

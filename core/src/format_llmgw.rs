@@ -176,9 +176,18 @@ impl KeyId {
     }
 }
 
+impl KeyId {
+    /// The 8 lowercase hex digits the gateway writes, without allocating.
+    fn hex(&self) -> [u8; 2 * KEY_ID_BYTES] {
+        let mut out = [0u8; 2 * KEY_ID_BYTES];
+        lower_hex(&self.0, &mut out);
+        out
+    }
+}
+
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        f.write_str(std::str::from_utf8(&self.hex()).expect("hex digits are ASCII"))
     }
 }
 
@@ -313,7 +322,14 @@ pub fn scope<'a>(ctx: &RowContext<'a>) -> &'a str {
 
 /// The associated data binding a token to its row: `provider_key|<id>|<scope>`.
 pub fn associated_data(ctx: &RowContext<'_>) -> Vec<u8> {
-    format!("provider_key|{}|{}", ctx.id, scope(ctx)).into_bytes()
+    const HEAD: &[u8] = b"provider_key|";
+    let scope = scope(ctx).as_bytes();
+    let mut aad = Vec::with_capacity(HEAD.len() + ctx.id.len() + 1 + scope.len());
+    aad.extend_from_slice(HEAD);
+    aad.extend_from_slice(ctx.id.as_bytes());
+    aad.push(b'|');
+    aad.extend_from_slice(scope);
+    aad
 }
 
 /// Seal `plaintext` for the row `ctx` as a v2 token under `entry`, with a fresh IV from the
@@ -351,8 +367,11 @@ pub fn seal_v2_with_iv(
         .encrypt_in_place_detached(Nonce::from_slice(iv), &associated_data(ctx), &mut buf)
         .map_err(|_| LlmgwError::TooLong)?;
 
-    let kid = entry.kid.to_string();
-    let len = "llmgw:v2:".len()
+    // The token is assembled in one buffer of its exact length, base64 written in place: no
+    // String pushes (each a memcpy call, which musl makes costly for small sizes).
+    const HEAD: &[u8] = b"llmgw:v2:";
+    let kid = entry.kid.hex();
+    let len = HEAD.len()
         + kid.len()
         + 1
         + b64_len(IV_LEN)
@@ -360,19 +379,23 @@ pub fn seal_v2_with_iv(
         + b64_len(buf.len())
         + 1
         + b64_len(TAG_LEN);
-    let mut out = String::new();
+    let mut out = Vec::new();
     out.try_reserve_exact(len)
         .map_err(|_| LlmgwError::TooLong)?;
-    out.push_str("llmgw:v2:");
-    out.push_str(&kid);
-    out.push(':');
-    B64URL.encode_string(iv, &mut out);
-    out.push(':');
-    B64URL.encode_string(&buf[..], &mut out);
-    out.push(':');
-    B64URL.encode_string(tag, &mut out);
-    debug_assert_eq!(out.len(), len);
-    Ok(out)
+    out.resize(len, 0);
+    out[..HEAD.len()].copy_from_slice(HEAD);
+    let mut at = HEAD.len();
+    out[at..at + kid.len()].copy_from_slice(&kid);
+    at += kid.len();
+    for part in [&iv[..], &buf[..], &tag[..]] {
+        out[at] = b':';
+        at += 1;
+        at += B64URL
+            .encode_slice(part, &mut out[at..])
+            .expect("the buffer is sized for the encoding");
+    }
+    debug_assert_eq!(at, len);
+    Ok(String::from_utf8(out).expect("base64url and ASCII"))
 }
 
 /// The token versions this module reads.
@@ -579,13 +602,19 @@ pub fn token_hash(current: &Secret, plaintext: &str) -> String {
     // Hex digits into a stack buffer, then one copy into the result: a `format!` per byte made
     // 33 allocations and 32 two-byte copies per row, and under musl (postgres:17-alpine) each
     // small memcpy costs tens of cycles: perf put 53% of the function's time in memcpy.
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut hex = [0u8; 64];
-    for (pair, b) in hex.chunks_exact_mut(2).zip(mac.finalize().into_bytes()) {
+    lower_hex(&mac.finalize().into_bytes(), &mut hex);
+    String::from_utf8(hex.to_vec()).expect("hex digits are ASCII")
+}
+
+/// Lowercase hex of `bytes` into `out` (twice as long), without allocating.
+fn lower_hex(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    debug_assert_eq!(out.len(), 2 * bytes.len());
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
         pair[0] = DIGITS[usize::from(b >> 4)];
         pair[1] = DIGITS[usize::from(b & 0x0f)];
     }
-    String::from_utf8(hex.to_vec()).expect("hex digits are ASCII")
 }
 
 /// The gateway's `token_masked`, as stored. With n the plaintext's length in UTF-16 code

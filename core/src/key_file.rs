@@ -260,9 +260,7 @@ mod tests {
         move |k| m.get(k).cloned()
     }
 
-    fn read(
-        pairs: &[(&str, &OsString)],
-    ) -> Result<Option<(Zeroizing<Vec<u8>>, Origin)>, KeyFileError> {
+    fn read(pairs: &[(&str, &OsString)]) -> Result<KeyValue, KeyFileError> {
         read_var(VAR, env(pairs), me())
     }
 
