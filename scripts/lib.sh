@@ -186,18 +186,32 @@ system_ext_listing() {
 PKE_PREVIOUS_RELEASE=0.2.1
 PKE_PREVIOUS_RELEASE_COMMIT=c6936c308160a8a0daa51ef48446cf4340b38fcb
 
+# What a chroot'ed PostgreSQL needs in a throwaway root: /proc, the host's /dev, and a /dev/shm of
+# its own (a bind of /dev alone lacks it: shared memory segments fail). What is mounted stays.
+mount_root_fs() {
+  mountpoint -q "$1/proc" || mount -t proc proc "$1/proc"
+  mountpoint -q "$1/dev" || mount --bind /dev "$1/dev"
+  mountpoint -q "$1/dev/shm" || mount -t tmpfs -o mode=1777 shm "$1/dev/shm"
+}
+# Unmount everything mounted under a root, deepest first.
+unmount_root_fs() {
+  local r m
+  r=$(realpath -m "$1")
+  for m in $(awk -v r="$r" '$2 == r || index($2, r "/") == 1 {print $2}' /proc/mounts | sort -r); do
+    umount "$m" 2>/dev/null || umount -l "$m"
+  done
+}
+
 # Remove a throwaway root file system (scripts/system-check, scripts/musl/build). First unmount
 # everything mounted under it: a run that was killed can leave its /proc and /dev mounts, and
 # `rm -rf` through a bind mount of /dev deletes the host's device nodes. Refuses while anything is
 # still mounted there, and never leaves the root's own file system (--one-file-system).
 remove_root() {
-  local r m
+  local r
   r=$(realpath -m "$1")
   [ -e "$r" ] || return 0
   [ "$r" != / ] || { echo "remove_root: refusing /" >&2; return 1; }
-  for m in $(awk -v r="$r" '$2 == r || index($2, r "/") == 1 {print $2}' /proc/mounts | sort -r); do
-    umount "$m" 2>/dev/null || umount -l "$m"
-  done
+  unmount_root_fs "$r"
   if awk -v r="$r" '$2 == r || index($2, r "/") == 1 {f = 1} END {exit !f}' /proc/mounts; then
     echo "remove_root: $r still has file systems mounted; not removing it" >&2
     return 1
