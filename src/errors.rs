@@ -182,7 +182,7 @@ impl Error {
         Some(Cow::Borrowed(match self {
             Error::Setup(SetupError::NotPreloaded) => {
                 "Add shared_preload_libraries = 'provider_keys_encrypt' to postgresql.conf and \
-                 restart the server (see the README, \"Installing\")."
+                 restart the server (see docs/install.md, \"Preloading is required\")."
             }
             Error::Setup(SetupError::KeyGiven { fix, .. }) => {
                 return Some(Cow::Owned(format!(

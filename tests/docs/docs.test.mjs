@@ -56,3 +56,15 @@ test("the README's figures are BENCHMARKS.md's", () => {
     assert.ok(bench.some((y) => y.toFixed(d) === x), `README's ${x}× is not a figure of BENCHMARKS.md (rounded to ${d} decimals)`);
   }
 });
+
+test("every document section a HINT or message names exists", () => {
+  // `see the README, \"Configuring the key\"` or `see docs/install.md, \"Preloading is required\"`
+  const src = read("src/errors.rs").replace(/\\\n\s*/g, "");   // Rust's line continuations
+  const refs = [...src.matchAll(/see (the README|docs\/[\w-]+\.md), \\"([^"\\]+)\\"/g)];
+  assert.ok(refs.length >= 3, `src/errors.rs names document sections (${refs.length} found)`);
+  for (const [, doc, section] of refs) {
+    const file = doc === "the README" ? "README.md" : doc;
+    assert.ok(existsSync(join(root, file)), `src/errors.rs names ${file}, which does not exist`);
+    assert.ok(anchors(file).has(slug(section)), `src/errors.rs names the section "${section}" of ${file}, which has no such heading`);
+  }
+});
