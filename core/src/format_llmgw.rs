@@ -174,9 +174,7 @@ impl KeyId {
         }
         Some(KeyId(id))
     }
-}
 
-impl KeyId {
     /// The 8 lowercase hex digits the gateway writes, without allocating.
     fn hex(&self) -> [u8; 2 * KEY_ID_BYTES] {
         let mut out = [0u8; 2 * KEY_ID_BYTES];
