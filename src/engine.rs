@@ -12,159 +12,15 @@
 //! * `run.sql`     — a run: start, steps, a durable finish, the summary
 //! * `api.sql`     — the procedures and the report users call
 //!
-//! This file holds the Rust the engine calls per row (classifying, re-sealing) and per run,
-//! for the base64 format; the llmgw format's per-row internals are in `llmgw.rs`.
+//! This file holds the Rust the engine calls per run (may it commit, flush the WAL, the
+//! subtransaction cache) and declares the SQL files in pgrx's order. What it calls per row is
+//! each format's (`format/base64.rs`, `format/llmgw.rs`); the token states are `states.rs`.
 //! Everything in `pke_internal` is an internal: nobody but the extension can create objects
 //! there, and every function that does not COMMIT pins `search_path = pg_catalog, pg_temp`.
 
-use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use pgrx::{function_name, PgLogLevel, PgSqlErrorCode};
 
-use crate::errors::OrRaise;
-use crate::gucs::with_keyring;
-use crate::keys::TokenState;
-
-/// The labels of `pke_internal.token_state`, in the enum's order. One vocabulary: the engine,
-/// the report and the messages use exactly these names, for every format.
-pub const TOKEN_STATE_LABELS: [&std::ffi::CStr; 4] =
-    [c"plaintext", c"current_key", c"previous_key", c"unverified"];
-
-/// A `pke_internal.token_state` label, by its position in [`TOKEN_STATE_LABELS`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StateLabel {
-    Plaintext = 0,
-    CurrentKey = 1,
-    PreviousKey = 2,
-    Unverified = 3,
-}
-
-impl From<TokenState> for StateLabel {
-    fn from(state: TokenState) -> StateLabel {
-        match state {
-            TokenState::Plaintext => StateLabel::Plaintext,
-            TokenState::Current => StateLabel::CurrentKey,
-            TokenState::Previous => StateLabel::PreviousKey,
-            TokenState::Unverified => StateLabel::Unverified,
-        }
-    }
-}
-
-fn label_index(state: TokenState) -> usize {
-    StateLabel::from(state) as usize
-}
-
-/// The OID of `label` in the calling function's return type (`pke_internal.token_state`).
-///
-/// # Safety
-/// `fcinfo` must be the call's own, valid `FunctionCallInfo`, of a function declared to
-/// return `pke_internal.token_state`.
-pub(crate) unsafe fn state_oid(fcinfo: pg_sys::FunctionCallInfo, label: StateLabel) -> pg_sys::Oid {
-    // SAFETY: guaranteed by the caller.
-    unsafe { state_oids(fcinfo)[label as usize] }
-}
-
-/// The OIDs of the enum's labels, cached in the calling expression's `fn_extra` (so a
-/// re-created extension, with new OIDs, is never served stale ones).
-///
-/// # Safety
-/// `fcinfo` must be the call's own, valid `FunctionCallInfo`.
-unsafe fn state_oids(fcinfo: pg_sys::FunctionCallInfo) -> &'static [pg_sys::Oid; 4] {
-    // SAFETY: the caller passes its own fcinfo; flinfo and fn_mcxt live as long as the
-    // expression that calls this function, and so does what we allocate in fn_mcxt.
-    unsafe {
-        let flinfo = (*fcinfo).flinfo;
-        if (*flinfo).fn_extra.is_null() {
-            let typoid = pg_sys::get_func_rettype((*flinfo).fn_oid);
-            let mut oids = [pg_sys::InvalidOid; 4];
-            for (slot, label) in oids.iter_mut().zip(TOKEN_STATE_LABELS) {
-                *slot = pg_sys::GetSysCacheOid(
-                    pg_sys::SysCacheIdentifier::ENUMTYPOIDNAME as _,
-                    pg_sys::Anum_pg_enum_oid as _,
-                    pg_sys::Datum::from(typoid),
-                    pg_sys::Datum::from(label.as_ptr()),
-                    pg_sys::Datum::from(0),
-                    pg_sys::Datum::from(0),
-                );
-                if *slot == pg_sys::InvalidOid {
-                    ErrorReport::new(
-                        PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-                        "pke_internal.token_state lacks a label this library needs",
-                        function_name!(),
-                    )
-                    .set_hint("Run ALTER EXTENSION provider_keys_encrypt UPDATE.")
-                    .report(PgLogLevel::ERROR);
-                }
-            }
-            let mem = pg_sys::MemoryContextAlloc((*flinfo).fn_mcxt, size_of::<[pg_sys::Oid; 4]>())
-                as *mut [pg_sys::Oid; 4];
-            mem.write(oids);
-            (*flinfo).fn_extra = mem.cast();
-        }
-        &*((*flinfo).fn_extra as *const [pg_sys::Oid; 4])
-    }
-}
-
-/// `pke_internal.token_state(token)`: which configured key, if any, a stored value
-/// authenticates under. Never raises on odd input (only when no usable key is configured).
-#[pg_extern(
-    sql = "
-CREATE FUNCTION pke_internal.token_state(token text) RETURNS pke_internal.token_state
-    LANGUAGE c STRICT STABLE PARALLEL SAFE COST 10
-    AS 'MODULE_PATHNAME', 'pke_token_state_wrapper';
-COMMENT ON FUNCTION pke_internal.token_state(text) IS
-    'Engine internal: plaintext, current_key, previous_key or unverified.';
-",
-    requires = ["engine_types"]
-)]
-// pgrx hands the wrapper its own, valid fcinfo; the function is not callable from Rust code.
-#[allow(clippy::not_unsafe_ptr_arg_deref)]
-pub fn pke_token_state(token: &str, fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Oid {
-    let state = with_keyring(|ring| ring.classify(token))
-        .or_raise()
-        .or_raise();
-    // SAFETY: pgrx hands us this call's fcinfo.
-    unsafe { state_oids(fcinfo)[label_index(state)] }
-}
-
-/// `pke_internal.reencrypt(token)`: the same plaintext sealed under the current key (key
-/// rotation). The plaintext never leaves a zeroizing buffer and is never returned.
-#[pg_extern(
-    sql = "
-CREATE FUNCTION pke_internal.reencrypt(token text) RETURNS text
-    LANGUAGE c STRICT VOLATILE PARALLEL SAFE
-    AS 'MODULE_PATHNAME', 'pke_reencrypt_wrapper';
-",
-    requires = ["engine_types"]
-)]
-pub fn pke_reencrypt(token: &str) -> String {
-    with_keyring(|ring| {
-        let sealed = ring.reencrypt(token)?;
-        crate::guard::note_sealed(ring, &sealed);
-        Ok::<_, crate::token::TokenError>(sealed)
-    })
-    .or_raise()
-    .or_raise()
-}
-
-/// `pke_internal.token_key_id(token)`: the fingerprint of the configured key a token
-/// authenticates under (NULL: none), for the report. Fingerprints are public.
-#[pg_extern(
-    sql = "
-CREATE FUNCTION pke_internal.token_key_id(token text) RETURNS text
-    LANGUAGE c STRICT STABLE PARALLEL SAFE COST 10
-    AS 'MODULE_PATHNAME', 'pke_token_key_id_wrapper';
-",
-    requires = ["engine_types"]
-)]
-pub fn pke_token_key_id(token: &str) -> Option<String> {
-    with_keyring(|ring| {
-        ring.authenticating_key(token)
-            .map(|key| key.map(|k| k.fingerprint().to_owned()))
-    })
-    .or_raise()
-    .or_raise()
-}
+use crate::format::base64;
 
 /// `pke_internal.may_commit()`: may the calling PL/pgSQL procedure COMMIT? True only when it
 /// was itself CALLed in a non-atomic context (top level, outside a transaction block).
@@ -241,19 +97,24 @@ fn subxact_status() -> (i32, bool) {
 /// oracle). No 0.2.0 SQL object uses them.
 pub mod compat_0_1_0 {
     use super::*;
+    use crate::errors::OrRaise;
+    use crate::keyring::with_keyring;
+    use provider_keys_encrypt_core::format::{Keyring as _, State};
 
+    /// The state's position in 0.1.0's labels (those of `State::ALL`).
     #[pg_extern(sql = false)]
     pub fn _pke_token_state(token: &str) -> i16 {
-        label_index(
-            with_keyring(|ring| ring.classify(token))
-                .or_raise()
-                .or_raise(),
-        ) as i16
+        let state = with_keyring(
+            |ring: &provider_keys_encrypt_core::format::base64::Keyring| ring.classify(token, ()),
+        )
+        .or_raise()
+        .or_raise();
+        State::ALL.iter().position(|s| *s == state).unwrap_or(0) as i16
     }
 
     #[pg_extern(sql = false)]
     pub fn _pke_reencrypt(token: &str) -> String {
-        pke_reencrypt(token)
+        base64::pke_reencrypt(token)
     }
 
     #[pg_extern(sql = false)]
@@ -283,11 +144,11 @@ pgrx::extension_sql_file!(
     name = "engine_modes",
     requires = [
         "engine_types",
-        functions::encrypt_token,
-        functions::decrypt_token,
-        pke_reencrypt,
-        pke_token_state,
-        pke_token_key_id,
+        base64::encrypt_token,
+        base64::decrypt_token,
+        base64::pke_reencrypt,
+        base64::pke_token_state,
+        base64::pke_token_key_id,
         llmgw::llmgw_encrypt_token,
         llmgw::llmgw_decrypt_token,
         llmgw::llmgw_token_hash,
@@ -324,7 +185,7 @@ pgrx::extension_sql_file!(
         "engine_batch",
         pke_may_commit,
         pke_flush_wal,
-        functions::provider_keys_encrypt_fingerprint
+        base64::provider_keys_encrypt_fingerprint
     ]
 );
 pgrx::extension_sql_file!(

@@ -53,16 +53,19 @@ use std::borrow::Cow;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
-use crate::guard::Format;
-use crate::gucs::{ConfigPlace, Setting};
-use crate::keys::KeyError;
-use crate::token::TokenError;
-use provider_keys_encrypt_core::format_llmgw::LlmgwError;
+use provider_keys_encrypt_core::format::base64::Base64Error;
+use provider_keys_encrypt_core::format::llmgw::LlmgwError;
+use provider_keys_encrypt_core::format::Format;
+use provider_keys_encrypt_core::guard::ArgumentError;
 use provider_keys_encrypt_core::key_file::KeyFileError;
+use provider_keys_encrypt_core::keys::KeyError;
+
+use crate::log_filter;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
-    /// The server is set up so that keys could leak: refuse to work (see `gucs::guard`).
+    /// The server is set up so that keys could leak: refuse to work (see
+    /// `settings::check_setup`).
     #[error(transparent)]
     Setup(#[from] SetupError),
     #[error(transparent)]
@@ -70,8 +73,9 @@ pub enum Error {
     /// A `<VAR>_FILE` the server refused to read a key from (`key_file`).
     #[error(transparent)]
     KeyFile(#[from] KeyFileError),
+    /// The guide's base64 format and its ENCRYPTION_KEY keyring.
     #[error(transparent)]
-    Token(#[from] TokenError),
+    Token(#[from] Base64Error),
     /// The gateway's llmgw format and its GATEWAY_API_KEY_HASH_SECRET keyring.
     #[error(transparent)]
     Llmgw(#[from] LlmgwError),
@@ -143,16 +147,16 @@ impl Error {
                     ERRCODE_CONFIG_FILE_ERROR
                 }
             },
-            Error::Token(TokenError::NotBase64 | TokenError::TooShort) => {
+            Error::Token(Base64Error::NotBase64 | Base64Error::TooShort) => {
                 ERRCODE_INVALID_TEXT_REPRESENTATION
             }
-            Error::Token(TokenError::Unauthenticated) => ERRCODE_DATA_EXCEPTION,
-            Error::Token(TokenError::NotText) => ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
-            Error::Token(TokenError::TooLong | TokenError::TokenTooLong) => {
+            Error::Token(Base64Error::Unauthenticated) => ERRCODE_DATA_EXCEPTION,
+            Error::Token(Base64Error::NotText) => ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            Error::Token(Base64Error::TooLong | Base64Error::TokenTooLong) => {
                 ERRCODE_PROGRAM_LIMIT_EXCEEDED
             }
-            Error::Token(TokenError::OutOfMemory) => ERRCODE_OUT_OF_MEMORY,
-            Error::Token(TokenError::NoRandomness) => ERRCODE_SYSTEM_ERROR,
+            Error::Token(Base64Error::OutOfMemory) => ERRCODE_OUT_OF_MEMORY,
+            Error::Token(Base64Error::NoRandomness) => ERRCODE_SYSTEM_ERROR,
             Error::Llmgw(e) => match e {
                 LlmgwError::MissingSecret => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 LlmgwError::NotAToken | LlmgwError::Malformed(_) => {
@@ -279,12 +283,12 @@ impl Error {
                  same ENCRYPTION_KEY as the gateway in its environment (see the README, \
                  \"Configuring the key\").",
             ),
-            Error::Token(TokenError::Unauthenticated) => Some(
+            Error::Token(Base64Error::Unauthenticated) => Some(
                 "The token was written under another key: check that ENCRYPTION_KEY matches the \
                  gateway's (compare provider_keys_encrypt_fingerprint()), or list the key it was \
                  written under in the server's ENCRYPTION_KEY_PREVIOUS.",
             ),
-            Error::Token(TokenError::NotBase64 | TokenError::TooShort) => Some(
+            Error::Token(Base64Error::NotBase64 | Base64Error::TooShort) => Some(
                 "A token is standard base64 (with padding) of nonce(12) || tag(16) || ciphertext.",
             ),
             Error::Llmgw(LlmgwError::MissingSecret) => Some(
@@ -326,8 +330,8 @@ impl Error {
     pub fn raise(self) -> ! {
         // The statement that caused any of these errors may hold the value refused (a
         // plaintext key written past a guard, an input too long to encrypt): keep it out of
-        // the server log (gucs.rs, the log hook). The client still gets the whole report.
-        crate::gucs::hide_statement_of_next(self.sqlstate());
+        // the server log (log_filter.rs). The client still gets the whole report.
+        log_filter::hide_statement_of_next(self.sqlstate());
         let mut report =
             ErrorReport::new(self.sqlstate(), self.to_string(), "provider_keys_encrypt");
         if let Some(h) = self.hint() {
@@ -342,7 +346,7 @@ impl Error {
 }
 
 /// Why the extension refuses to work in this server at all (checked at first use in each
-/// backend, `gucs::guard`). Messages name settings, roles, databases and functions, never a
+/// backend, `settings::check_setup`). Messages name settings, roles, databases and functions, never a
 /// value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SetupError {
@@ -366,9 +370,18 @@ pub enum SetupError {
     Scan,
 }
 
+/// Where PostgreSQL applied a value before any statement could be refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigPlace {
+    /// postgresql.conf, an included file, or postgresql.auto.conf
+    File,
+    /// `-c name=value` on the server's command line
+    CommandLine,
+}
+
+/// Each constructor takes the name of the setting that holds the key.
 impl SetupError {
-    pub fn given_in_config(setting: Setting, place: ConfigPlace) -> SetupError {
-        let name = setting.name();
+    pub fn given_in_config(name: &str, place: ConfigPlace) -> SetupError {
         let (place, fix) = match place {
             ConfigPlace::File => (
                 format!("a configuration file ({name} in postgresql.conf, an included file or postgresql.auto.conf)"),
@@ -394,7 +407,7 @@ impl SetupError {
 
     /// `role`/`database` are quoted identifiers; `None` means all.
     pub fn in_role_setting(
-        setting: Setting,
+        name: &str,
         role: Option<String>,
         database: Option<String>,
         more: usize,
@@ -405,7 +418,6 @@ impl SetupError {
             (None, Some(d)) => format!("DATABASE {d}"),
             (Some(r), Some(d)) => format!("ROLE {r} IN DATABASE {d}"),
         };
-        let name = setting.name();
         SetupError::KeyGiven {
             place: format!(
                 "pg_db_role_setting, which every role can read (ALTER {target} SET {name})"
@@ -419,8 +431,7 @@ impl SetupError {
     }
 
     /// `function` is the function's signature (`regprocedure` text).
-    pub fn in_function(setting: Setting, function: String, more: usize) -> SetupError {
-        let name = setting.name();
+    pub fn in_function(name: &str, function: String, more: usize) -> SetupError {
         SetupError::KeyGiven {
             place: format!(
                 "the SET clause of function {function}, which every role can read in pg_proc.proconfig"
@@ -431,6 +442,18 @@ impl SetupError {
             ),
             more,
         }
+    }
+}
+
+impl From<ArgumentError> for GuardError {
+    fn from(e: ArgumentError) -> GuardError {
+        GuardError::Argument(e.0)
+    }
+}
+
+impl From<ArgumentError> for Error {
+    fn from(e: ArgumentError) -> Error {
+        GuardError::from(e).into()
     }
 }
 

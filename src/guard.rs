@@ -15,7 +15,7 @@
 //! `format=base64` (the default). For each row written (the new version of the row):
 //! * `status = 'deleted'`, or a NULL token: written as given.
 //! * a token that authenticates under the current or a previous key: written as given (the
-//!   same test as the engine's: `KeyRing::classify`, so `reencrypt_provider_keys` and the guard
+//!   same test as the engine's: the keyring's `classify`, so `reencrypt_provider_keys` and the guard
 //!   agree on what is encrypted).
 //! * plaintext: `mode=encrypt` (the default) writes it encrypted under the current key, in the
 //!   format the gateway reads; `mode=reject` raises 23000 naming the row's id, never the value.
@@ -30,7 +30,7 @@
 //!   the engine's own backfill (`SET token = NULL, token_ciphertext = …`) write this, so a run
 //!   pays nothing for the guard.
 //! * a plaintext `token`: `mode=encrypt` seals it for the row's own id and organization (NULL:
-//!   the managed scope) with [`crate::llmgw::seal_row`], exactly what the backfill writes, into
+//!   the managed scope) with [`crate::format::llmgw::seal_row`], exactly what the backfill writes, into
 //!   `token_ciphertext`, `token_hash` and `token_masked`, and sets `token` NULL (so the
 //!   gateway's `CHECK ((token IS NULL) <> (token_ciphertext IS NULL))` holds); the last
 //!   plaintext written wins over an older ciphertext. `mode=reject` raises 23000. A NULL id
@@ -41,7 +41,7 @@
 //!   plaintext (`unverified=plaintext`). `encrypt_unverified` does not apply to llmgw in the
 //!   engine, so a run installs `('format=llmgw')` whatever it is given.
 //!
-//! The UPDATE columns the guard must fire on are [`Format::watches`]: id, token and status for
+//! The UPDATE columns the guard must fire on are core's `guard::watches`: id, token and status for
 //! base64 (un-deleting a row brings its plaintext back), id and token for llmgw (a new id
 //! moves a plaintext row behind a run's position in its walk by id);
 //! `pke_internal.guard_settings` reports them and `provider_keys_guard_status().covers_writes`
@@ -51,255 +51,36 @@
 //! anyone's search_path (a planted operator or overload) can run through it.
 //!
 //! Arguments are `key=value`, each key at most once; anything else is an error (22023) the
-//! first time the trigger fires. What a format reads and writes: [`Format::required`] and
-//! [`SealedRow::columns_to_write`]; the decision (pass / seal / refuse): `decide` (base64) and
-//! `decide_llmgw`, both plain Rust.
+//! first time the trigger fires. Everything the guard decides without PostgreSQL (its
+//! arguments, what a format reads and writes, pass / seal / refuse) is core's
+//! `provider_keys_encrypt_core::guard`, tested there with plain `#[test]`s; this file reads
+//! and rewrites the tuple.
 //!
-//! The engine's own writes (base64): `UPDATE ... SET token = encrypt_token(t.token)` fires the
-//! guard on the token this backend has just sealed. [`note_sealed`] keeps the last token sealed
-//! in this backend and the fingerprint of the key it was sealed under; a token equal to it byte
-//! for byte, while that key is still the current key, is known to authenticate under the
-//! current key and is passed without opening it again.
+//! The engine's own writes (base64): a token this backend has just sealed is passed without
+//! opening it again (`format::base64::sealed_just_now`).
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::ffi::CStr;
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{PgLogLevel, PgSqlErrorCode, PgTupleDesc};
-
-use crate::errors::{Error, GuardError, OrRaise};
-use crate::gucs::{with_gateway_keyring, with_keyring};
-use crate::keys::{KeyRing, TokenState};
-use crate::llmgw::seal_row;
-use provider_keys_encrypt_core::format_llmgw::LlmgwError;
+use provider_keys_encrypt_core::format::llmgw::LlmgwError;
+use provider_keys_encrypt_core::format::{base64, llmgw, Format, Keyring as _, State};
+use provider_keys_encrypt_core::guard::{
+    clip, decide, llmgw_token_state, required, watches, Col, Config, Decision, Sealed,
+};
 use provider_keys_encrypt_core::RowContext;
 
-/// What the guard does with a plaintext token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Encrypt it on write (the default: the application keeps working).
-    Encrypt,
-    /// Refuse the write (23000).
-    Reject,
-}
-
-/// The token format the guard writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// base64(nonce ‖ tag ‖ ciphertext) in `token`, key ENCRYPTION_KEY (the seed guide's).
-    Base64,
-    /// The gateway's rollout layout: the plaintext in `token` moves to `token_ciphertext`
-    /// (`llmgw:v2:…`, bound to the row's id and organization), `token_hash` and
-    /// `token_masked`, keyring GATEWAY_API_KEY_HASH_SECRET; `token` is set NULL.
-    Llmgw,
-}
-
-/// What the guard does with a token-shaped value that no configured key opens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unverified {
-    /// Treat it as plaintext (encrypt it, or refuse it in mode=reject), with a WARNING.
-    Plaintext,
-    /// Write it as given, with a WARNING.
-    Keep,
-}
-
-/// A guard's settings, from its trigger arguments.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Config {
-    pub mode: Mode,
-    pub format: Format,
-    pub unverified: Unverified,
-}
-
-impl Config {
-    pub const DEFAULT: Config = Config {
-        mode: Mode::Encrypt,
-        format: Format::Base64,
-        unverified: Unverified::Plaintext,
-    };
-
-    /// Parse trigger arguments: `mode=encrypt|reject`, `format=base64|llmgw`,
-    /// `unverified=plaintext|keep`, each at most once, in any order. Without `unverified`, the
-    /// format's default: `plaintext` for base64, `keep` for llmgw (see the module doc).
-    pub fn parse<'a>(args: impl IntoIterator<Item = &'a [u8]>) -> Result<Config, GuardError> {
-        let mut config = Config::DEFAULT;
-        let mut unverified = None;
-        let mut seen = [false; 3];
-        for arg in args {
-            let text = std::str::from_utf8(arg)
-                .map_err(|_| GuardError::Argument("an argument is not valid UTF-8".into()))?;
-            let unknown =
-                || GuardError::Argument(format!("unknown argument \"{}\"", clip(text, 64)));
-            let (key, value) = text.split_once('=').ok_or_else(unknown)?;
-            let slot = match key {
-                "mode" => 0,
-                "format" => 1,
-                "unverified" => 2,
-                _ => return Err(unknown()),
-            };
-            if std::mem::replace(&mut seen[slot], true) {
-                return Err(GuardError::Argument(format!(
-                    "argument \"{key}\" is given more than once"
-                )));
-            }
-            match (key, value) {
-                ("mode", "encrypt") => config.mode = Mode::Encrypt,
-                ("mode", "reject") => config.mode = Mode::Reject,
-                ("format", "base64") => config.format = Format::Base64,
-                ("format", "llmgw") => config.format = Format::Llmgw,
-                ("unverified", "plaintext") => unverified = Some(Unverified::Plaintext),
-                ("unverified", "keep") => unverified = Some(Unverified::Keep),
-                _ => return Err(unknown()),
-            }
-        }
-        config.unverified = unverified.unwrap_or(match config.format {
-            Format::Base64 => Unverified::Plaintext,
-            Format::Llmgw => Unverified::Keep,
-        });
-        Ok(config)
-    }
-
-    /// The labels the status function shows: (mode, format, unverified).
-    pub fn labels(&self) -> (&'static str, &'static str, &'static str) {
-        (
-            match self.mode {
-                Mode::Encrypt => "encrypt",
-                Mode::Reject => "reject",
-            },
-            match self.format {
-                Format::Base64 => "base64",
-                Format::Llmgw => "llmgw",
-            },
-            match self.unverified {
-                Unverified::Plaintext => "plaintext",
-                Unverified::Keep => "keep",
-            },
-        )
-    }
-}
-
-impl Format {
-    /// The columns whose UPDATE can bring a plaintext back: the guard must fire on an UPDATE
-    /// of each (`BEFORE INSERT OR UPDATE OF <these>`). A run walks the table in id order, so a
-    /// plaintext row given a smaller id would end behind it: id matters for both. base64
-    /// passes soft-deleted rows, so an UPDATE of status (un-deleting a row) matters too; llmgw
-    /// moves every row whatever its status.
-    pub fn watches(self) -> &'static [&'static str] {
-        match self {
-            Format::Base64 => &["id", "token", "status"],
-            Format::Llmgw => &["id", "token"],
-        }
-    }
-
-    /// The columns the guard reads or writes: each must exist and be text or varchar.
-    fn required(self) -> &'static [Col] {
-        match self {
-            Format::Base64 => &[Col::Id, Col::Token, Col::Provider, Col::Status],
-            Format::Llmgw => &[
-                Col::Id,
-                Col::Token,
-                Col::Provider,
-                Col::TokenCiphertext,
-                Col::TokenHash,
-                Col::TokenMasked,
-                Col::OrganizationId,
-            ],
-        }
-    }
-}
-
-/// What the guard sealed from one plaintext.
-enum SealedRow {
-    /// base64: the token for column `token`.
-    Token(String),
-    /// llmgw: (token_ciphertext, token_hash, token_masked), from `crate::llmgw::seal_row`.
-    Llmgw {
-        ciphertext: String,
-        hash: String,
-        masked: String,
-    },
-}
-
-impl SealedRow {
-    /// The columns a sealed row writes (None: set NULL). llmgw moves the plaintext out of
-    /// `token`.
-    fn columns_to_write(self) -> Vec<(Col, Option<String>)> {
-        match self {
-            SealedRow::Token(token) => vec![(Col::Token, Some(token))],
-            SealedRow::Llmgw {
-                ciphertext,
-                hash,
-                masked,
-            } => vec![
-                (Col::Token, None),
-                (Col::TokenCiphertext, Some(ciphertext)),
-                (Col::TokenHash, Some(hash)),
-                (Col::TokenMasked, Some(masked)),
-            ],
-        }
-    }
-}
-
-/// At most `max` bytes of `s`, cut at a character boundary (for names in messages).
-fn clip(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-// ---------------------------------------------------------------------------------------------
-// The last token sealed in this backend (the engine's own writes) and two counters for tests.
-
-struct Sealed {
-    /// Fingerprint of the key the token was sealed under (the current key at the time).
-    fingerprint: String,
-    token: String,
-}
+use crate::errors::{Error, GuardError, OrRaise};
+use crate::format::base64::{note_sealed, sealed_just_now};
+use crate::format::llmgw::{is_base64_token, seal_row};
+use crate::keyring::with_keyring;
+use crate::log_filter;
 
 thread_local! {
-    static LAST_SEALED: RefCell<Sealed> = const {
-        RefCell::new(Sealed { fingerprint: String::new(), token: String::new() })
-    };
-    /// (tokens passed as just sealed, tokens the guard classified in full)
+    /// (tokens passed as just sealed, tokens the guard classified in full), for tests.
     static COUNTS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
-}
-
-/// Remember `token`, just sealed under `ring`'s current key in this backend: when the guard
-/// sees exactly these bytes next, it need not open them again. Called by encrypt_token,
-/// pke_internal.reencrypt and the guard itself. Tokens are not secret; the buffers are reused.
-pub fn note_sealed(ring: &KeyRing, token: &str) {
-    LAST_SEALED.with(|cell| {
-        let Ok(mut last) = cell.try_borrow_mut() else {
-            return;
-        };
-        last.token.clear();
-        last.fingerprint.clear();
-        let fingerprint = ring.current().fingerprint();
-        // never abort the backend on memory: without room, remember nothing
-        if last.token.try_reserve(token.len()).is_ok()
-            && last.fingerprint.try_reserve(fingerprint.len()).is_ok()
-        {
-            last.token.push_str(token);
-            last.fingerprint.push_str(fingerprint);
-        }
-    });
-}
-
-/// Is `token` the one this backend sealed last, under what is still the current key?
-fn sealed_just_now(ring: &KeyRing, token: &[u8]) -> bool {
-    LAST_SEALED.with(|cell| {
-        cell.try_borrow().is_ok_and(|last| {
-            !last.token.is_empty()
-                && last.token.as_bytes() == token
-                && last.fingerprint == ring.current().fingerprint()
-        })
-    })
 }
 
 /// (tokens the guard passed as just sealed, tokens it classified in full) in this backend.
@@ -318,155 +99,22 @@ fn count(just_sealed: bool) {
     });
 }
 
-// ---------------------------------------------------------------------------------------------
-// The decision for one row: pure Rust over the row's token bytes.
-
-enum Outcome {
-    /// Write the row as given.
-    Pass,
-    /// Write this token instead of the plaintext.
-    Seal(String),
-    /// mode=reject: refuse the write; why (never the value).
-    Refuse(&'static str),
-}
-
-/// What to do with a new token, and whether it is `unverified` (the caller warns).
-fn decide(config: &Config, ring: &KeyRing, token: &[u8]) -> Result<(Outcome, bool), Error> {
+/// base64: the state of a row's token under the keyring; a token this backend has just sealed
+/// under what is still the current key is not opened again.
+fn base64_state(ring: &base64::Keyring, token: &[u8]) -> Result<State, Error> {
     let just_sealed = sealed_just_now(ring, token);
     count(just_sealed);
-    let state = if just_sealed {
-        TokenState::Current
-    } else {
-        match std::str::from_utf8(token) {
-            Ok(text) => ring.classify(text)?,
-            Err(_) => TokenState::Plaintext, // not text, so not base64 either
-        }
-    };
-    let unverified = state == TokenState::Unverified;
-    let treat_as_plaintext = match state {
-        TokenState::Current | TokenState::Previous => false,
-        TokenState::Unverified => config.unverified == Unverified::Plaintext,
-        TokenState::Plaintext => true,
-    };
-    if !treat_as_plaintext {
-        return Ok((Outcome::Pass, unverified));
+    if just_sealed {
+        return Ok(State::Current);
     }
-    Ok(match config.mode {
-        Mode::Reject if unverified => (
-            Outcome::Refuse("its token looks encrypted but authenticates under no configured key"),
-            false,
-        ),
-        Mode::Reject => (Outcome::Refuse("its token is not encrypted"), false),
-        Mode::Encrypt => {
-            let sealed = ring.encrypt(token)?;
-            note_sealed(ring, &sealed);
-            (Outcome::Seal(sealed), unverified)
-        }
+    Ok(match std::str::from_utf8(token) {
+        Ok(text) => ring.classify(text, ())?,
+        Err(_) => State::Plaintext, // not text, so not base64 either
     })
 }
 
 // ---------------------------------------------------------------------------------------------
-// llmgw: the decision for one row, pure Rust over the row's `token` bytes.
-
-/// What the llmgw guard does with a row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LlmgwDecision {
-    /// Write the row as given (`token` NULL: the gateway's new code and the engine's own
-    /// backfill; or an llmgw token kept as given).
-    Pass,
-    /// Seal `token` as a plaintext into token_ciphertext, token_hash and token_masked, and set
-    /// `token` NULL.
-    Seal,
-    /// mode=reject: refuse the write; why (never the value).
-    Refuse(&'static str),
-}
-
-/// The prefix of every llmgw token (`llmgw:v1:`, `llmgw:v2:`, …): never a plaintext key.
-const LLMGW_PREFIX: &[u8] = b"llmgw:";
-
-/// What to do with a new row's `token` (None: NULL), and whether it is `unverified` (an llmgw
-/// token in `token`, or a token `base64_token` recognises as one of this extension's base64
-/// tokens, as the engine's llmgw_state does: the caller warns). No keyring is needed to decide
-/// a NULL `token`: it costs nothing.
-fn decide_llmgw(
-    config: &Config,
-    token: Option<&[u8]>,
-    base64_token: impl FnOnce(&[u8]) -> bool,
-) -> (LlmgwDecision, bool) {
-    let Some(token) = token else {
-        return (LlmgwDecision::Pass, false);
-    };
-    let unverified = token.starts_with(LLMGW_PREFIX) || base64_token(token);
-    if unverified && config.unverified == Unverified::Keep {
-        return (LlmgwDecision::Pass, true);
-    }
-    match config.mode {
-        Mode::Reject if unverified => (
-            LlmgwDecision::Refuse(
-                "its column token holds a token (llmgw, or base64 of this extension), not a key",
-            ),
-            false,
-        ),
-        Mode::Reject => (
-            LlmgwDecision::Refuse("its column token holds a plaintext key"),
-            false,
-        ),
-        Mode::Encrypt => (LlmgwDecision::Seal, unverified),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The trigger.
-
-/// The columns the guard may read or write; which ones a format needs: [`Format::required`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Col {
-    Id,
-    Token,
-    Provider,
-    Status,
-    TokenCiphertext,
-    TokenHash,
-    TokenMasked,
-    OrganizationId,
-}
-
-const COLUMN_NAMES: [&CStr; 8] = [
-    c"id",
-    c"token",
-    c"provider",
-    c"status",
-    c"token_ciphertext",
-    c"token_hash",
-    c"token_masked",
-    c"organization_id",
-];
-
-impl Col {
-    const ALL: [Col; 8] = [
-        Col::Id,
-        Col::Token,
-        Col::Provider,
-        Col::Status,
-        Col::TokenCiphertext,
-        Col::TokenHash,
-        Col::TokenMasked,
-        Col::OrganizationId,
-    ];
-
-    fn name(self) -> &'static str {
-        [
-            "id",
-            "token",
-            "provider",
-            "status",
-            "token_ciphertext",
-            "token_hash",
-            "token_masked",
-            "organization_id",
-        ][self as usize]
-    }
-}
 
 /// Attribute numbers of the columns the format needs (0: not there), and each one's varchar
 /// limit.
@@ -492,7 +140,7 @@ unsafe fn columns(
     table: &str,
     format: Format,
 ) -> Result<Columns, GuardError> {
-    let required = format.required();
+    let required = required(format);
     let mut found = Columns {
         attnum: [0; 8],
         max: [None; 8],
@@ -508,10 +156,10 @@ unsafe fn columns(
                 continue;
             }
             let name = CStr::from_ptr(att.attname.data.as_ptr());
-            let Some(slot) = COLUMN_NAMES.iter().position(|n| *n == name) else {
+            let Some(col) = Col::from_name(name.to_bytes()) else {
                 continue;
             };
-            let col = Col::ALL[slot];
+            let slot = col as usize;
             if !required.contains(&col) {
                 continue;
             }
@@ -633,38 +281,52 @@ fn guard_row<'a>(
                 let Some(token) = text_of(tuple, tupdesc, columns.at(Col::Token)) else {
                     return Ok(given());
                 };
-                let (outcome, unverified) = with_keyring(|ring| decide(&config, ring, token))??;
-                if unverified {
-                    warn_unverified(
-                        config.format,
-                        &id(),
-                        &provider(),
-                        matches!(outcome, Outcome::Seal(_)),
-                    );
-                }
-                match outcome {
-                    Outcome::Pass => return Ok(given()),
-                    Outcome::Refuse(why) => return Err(refused(why)),
-                    Outcome::Seal(sealed) => SealedRow::Token(sealed),
+                let sealed = with_keyring(|ring: &base64::Keyring| {
+                    let (decision, unverified) = decide(&config, base64_state(ring, token)?);
+                    if unverified {
+                        warn_unverified(
+                            config.format,
+                            &id(),
+                            &provider(),
+                            decision == Decision::Seal,
+                        );
+                    }
+                    Ok::<_, Error>(match decision {
+                        Decision::Pass => None,
+                        Decision::Refuse(why) => return Err(refused(why)),
+                        Decision::Seal => {
+                            let sealed = ring.seal_bytes(token)?;
+                            note_sealed(ring, &sealed);
+                            Some(sealed)
+                        }
+                    })
+                })??;
+                match sealed {
+                    None => return Ok(given()),
+                    Some(token) => Sealed::Token(token),
                 }
             }
             Format::Llmgw => {
-                let token = text_of(tuple, tupdesc, columns.at(Col::Token));
-                let (decision, unverified) = decide_llmgw(&config, token, |t| {
-                    std::str::from_utf8(t).is_ok_and(crate::llmgw::is_base64_token)
-                });
+                // a NULL token passes without a look: the gateway's new code and the
+                // engine's own backfill write it
+                let Some(token) = text_of(tuple, tupdesc, columns.at(Col::Token)) else {
+                    return Ok(given());
+                };
+                let state =
+                    llmgw_token_state(token, |t| std::str::from_utf8(t).is_ok_and(is_base64_token));
+                let (decision, unverified) = decide(&config, state);
                 if unverified {
                     warn_unverified(
                         config.format,
                         &id(),
                         &provider(),
-                        decision == LlmgwDecision::Seal,
+                        decision == Decision::Seal,
                     );
                 }
                 match decision {
-                    LlmgwDecision::Pass => return Ok(given()),
-                    LlmgwDecision::Refuse(why) => return Err(refused(why)),
-                    LlmgwDecision::Seal => {}
+                    Decision::Pass => return Ok(given()),
+                    Decision::Refuse(why) => return Err(refused(why)),
+                    Decision::Seal => {}
                 }
                 // the database is UTF8 (the extension refuses any other), so these are text
                 let utf8 = |col: Col| {
@@ -679,8 +341,8 @@ fn guard_row<'a>(
                     organization_id: utf8(Col::OrganizationId)?,
                 };
                 let (ciphertext, hash, masked) =
-                    with_gateway_keyring(|ring| seal_row(ring, plaintext, &ctx))??;
-                SealedRow::Llmgw {
+                    with_keyring(|ring: &llmgw::Keyring| seal_row(ring, plaintext, &ctx))??;
+                Sealed::Llmgw {
                     ciphertext,
                     hash,
                     masked,
@@ -750,7 +412,7 @@ fn warn_unverified(format: Format, id: &str, provider: &str, sealed: bool) {
         ),
     };
     // the statement that wrote the row holds the value (log_min_error_statement = warning)
-    crate::gucs::hide_statement_of_next(PgSqlErrorCode::ERRCODE_WARNING);
+    log_filter::hide_statement_of_next(PgSqlErrorCode::ERRCODE_WARNING);
     let mut report = ErrorReport::new(
         PgSqlErrorCode::ERRCODE_WARNING,
         format!("Provider key {id} for provider {provider} {what}: {done}"),
@@ -794,7 +456,7 @@ pub fn pke_guard_settings(
     let row = match Config::parse(args.split(|b| *b == 0).take(n)) {
         Ok(config) => {
             let (mode, format, unverified) = config.labels();
-            let watches = config.format.watches().iter().map(|c| c.to_string());
+            let watches = watches(config.format).iter().map(|c| c.to_string());
             (
                 Some(mode.into()),
                 Some(format.into()),
@@ -803,164 +465,13 @@ pub fn pke_guard_settings(
                 None,
             )
         }
-        Err(e) => (None, None, None, None, Some(e.to_string())),
+        Err(e) => (
+            None,
+            None,
+            None,
+            None,
+            Some(GuardError::from(e).to_string()),
+        ),
     };
     TableIterator::once(row)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(args: &[&str]) -> Result<Config, GuardError> {
-        Config::parse(args.iter().map(|a| a.as_bytes()))
-    }
-
-    #[test]
-    fn arguments() {
-        assert_eq!(parse(&[]), Ok(Config::DEFAULT));
-        let reject = parse(&["unverified=keep", "mode=reject", "format=base64"]).unwrap();
-        assert_eq!(reject.labels(), ("reject", "base64", "keep"));
-        for bad in [
-            &["reject"][..],
-            &["mode=Reject"],
-            &["mode=reject", "mode=encrypt"],
-            &["format=llmgw", "format=base64"],
-            &["format=LLMGW"],
-            &["unverified=encrypt"],
-            &["mode="],
-            &[""],
-        ] {
-            let e = parse(bad).unwrap_err();
-            assert!(matches!(e, GuardError::Argument(_)), "{bad:?}");
-        }
-        let long = "x".repeat(1000);
-        let msg = parse(&[&long]).unwrap_err().to_string();
-        assert!(msg.len() < 200, "{msg}");
-        assert!(matches!(
-            Config::parse([b"mode=\xff".as_slice()]),
-            Err(GuardError::Argument(_))
-        ));
-    }
-
-    #[test]
-    fn llmgw_arguments_and_defaults() {
-        let llmgw = parse(&["format=llmgw"]).unwrap();
-        // the engine's treatment: an llmgw token in `token` is never sealed twice
-        assert_eq!(llmgw.labels(), ("encrypt", "llmgw", "keep"));
-        assert_eq!(
-            parse(&["unverified=plaintext", "format=llmgw", "mode=reject"])
-                .unwrap()
-                .labels(),
-            ("reject", "llmgw", "plaintext")
-        );
-        // the default follows the format wherever the format argument comes
-        assert_eq!(
-            parse(&["mode=reject", "format=llmgw"]).unwrap().unverified,
-            Unverified::Keep
-        );
-        assert_eq!(
-            parse(&["format=base64"]).unwrap().unverified,
-            Unverified::Plaintext
-        );
-        assert_eq!(Format::Base64.watches(), &["id", "token", "status"]);
-        assert_eq!(Format::Llmgw.watches(), &["id", "token"]);
-        assert!(!Format::Llmgw.required().contains(&Col::Status));
-        assert!(Format::Llmgw.required().contains(&Col::OrganizationId));
-        for col in Col::ALL {
-            assert_eq!(
-                COLUMN_NAMES[col as usize].to_str().unwrap(),
-                col.name(),
-                "{col:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn llmgw_decisions() {
-        use LlmgwDecision::*;
-        let config = |args: &[&str]| parse(args).unwrap();
-        let encrypt = config(&["format=llmgw"]);
-        let encrypt_all = config(&["format=llmgw", "unverified=plaintext"]);
-        let reject = config(&["format=llmgw", "mode=reject"]);
-        let reject_all = config(&["format=llmgw", "mode=reject", "unverified=plaintext"]);
-        let token = Some(b"llmgw:v2:0123abcd:aa:bb:cc".as_slice());
-        let plain = Some(b"sk-live-1234567890".as_slice());
-        for (config, input, expected) in [
-            // token NULL: the new code's and the backfill's writes, whatever the mode
-            (&encrypt, None, (Pass, false)),
-            (&reject, None, (Pass, false)),
-            (&reject_all, None, (Pass, false)),
-            // a plaintext: sealed, or refused
-            (&encrypt, plain, (Seal, false)),
-            (&encrypt_all, plain, (Seal, false)),
-            (
-                &reject,
-                plain,
-                (Refuse("its column token holds a plaintext key"), false),
-            ),
-            (&encrypt, Some(b"".as_slice()), (Seal, false)),
-            (&encrypt, Some(b"\xff\xfe".as_slice()), (Seal, false)),
-            // an llmgw token in `token`: warned about, then per unverified
-            (&encrypt, token, (Pass, true)),
-            (&reject, token, (Pass, true)),
-            (&encrypt_all, token, (Seal, true)),
-            (
-                &reject_all,
-                token,
-                (
-                    Refuse("its column token holds a token (llmgw, or base64 of this extension), not a key"),
-                    false,
-                ),
-            ),
-            // the prefix is exact: anything else is a plaintext
-            (&encrypt, Some(b"LLMGW:v2:x".as_slice()), (Seal, false)),
-            (&encrypt, Some(b"llmgw".as_slice()), (Seal, false)),
-        ] {
-            assert_eq!(
-                decide_llmgw(config, input, |_| false),
-                expected,
-                "{config:?} {input:?}"
-            );
-        }
-        // a base64 token of this extension in `token` is treated as an llmgw token is
-        let b64 = Some(b"c2VhbGVkIGJ5IHRoaXMgZXh0ZW5zaW9u".as_slice());
-        assert_eq!(decide_llmgw(&encrypt, b64, |_| true), (Pass, true));
-        assert_eq!(decide_llmgw(&encrypt_all, b64, |_| true), (Seal, true));
-        assert_eq!(decide_llmgw(&encrypt, b64, |_| false), (Seal, false));
-        // and the check is not even asked for a NULL token
-        assert_eq!(
-            decide_llmgw(&encrypt, None, |_| unreachable!()),
-            (Pass, false)
-        );
-    }
-
-    #[test]
-    fn sealed_llmgw_moves_the_plaintext_out_of_token() {
-        let writes = SealedRow::Llmgw {
-            ciphertext: "llmgw:v2:k:i:c:t".into(),
-            hash: "h".into(),
-            masked: "m".into(),
-        }
-        .columns_to_write();
-        assert_eq!(
-            writes,
-            vec![
-                (Col::Token, None),
-                (Col::TokenCiphertext, Some("llmgw:v2:k:i:c:t".into())),
-                (Col::TokenHash, Some("h".into())),
-                (Col::TokenMasked, Some("m".into())),
-            ]
-        );
-        assert_eq!(
-            SealedRow::Token("t".into()).columns_to_write(),
-            vec![(Col::Token, Some("t".into()))]
-        );
-    }
-
-    #[test]
-    fn clip_cuts_at_char_boundaries() {
-        assert_eq!(clip("ключ", 3), "к");
-        assert_eq!(clip("abc", 10), "abc");
-    }
 }

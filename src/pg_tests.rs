@@ -9,6 +9,8 @@ use pgrx::prelude::*;
 #[pg_schema]
 mod tests {
     use pgrx::prelude::*;
+    use provider_keys_encrypt_core::format::base64::Keyring as Base64Ring;
+    use provider_keys_encrypt_core::keys::{self, KeyError};
 
     /// The key scripts/test gives the test server (never used outside tests).
     const TEST_KEY: &str = "dGVzdC1rZXktcHJvdmlkZXJfa2V5c19lbmNyeXB0LTE=";
@@ -69,9 +71,9 @@ mod tests {
             "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             &"x".repeat(10_000),
         ] {
-            let token = crate::functions::encrypt_token(plain);
-            assert!(crate::functions::is_encrypted_token(&token, true));
-            assert!(crate::functions::is_encrypted_token(&token, false));
+            let token = crate::format::base64::encrypt_token(plain);
+            assert!(crate::format::base64::is_encrypted_token(&token, true));
+            assert!(crate::format::base64::is_encrypted_token(&token, false));
             let back =
                 Spi::get_one_with_args::<String>("SELECT decrypt_token($1)", &[token.into()])
                     .unwrap()
@@ -165,8 +167,8 @@ mod tests {
     #[pg_test]
     fn non_utf8_plaintext_is_22021() {
         // a token whose plaintext is the byte 0xFF, made with the test key by the pure code
-        let ring = crate::keys::KeyRing::from_config(Some(TEST_KEY), None, None).unwrap();
-        let token = ring.encrypt(b"\xff").unwrap();
+        let ring = Base64Ring::build(Some(TEST_KEY), None).unwrap();
+        let token = ring.seal_bytes(b"\xff").unwrap();
         assert_eq!(
             sqlstate(&format!("SELECT decrypt_token('{token}')")),
             "22021"
@@ -222,11 +224,8 @@ mod tests {
     fn missing_key_is_55000_with_hint() {
         // The environment has a key; an explicitly blank setting falls back to it, so emulate
         // "no key at all" through the pure code path the SQL layer uses.
-        assert_eq!(
-            crate::keys::KeyRing::from_config(None, None, None).err(),
-            Some(crate::keys::KeyError::Missing)
-        );
-        let e = crate::errors::Error::from(crate::keys::KeyError::Missing);
+        assert_eq!(Base64Ring::build(None, None).err(), Some(KeyError::Missing));
+        let e = crate::errors::Error::from(KeyError::Missing);
         assert_eq!(
             e.sqlstate(),
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
@@ -241,9 +240,9 @@ mod tests {
 
     /// A token under `key`, made by the pure code (the server only has its environment keys).
     fn token_under(key: &str, plaintext: &str) -> String {
-        crate::keys::KeyRing::from_config(None, Some(key), None)
+        Base64Ring::build(Some(key), None)
             .unwrap()
-            .encrypt(plaintext.as_bytes())
+            .seal_bytes(plaintext.as_bytes())
             .unwrap()
     }
 
@@ -271,9 +270,8 @@ mod tests {
             "22000"
         );
         // the key list and the displays
-        let prev_fp = crate::keys::fingerprint(
-            &crate::keys::parse_key(PREV_KEY, crate::keys::KeySource::Environment).unwrap(),
-        );
+        let prev_fp =
+            keys::fingerprint(&keys::parse_key(PREV_KEY, keys::KeySource::Environment).unwrap());
         assert_eq!(
             one::<String>("SELECT string_agg(key || ' ' || fingerprint, ', ') FROM provider_keys_encrypt_keys()"),
             Some(format!(
@@ -311,14 +309,14 @@ mod tests {
 
     #[pg_test]
     fn the_gateway_keyring_comes_from_the_environment() {
-        use provider_keys_encrypt_core::format_llmgw::Keyring;
+        use provider_keys_encrypt_core::format::llmgw::Keyring;
         let expected: Vec<String> = Keyring::parse(GATEWAY_SECRETS)
             .unwrap()
             .entries()
             .iter()
             .map(|s| s.kid().to_string())
             .collect();
-        let got: Vec<String> = crate::gucs::with_gateway_keyring(|ring| {
+        let got: Vec<String> = crate::keyring::with_keyring(|ring: &Keyring| {
             ring.entries().iter().map(|s| s.kid().to_string()).collect()
         })
         .unwrap();
@@ -337,7 +335,7 @@ mod tests {
     /// preloading) makes every function refuse, naming where, until it is removed.
     #[pg_test]
     fn a_stored_key_is_found_and_named() {
-        assert_eq!(crate::gucs::guard(), Ok(()));
+        assert_eq!(crate::settings::check_setup(), Ok(()));
         Spi::run("SET LOCAL allow_system_table_mods = on").unwrap();
         Spi::run("CREATE FUNCTION pg_temp.leaky(int) RETURNS int LANGUAGE sql AS 'SELECT 1'")
             .unwrap();
@@ -346,7 +344,7 @@ mod tests {
               WHERE oid = 'pg_temp.leaky(int)'::regprocedure"
         ))
         .unwrap();
-        let e = crate::gucs::guard().unwrap_err();
+        let e = crate::settings::check_setup().unwrap_err();
         assert_eq!(
             e.sqlstate(),
             PgSqlErrorCode::ERRCODE_CANT_CHANGE_RUNTIME_PARAM
@@ -365,7 +363,7 @@ mod tests {
             "UPDATE pg_proc SET proconfig = NULL WHERE oid = 'pg_temp.leaky(int)'::regprocedure",
         )
         .unwrap();
-        assert_eq!(crate::gucs::guard(), Ok(()));
+        assert_eq!(crate::settings::check_setup(), Ok(()));
 
         Spi::run(
             "INSERT INTO pg_db_role_setting VALUES
@@ -373,7 +371,7 @@ mod tests {
                 '{provider_keys_encrypt.gateway_api_key_hash_secret=gw-secret}')",
         )
         .unwrap();
-        let e = crate::gucs::guard().unwrap_err();
+        let e = crate::settings::check_setup().unwrap_err();
         let text = format!("{e} {}", e.hint().unwrap());
         assert!(
             text.contains("pg_db_role_setting") && text.contains("ALTER DATABASE"),
@@ -601,9 +599,9 @@ mod tests {
         // the record counts only for the key that is current: a token noted as sealed under
         // another key is opened in full, and what it is then decides (mode=reject refuses a
         // token under no configured key)
-        let other = crate::keys::KeyRing::from_config(None, Some(OTHER_KEY), None).unwrap();
-        let token = other.encrypt(b"sk-sealed-under-another-key").unwrap();
-        crate::guard::note_sealed(&other, &token);
+        let other = Base64Ring::build(Some(OTHER_KEY), None).unwrap();
+        let token = other.seal_bytes(b"sk-sealed-under-another-key").unwrap();
+        crate::format::base64::note_sealed(&other, &token);
         guarded_table(
             "g_r",
             "BEFORE INSERT OR UPDATE OF id, token, status",
@@ -878,7 +876,8 @@ mod tests {
         }
     }
 
-    /// What the guard must write for llmgw (crate::llmgw::seal_row) is what the backfill writes.
+    /// What the guard must write for llmgw (crate::format::llmgw::seal_row) is what the
+    /// backfill writes.
     #[pg_test]
     fn llmgw_seal_row_is_the_backfill() {
         use provider_keys_encrypt_core::RowContext;
@@ -886,8 +885,8 @@ mod tests {
             id: "r9",
             organization_id: None,
         };
-        let (ct, hash, mask) = crate::gucs::with_gateway_keyring(|ring| {
-            crate::llmgw::seal_row(ring, "sk-guard-hook-1234567", &ctx)
+        let (ct, hash, mask) = crate::keyring::with_keyring(|ring| {
+            crate::format::llmgw::seal_row(ring, "sk-guard-hook-1234567", &ctx)
         })
         .unwrap()
         .unwrap();

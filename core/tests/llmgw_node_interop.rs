@@ -1,4 +1,4 @@
-//! `format_llmgw` against Node: the reference implementation in
+//! `format::llmgw` against Node: the reference implementation in
 //! `tests/interop/llmgw_gateway.mjs` (node:crypto, written the way the gateway writes it) runs
 //! as one child process per test binary, driven over its JSON line protocol.
 //!
@@ -10,9 +10,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use provider_keys_encrypt_core::format_llmgw::{
-    self as llmgw, Keyring, LlmgwError, Malformed, State, Version, IV_LEN,
+use provider_keys_encrypt_core::format::llmgw::{
+    self as llmgw, Keyring, LlmgwError, Malformed, Version, IV_LEN,
 };
+use provider_keys_encrypt_core::format::State;
 use provider_keys_encrypt_core::RowContext;
 use serde_json::{json, Value};
 
@@ -507,7 +508,7 @@ fn node_sealed_tokens_open_in_rust() {
         let want_state = if version == "v2" && at == 0 {
             State::Current
         } else {
-            State::OlderKey
+            State::Previous
         };
         assert_eq!(llmgw::classify(&ring, &token, &ctx), want_state);
         total += 1;

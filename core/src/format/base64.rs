@@ -1,4 +1,5 @@
-//! The token format: the contract with the gateway's Node.js code.
+//! The guide's token format, `base64`: the contract with the gateway's Node.js code, and its
+//! keyring (`ENCRYPTION_KEY`, then the `ENCRYPTION_KEY_PREVIOUS` keys).
 //!
 //! ```text
 //! token = base64(STANDARD, padded)( nonce[12] ‖ tag[16] ‖ ciphertext )
@@ -11,20 +12,25 @@
 //! # Bounded inputs
 //!
 //! Provider API keys are well under 1 KB, so sizes are capped far above any real use:
-//! a plaintext is at most [`MAX_PLAINTEXT_LEN`] (64 KiB) bytes ([`TokenError::TooLong`]), a
-//! token at most [`MAX_TOKEN_LEN`] characters ([`TokenError::TokenTooLong`]). Both checks
+//! a plaintext is at most [`MAX_PLAINTEXT_LEN`] (64 KiB) bytes ([`Base64Error::TooLong`]), a
+//! token at most [`MAX_TOKEN_LEN`] characters ([`Base64Error::TokenTooLong`]). Both checks
 //! come before any allocation, and every allocation whose size depends on the input goes
-//! through `try_reserve`: memory exhaustion is [`TokenError::OutOfMemory`], never an abort
+//! through `try_reserve`: memory exhaustion is [`Base64Error::OutOfMemory`], never an abort
 //! of the process (a PostgreSQL backend that aborts takes the whole cluster through crash
 //! recovery).
 
 use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 use base64::engine::general_purpose::STANDARD;
 use base64::{decoded_len_estimate, encoded_len, Engine};
 use rand::rngs::OsRng;
 use rand::RngCore;
 use zeroize::{Zeroize, Zeroizing};
+
+use super::State;
+use crate::keys::{
+    fingerprint, parse_key, parse_key_list, scrub_stack, KeyError, KeySource, KEY_LEN,
+};
 
 /// Length of the GCM nonce (IV) at the start of every token.
 pub const NONCE_LEN: usize = 12;
@@ -41,7 +47,7 @@ pub const MAX_TOKEN_LEN: usize = (HEADER_LEN + MAX_PLAINTEXT_LEN).div_ceil(3) * 
 /// Why a value could not be opened as a token. The messages are fixed strings: they never
 /// carry the value, the key or a plaintext.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
+pub enum Base64Error {
     #[error("value is not an encrypted token: it is not canonical standard base64")]
     NotBase64,
     #[error("value is not an encrypted token: it decodes to fewer than 28 bytes")]
@@ -65,17 +71,17 @@ pub enum TokenError {
     OutOfMemory,
 }
 
-/// An empty vector with room for exactly `len` bytes, or [`TokenError::OutOfMemory`].
-fn try_vec(len: usize) -> Result<Vec<u8>, TokenError> {
+/// An empty vector with room for exactly `len` bytes, or [`Base64Error::OutOfMemory`].
+fn try_vec(len: usize) -> Result<Vec<u8>, Base64Error> {
     let mut v = Vec::new();
     v.try_reserve_exact(len)
-        .map_err(|_| TokenError::OutOfMemory)?;
+        .map_err(|_| Base64Error::OutOfMemory)?;
     Ok(v)
 }
 
 /// A zeroizing buffer with room for the plaintext of the decoded token `raw` (which
 /// [`decode`] bounded), to pass to [`open_raw`].
-pub fn plaintext_buffer(raw: &[u8]) -> Result<Zeroizing<Vec<u8>>, TokenError> {
+pub fn plaintext_buffer(raw: &[u8]) -> Result<Zeroizing<Vec<u8>>, Base64Error> {
     try_vec(raw.len().saturating_sub(HEADER_LEN)).map(Zeroizing::new)
 }
 
@@ -83,11 +89,11 @@ pub fn plaintext_buffer(raw: &[u8]) -> Result<Zeroizing<Vec<u8>>, TokenError> {
 ///
 /// The nonce comes from `getrandom(2)` on every call, never from a user-space generator whose
 /// state a `fork()` of the postmaster could duplicate into two backends.
-pub fn seal(cipher: &Aes256Gcm, plaintext: &[u8]) -> Result<String, TokenError> {
+pub fn seal(cipher: &Aes256Gcm, plaintext: &[u8]) -> Result<String, Base64Error> {
     let mut nonce = [0u8; NONCE_LEN];
     OsRng
         .try_fill_bytes(&mut nonce)
-        .map_err(|_| TokenError::NoRandomness)?;
+        .map_err(|_| Base64Error::NoRandomness)?;
     seal_with_nonce(cipher, &nonce, plaintext)
 }
 
@@ -97,9 +103,9 @@ pub fn seal_with_nonce(
     cipher: &Aes256Gcm,
     nonce: &[u8; NONCE_LEN],
     plaintext: &[u8],
-) -> Result<String, TokenError> {
+) -> Result<String, Base64Error> {
     if plaintext.len() > MAX_PLAINTEXT_LEN {
-        return Err(TokenError::TooLong);
+        return Err(Base64Error::TooLong);
     }
     // One buffer laid out as the token: nonce ‖ tag ‖ text, encrypted in place, so the
     // plaintext is never copied anywhere else (the exact capacity is reserved: no
@@ -110,15 +116,15 @@ pub fn seal_with_nonce(
     raw.extend_from_slice(plaintext);
     let tag = cipher
         .encrypt_in_place_detached(Nonce::from_slice(nonce), b"", &mut raw[HEADER_LEN..])
-        .map_err(|_| TokenError::TooLong)?;
+        .map_err(|_| Base64Error::TooLong)?;
     raw[NONCE_LEN..HEADER_LEN].copy_from_slice(&tag);
-    let len = encoded_len(raw.len(), true).ok_or(TokenError::TooLong)?;
+    let len = encoded_len(raw.len(), true).ok_or(Base64Error::TooLong)?;
     // base64 written in place into a buffer of the exact length (no String push: a memcpy call,
     // which musl makes costly for small sizes).
     let mut token = Vec::new();
     token
         .try_reserve_exact(len)
-        .map_err(|_| TokenError::OutOfMemory)?;
+        .map_err(|_| Base64Error::OutOfMemory)?;
     token.resize(len, 0);
     let n = STANDARD
         .encode_slice(&*raw, &mut token)
@@ -130,28 +136,28 @@ pub fn seal_with_nonce(
 /// Decode a token's base64 without checking its authenticity: canonical, padded standard
 /// base64 of at least [`HEADER_LEN`] bytes and at most [`MAX_TOKEN_LEN`] characters, whose
 /// ciphertext is at most [`MAX_PLAINTEXT_LEN`] bytes.
-pub fn decode(token: &str) -> Result<Vec<u8>, TokenError> {
+pub fn decode(token: &str) -> Result<Vec<u8>, Base64Error> {
     // The length is known before anything is read or allocated.
     if token.len() > MAX_TOKEN_LEN {
-        return Err(TokenError::TokenTooLong);
+        return Err(Base64Error::TokenTooLong);
     }
     // Canonical padded base64 always has a length that is a multiple of four; this rejects
     // most plaintext API keys before any decoding work.
     if token.len() % 4 != 0 {
-        return Err(TokenError::NotBase64);
+        return Err(Base64Error::NotBase64);
     }
     let mut raw = try_vec(decoded_len_estimate(token.len()))?;
     raw.resize(raw.capacity(), 0);
     let n = STANDARD
         .decode_slice(token.as_bytes(), &mut raw)
-        .map_err(|_| TokenError::NotBase64)?;
+        .map_err(|_| Base64Error::NotBase64)?;
     raw.truncate(n);
     if raw.len() < HEADER_LEN {
-        return Err(TokenError::TooShort);
+        return Err(Base64Error::TooShort);
     }
     // MAX_TOKEN_LEN rounds up to whole base64 groups: one more byte can fit.
     if raw.len() - HEADER_LEN > MAX_PLAINTEXT_LEN {
-        return Err(TokenError::TokenTooLong);
+        return Err(Base64Error::TokenTooLong);
     }
     Ok(raw)
 }
@@ -169,9 +175,13 @@ pub fn is_token_shaped(token: &str) -> bool {
 /// `scratch` is reused across keys and rows; the caller wipes it (it may hold plaintext).
 /// Give it the capacity the ciphertext needs ([`plaintext_buffer`]); if it is too small, its
 /// old contents are wiped before it is replaced (a reallocation would leave them behind), and
-/// the only possible error is [`TokenError::OutOfMemory`]. A token whose tag does not verify
+/// the only possible error is [`Base64Error::OutOfMemory`]. A token whose tag does not verify
 /// is never decrypted: `scratch` then holds ciphertext.
-pub fn open_raw(cipher: &Aes256Gcm, raw: &[u8], scratch: &mut Vec<u8>) -> Result<bool, TokenError> {
+pub fn open_raw(
+    cipher: &Aes256Gcm,
+    raw: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Result<bool, Base64Error> {
     if raw.len() < HEADER_LEN {
         return Ok(false);
     }
@@ -189,28 +199,171 @@ pub fn open_raw(cipher: &Aes256Gcm, raw: &[u8], scratch: &mut Vec<u8>) -> Result
 }
 
 /// Open a token under one key and return its text (test and tooling helper; the SQL layer
-/// goes through [`crate::keys::KeyRing`], which tries every configured key).
-pub fn open(cipher: &Aes256Gcm, token: &str) -> Result<Zeroizing<String>, TokenError> {
+/// goes through [`Keyring`], which tries every configured key).
+pub fn open(cipher: &Aes256Gcm, token: &str) -> Result<Zeroizing<String>, Base64Error> {
     let raw = decode(token)?;
     let mut scratch = plaintext_buffer(&raw)?;
     if !open_raw(cipher, &raw, &mut scratch)? {
-        return Err(TokenError::Unauthenticated);
+        return Err(Base64Error::Unauthenticated);
     }
     into_text(std::mem::take(&mut *scratch))
 }
 
 /// Turn decrypted bytes into text PostgreSQL can store: valid UTF-8 without NUL bytes.
 /// Invalid bytes are wiped before the error is returned.
-pub fn into_text(bytes: Vec<u8>) -> Result<Zeroizing<String>, TokenError> {
+pub fn into_text(bytes: Vec<u8>) -> Result<Zeroizing<String>, Base64Error> {
     if bytes.contains(&0) {
         drop(Zeroizing::new(bytes));
-        return Err(TokenError::NotText);
+        return Err(Base64Error::NotText);
     }
     match String::from_utf8(bytes) {
         Ok(s) => Ok(Zeroizing::new(s)),
         Err(e) => {
             drop(Zeroizing::new(e.into_bytes()));
-            Err(TokenError::NotText)
+            Err(Base64Error::NotText)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The keyring: ENCRYPTION_KEY, then the ENCRYPTION_KEY_PREVIOUS keys.
+
+/// One usable key: its expanded cipher state and its fingerprint.
+pub struct Key {
+    cipher: Box<Aes256Gcm>,
+    fingerprint: String,
+}
+
+impl Key {
+    pub fn new(raw: &[u8; KEY_LEN]) -> Key {
+        let cipher = expand(raw);
+        scrub_stack();
+        Key {
+            cipher,
+            fingerprint: fingerprint(raw),
+        }
+    }
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+}
+
+#[inline(never)]
+fn expand(raw: &[u8; KEY_LEN]) -> Box<Aes256Gcm> {
+    Box::new(Aes256Gcm::new(raw.into()))
+}
+
+/// The configured keys: `keys[0]` is the current key, the rest are previous keys, tried in
+/// order when opening.
+pub struct Keyring {
+    keys: Vec<Key>,
+}
+
+impl Keyring {
+    /// Build the ring from `ENCRYPTION_KEY` (`current`; blank or `None`:
+    /// [`KeyError::Missing`]) and `ENCRYPTION_KEY_PREVIOUS` (`previous`, comma-separated, in
+    /// order). A key equal to one already in the ring is skipped. Every entry must parse: the
+    /// first that does not is the error, named by its position, never by its value.
+    pub fn build(current: Option<&str>, previous: Option<&str>) -> Result<Keyring, KeyError> {
+        let current = current
+            .filter(|v| !v.trim_ascii().is_empty())
+            .ok_or(KeyError::Missing)?;
+        let current = parse_key(current, KeySource::Environment)?;
+        let mut keys = vec![Key::new(&current)];
+        for raw in parse_key_list(previous.unwrap_or(""), KeySource::EnvironmentPrevious) {
+            let key = Key::new(&*raw?);
+            // A key listed again (or the current key among the previous ones) changes
+            // nothing; skip it.
+            if keys.iter().all(|k| k.fingerprint != key.fingerprint) {
+                keys.push(key);
+            }
+        }
+        Ok(Keyring { keys })
+    }
+
+    pub fn current(&self) -> &Key {
+        &self.keys[0]
+    }
+
+    /// Seal bytes under the current key with a fresh OS nonce. The guard seals a row's token
+    /// bytes as they are; [`super::Keyring::seal`] is this for text.
+    pub fn seal_bytes(&self, plaintext: &[u8]) -> Result<String, Base64Error> {
+        seal(&self.current().cipher, plaintext)
+    }
+
+    pub fn previous(&self) -> &[Key] {
+        &self.keys[1..]
+    }
+
+    /// Index of the key (0 = current) the decoded token authenticates under; on success
+    /// `scratch` holds the plaintext bytes.
+    fn open_raw(&self, raw: &[u8], scratch: &mut Vec<u8>) -> Result<Option<usize>, Base64Error> {
+        for (i, key) in self.keys.iter().enumerate() {
+            if open_raw(&key.cipher, raw, scratch)? {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The configured key a value authenticates under, if any (its fingerprint is public: the
+    /// report shows it). Errors as [`Keyring::classify`](super::Keyring::classify).
+    pub fn authenticating_key(&self, value: &str) -> Result<Option<&Key>, Base64Error> {
+        let raw = match decode(value) {
+            Ok(raw) => raw,
+            Err(Base64Error::OutOfMemory) => return Err(Base64Error::OutOfMemory),
+            Err(_) => return Ok(None),
+        };
+        let mut scratch = plaintext_buffer(&raw)?;
+        Ok(self.open_raw(&raw, &mut scratch)?.map(|i| &self.keys[i]))
+    }
+}
+
+/// A base64 token is bound to nothing: `Binding` is `()`.
+impl super::Keyring for Keyring {
+    type Binding<'a> = ();
+    type Error = Base64Error;
+
+    /// Which configured key, if any, a value authenticates under. Never fails on odd input:
+    /// the only error is [`Base64Error::OutOfMemory`] (a buffer for the ciphertext of a
+    /// token-shaped value, at most [`MAX_PLAINTEXT_LEN`] bytes, could not be had).
+    fn classify(&self, value: &str, (): ()) -> Result<State, Base64Error> {
+        let raw = match decode(value) {
+            Ok(raw) => raw,
+            Err(Base64Error::OutOfMemory) => return Err(Base64Error::OutOfMemory),
+            Err(_) => return Ok(State::Plaintext),
+        };
+        let mut scratch = plaintext_buffer(&raw)?;
+        Ok(match self.open_raw(&raw, &mut scratch)? {
+            Some(0) => State::Current,
+            Some(_) => State::Previous,
+            None => State::Unverified,
+        })
+    }
+
+    /// Seal under the current key with a fresh OS nonce.
+    fn seal(&self, plaintext: &str, (): ()) -> Result<String, Base64Error> {
+        self.seal_bytes(plaintext.as_bytes())
+    }
+
+    /// Open a token under the first key it authenticates under.
+    fn open(&self, token: &str, (): ()) -> Result<Zeroizing<String>, Base64Error> {
+        let raw = decode(token)?;
+        let mut scratch = plaintext_buffer(&raw)?;
+        match self.open_raw(&raw, &mut scratch)? {
+            Some(_) => into_text(std::mem::take(&mut *scratch)),
+            None => Err(Base64Error::Unauthenticated),
+        }
+    }
+
+    /// Re-seal a token under the current key (key rotation). Its bytes are re-sealed as they
+    /// are (no UTF-8 round trip).
+    fn reseal(&self, token: &str, (): ()) -> Result<String, Base64Error> {
+        let raw = decode(token)?;
+        let mut scratch = plaintext_buffer(&raw)?;
+        match self.open_raw(&raw, &mut scratch)? {
+            Some(_) => self.seal_bytes(&scratch),
+            None => Err(Base64Error::Unauthenticated),
         }
     }
 }
@@ -285,7 +438,8 @@ mod tests {
     /// Buffer.concat([iv, cipher.getAuthTag(), encrypted]).toString('base64')) with fixed
     /// inputs; generated by tests/interop/make_vectors.mjs.
     const NODE_KEY_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-    const NODE_VECTORS: &[(&str, &str, &str)] = include!("../../tests/interop/node_vectors.rs.in");
+    const NODE_VECTORS: &[(&str, &str, &str)] =
+        include!("../../../tests/interop/node_vectors.rs.in");
 
     #[test]
     fn node_generated_vectors_round_trip_exactly() {
@@ -314,14 +468,14 @@ mod tests {
     fn decode_rejects_what_is_not_a_token() {
         assert_eq!(
             decode(""),
-            Err(TokenError::TooShort),
+            Err(Base64Error::TooShort),
             "empty is valid base64 of 0 bytes"
         );
-        assert_eq!(decode("sk-proj-abc"), Err(TokenError::NotBase64));
+        assert_eq!(decode("sk-proj-abc"), Err(Base64Error::NotBase64));
         // valid base64 but too short: 27 bytes
         assert_eq!(
             decode(&STANDARD.encode([1u8; 27])),
-            Err(TokenError::TooShort)
+            Err(Base64Error::TooShort)
         );
         assert!(decode(&STANDARD.encode([1u8; 28])).is_ok());
         // missing padding, URL-safe alphabet, whitespace, non-canonical trailing bits
@@ -329,12 +483,12 @@ mod tests {
         assert!(good.ends_with('='));
         assert_eq!(
             decode(good.trim_end_matches('=')),
-            Err(TokenError::NotBase64)
+            Err(Base64Error::NotBase64)
         );
-        assert_eq!(decode(&good.replace('+', "-")), Err(TokenError::NotBase64));
+        assert_eq!(decode(&good.replace('+', "-")), Err(Base64Error::NotBase64));
         assert_eq!(
             decode(&format!(" {good}")[..good.len()]),
-            Err(TokenError::NotBase64)
+            Err(Base64Error::NotBase64)
         );
         let mut noncanonical = good.clone().into_bytes();
         // with one "=", the last character before it has 2 unused low bits: set one of them
@@ -344,7 +498,7 @@ mod tests {
         noncanonical[i] = ALPHABET[v ^ 1];
         assert_eq!(
             decode(std::str::from_utf8(&noncanonical).unwrap()),
-            Err(TokenError::NotBase64)
+            Err(Base64Error::NotBase64)
         );
     }
 
@@ -356,7 +510,7 @@ mod tests {
         // ... but it does not authenticate.
         assert_eq!(
             open(&cipher(&[1u8; 32]), hex_key),
-            Err(TokenError::Unauthenticated)
+            Err(Base64Error::Unauthenticated)
         );
         assert!(!is_token_shaped(
             "sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123456789"
@@ -387,7 +541,7 @@ mod tests {
         let token = seal(&cipher(&[1u8; 32]), b"secret").unwrap();
         assert_eq!(
             open(&cipher(&[2u8; 32]), &token),
-            Err(TokenError::Unauthenticated)
+            Err(Base64Error::Unauthenticated)
         );
     }
 
@@ -396,7 +550,7 @@ mod tests {
         let c = cipher(&[3u8; 32]);
         for bad in [&b"\xff\xfe"[..], b"nul\0inside", b"\xc3"] {
             let token = seal(&c, bad).unwrap();
-            assert_eq!(open(&c, &token), Err(TokenError::NotText));
+            assert_eq!(open(&c, &token), Err(Base64Error::NotText));
         }
         let token = seal(&c, b"").unwrap();
         assert_eq!(open(&c, &token).unwrap().as_str(), "");
@@ -406,23 +560,23 @@ mod tests {
     #[test]
     fn error_messages_carry_no_input() {
         for e in [
-            TokenError::NotBase64,
-            TokenError::TooShort,
-            TokenError::Unauthenticated,
-            TokenError::NotText,
-            TokenError::TooLong,
-            TokenError::NoRandomness,
-            TokenError::TokenTooLong,
-            TokenError::OutOfMemory,
+            Base64Error::NotBase64,
+            Base64Error::TooShort,
+            Base64Error::Unauthenticated,
+            Base64Error::NotText,
+            Base64Error::TooLong,
+            Base64Error::NoRandomness,
+            Base64Error::TokenTooLong,
+            Base64Error::OutOfMemory,
         ] {
             let m = e.to_string();
             assert!(!m.contains('{') && !m.contains("sk-"), "{m}");
         }
         // the limits the messages quote are the real ones
-        assert!(TokenError::TooLong
+        assert!(Base64Error::TooLong
             .to_string()
             .contains(&MAX_PLAINTEXT_LEN.to_string()));
-        assert!(TokenError::TokenTooLong
+        assert!(Base64Error::TokenTooLong
             .to_string()
             .contains(&MAX_TOKEN_LEN.to_string()));
     }
@@ -436,7 +590,7 @@ mod tests {
         assert_eq!(open(&c, &token).unwrap().len(), MAX_PLAINTEXT_LEN);
         assert_eq!(
             seal(&c, &vec![b'k'; MAX_PLAINTEXT_LEN + 1]),
-            Err(TokenError::TooLong)
+            Err(Base64Error::TooLong)
         );
     }
 
@@ -449,17 +603,17 @@ mod tests {
         assert!(decode(&token).is_ok());
         // one character more: refused on length alone, even though it is not base64
         let longer = "!".repeat(MAX_TOKEN_LEN + 1);
-        assert_eq!(decode(&longer), Err(TokenError::TokenTooLong));
+        assert_eq!(decode(&longer), Err(Base64Error::TokenTooLong));
         assert_eq!(
             decode(&"A".repeat(MAX_TOKEN_LEN + 4)),
-            Err(TokenError::TokenTooLong)
+            Err(Base64Error::TokenTooLong)
         );
         assert!(!is_token_shaped(&longer));
         // within the character limit, but the ciphertext is one byte over (the limit rounds
         // up to whole base64 groups)
         let over = STANDARD.encode(vec![1u8; HEADER_LEN + MAX_PLAINTEXT_LEN + 1]);
         assert_eq!(over.len(), MAX_TOKEN_LEN);
-        assert_eq!(decode(&over), Err(TokenError::TokenTooLong));
+        assert_eq!(decode(&over), Err(Base64Error::TokenTooLong));
     }
 
     #[test]
@@ -476,5 +630,142 @@ mod tests {
         assert!(open_raw(&c, &raw, &mut exact).unwrap());
         assert_eq!(exact.capacity(), raw.len() - HEADER_LEN, "no reallocation");
         assert!(!open_raw(&c, &raw[..HEADER_LEN - 1], &mut scratch).unwrap());
+    }
+
+    // ---- the keyring -------------------------------------------------------------------
+
+    use crate::format::Keyring as _;
+    use base64::engine::general_purpose::STANDARD;
+
+    const K1: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    const K2: &str = "HxobGhkYFxYVFBMSERAPDg0MCwoJCAcGBQQDAgEAAAA=";
+
+    fn ring(current: &str, previous: Option<&str>) -> Keyring {
+        Keyring::build(Some(current), previous).unwrap()
+    }
+
+    #[test]
+    fn a_missing_current_key_is_reported() {
+        for blank in [None, Some(""), Some("  \t")] {
+            assert_eq!(
+                Keyring::build(blank, Some(K2)).err(),
+                Some(KeyError::Missing)
+            );
+        }
+        let err = Keyring::build(None, None).err().unwrap().to_string();
+        assert!(
+            err.contains("ENCRYPTION_KEY") && err.contains("environment"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn previous_keys_in_order_blanks_ignored_duplicates_skipped() {
+        let k3 = STANDARD.encode([3u8; 32]);
+        // blanks ignored, URL-safe / unpadded / CRLF accepted, duplicates skipped
+        let r = ring(
+            K1,
+            Some(&format!(
+                " ,{K2},{},\r\n{K2}, {K1} ,,",
+                k3.trim_end_matches('=')
+            )),
+        );
+        let fps: Vec<&str> = r.previous().iter().map(Key::fingerprint).collect();
+        assert_eq!(
+            fps,
+            [
+                fingerprint(&parse_key(K2, KeySource::Environment).unwrap()),
+                fingerprint(&[3u8; 32])
+            ]
+        );
+        // an old token under a key given only in ENCRYPTION_KEY_PREVIOUS opens
+        let t = ring(&k3, None).seal("sk-env-prev", ()).unwrap();
+        assert_eq!(r.classify(&t, ()), Ok(State::Previous));
+        assert_eq!(r.open(&t, ()).unwrap().as_str(), "sk-env-prev");
+    }
+
+    #[test]
+    fn a_bad_previous_key_is_named_by_position_not_value() {
+        // positions count non-blank entries only
+        let err = Keyring::build(Some(K1), Some(&format!(",{K2},, sk-not-a-key ")))
+            .err()
+            .unwrap();
+        assert_eq!(err, KeyError::Invalid(KeySource::EnvironmentPrevious(2)));
+        assert_eq!(
+            err.to_string(),
+            "ENCRYPTION_KEY_PREVIOUS (entry 2) must be a 32-byte key, base64-encoded"
+        );
+        let errs: Vec<_> = parse_key_list(&format!("{K1},x"), KeySource::EnvironmentPrevious)
+            .map(|r| r.err())
+            .collect();
+        assert_eq!(
+            errs,
+            [
+                None,
+                Some(KeyError::Invalid(KeySource::EnvironmentPrevious(2)))
+            ]
+        );
+    }
+
+    #[test]
+    fn rotation_classify_open_reseal() {
+        let old = ring(K2, None);
+        let new = ring(K1, Some(K2));
+        let t_old = old.seal("sk-rotate-me", ()).unwrap();
+        assert_eq!(new.classify(&t_old, ()), Ok(State::Previous));
+        assert_eq!(new.open(&t_old, ()).unwrap().as_str(), "sk-rotate-me");
+        let t_new = new.reseal(&t_old, ()).unwrap();
+        assert_eq!(new.classify(&t_new, ()), Ok(State::Current));
+        assert_eq!(old.classify(&t_new, ()), Ok(State::Unverified));
+        assert_eq!(new.open(&t_new, ()).unwrap().as_str(), "sk-rotate-me");
+        assert_eq!(new.classify("sk-proj-plain", ()), Ok(State::Plaintext));
+        let hexkey = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        assert_eq!(new.classify(hexkey, ()), Ok(State::Unverified));
+        assert_eq!(
+            new.open(hexkey, ()).err(),
+            Some(Base64Error::Unauthenticated)
+        );
+        // longer than any token: plaintext for classify, an error for open and reseal
+        let huge = "A".repeat(MAX_TOKEN_LEN + 4);
+        assert_eq!(new.classify(&huge, ()), Ok(State::Plaintext));
+        assert_eq!(new.open(&huge, ()).err(), Some(Base64Error::TokenTooLong));
+        assert_eq!(new.reseal(&huge, ()).err(), Some(Base64Error::TokenTooLong));
+        // bytes that are not UTF-8 are sealed and re-sealed as they are
+        let raw = new.seal_bytes(b"\xff\xfe").unwrap();
+        assert_eq!(new.classify(&raw, ()), Ok(State::Current));
+        assert_eq!(new.open(&raw, ()).err(), Some(Base64Error::NotText));
+        let again = new.reseal(&raw, ()).unwrap();
+        let (bytes, n) = (decode(&again).unwrap(), HEADER_LEN);
+        assert_eq!(bytes.len(), n + 2);
+    }
+
+    #[test]
+    fn the_current_key_repeated_in_previous_is_ignored() {
+        let r = ring(K1, Some(&format!("{K1},{K2},,")));
+        assert_eq!(r.previous().len(), 1);
+        assert_eq!(
+            r.previous()[0].fingerprint(),
+            ring(K2, None).current().fingerprint()
+        );
+    }
+
+    #[test]
+    fn authenticating_key_names_the_key_a_token_opens_under() {
+        let old = ring(K2, None);
+        let r = ring(K1, Some(K2));
+        let t_new = r.seal("sk-new", ()).unwrap();
+        let t_old = old.seal("sk-old", ()).unwrap();
+        let fp = |t: &str| {
+            r.authenticating_key(t)
+                .unwrap()
+                .map(|k| k.fingerprint().to_owned())
+        };
+        assert_eq!(fp(&t_new).as_deref(), Some(r.current().fingerprint()));
+        assert_eq!(fp(&t_old).as_deref(), Some(r.previous()[0].fingerprint()));
+        assert_eq!(fp("sk-plain"), None);
+        let t_other = ring(&STANDARD.encode([7u8; 32]), None)
+            .seal("x", ())
+            .unwrap();
+        assert_eq!(fp(&t_other), None);
     }
 }

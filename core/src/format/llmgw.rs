@@ -46,6 +46,7 @@ use rand::RngCore;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
+use super::State;
 use crate::RowContext;
 
 /// The environment variable holding the gateway's keyring.
@@ -414,29 +415,15 @@ pub struct Opened {
 }
 
 impl Opened {
-    /// [`State::Current`] for a v2 token under the current secret, else [`State::OlderKey`].
+    /// [`State::Current`] for a v2 token under the current secret, else [`State::Previous`]
+    /// (v1, or an older secret: due for re-sealing).
     pub fn state(&self) -> State {
         if self.version == Version::V2 && self.entry == 0 {
             State::Current
         } else {
-            State::OlderKey
+            State::Previous
         }
     }
-}
-
-/// What a stored value is, as far as this keyring can tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    /// Does not start with `llmgw:`: a plaintext.
-    Plaintext,
-    /// A v2 token that authenticates under the current secret.
-    Current,
-    /// Authenticates, but is v1 or under an older secret: due for re-sealing.
-    OlderKey,
-    /// Starts with `llmgw:` but opens under no secret of the keyring (unknown version,
-    /// malformed, unknown key id, tampered, copied from another row, or too long). Never a
-    /// plaintext to encrypt: the gateway would read it as a (broken) token.
-    Unverified,
 }
 
 /// Decode one part of a token: unpadded base64url.
@@ -488,6 +475,35 @@ pub fn classify(ring: &Keyring, value: &str, ctx: &RowContext<'_>) -> State {
     match open_bytes(ring, value, ctx) {
         Ok((_, opened)) => opened.state(),
         Err(_) => State::Unverified,
+    }
+}
+
+/// An llmgw token is bound to its row: `Binding` is the row's [`RowContext`]. In llmgw,
+/// [`State::Plaintext`] is a value without the `llmgw:` prefix; [`State::Previous`] a v1 token
+/// or a v2 token under an older secret; [`State::Unverified`] a prefixed value that opens under
+/// no secret (never a plaintext to seal: the gateway would read it as a broken token).
+impl super::Keyring for Keyring {
+    type Binding<'a> = RowContext<'a>;
+    type Error = LlmgwError;
+
+    /// Never fails.
+    fn classify(&self, value: &str, row: RowContext<'_>) -> Result<State, LlmgwError> {
+        Ok(classify(self, value, &row))
+    }
+
+    /// A v2 token under the current secret, with a fresh IV.
+    fn seal(&self, plaintext: &str, row: RowContext<'_>) -> Result<String, LlmgwError> {
+        seal_v2(self.current(), plaintext, &row)
+    }
+
+    fn open(&self, token: &str, row: RowContext<'_>) -> Result<Zeroizing<String>, LlmgwError> {
+        open(self, token, &row).map(|(text, _)| text)
+    }
+
+    /// The plaintext, sealed again as a v2 token under the current secret.
+    fn reseal(&self, token: &str, row: RowContext<'_>) -> Result<String, LlmgwError> {
+        let (plaintext, _) = open(self, token, &row)?;
+        seal_v2(self.current(), &plaintext, &row)
     }
 }
 
@@ -935,7 +951,7 @@ mod tests {
             (how.version, how.entry, how.kid),
             (Version::V2, 1, old.current().kid())
         );
-        assert_eq!(classify(&r, &t, &ROW), State::OlderKey);
+        assert_eq!(classify(&r, &t, &ROW), State::Previous);
         // sealing with a non-current entry is allowed (tests, tooling)
         let t2 = seal_v2(&r.entries()[1], "sk-x", &ROW).unwrap();
         assert_eq!(classify(&old, &t2, &ROW), State::Current);
@@ -953,7 +969,7 @@ mod tests {
                 (Version::V1, i, secret.kid())
             );
             // even under the current secret, v1 is due for rewriting as v2
-            assert_eq!(classify(&r, &v1, &ROW), State::OlderKey);
+            assert_eq!(classify(&r, &v1, &ROW), State::Previous);
         }
         let v1 = as_v1(&seal_v2(&Secret::new("s-gone"), "sk", &ROW).unwrap());
         assert_eq!(open_err(&r, &v1, &ROW), LlmgwError::DoesNotAuthenticate);

@@ -1,16 +1,16 @@
-//! Where the keys come from, and the settings that display them.
+//! Where the keys come from, the settings that display them, and the check that the server is
+//! set up so that no key can leak ([`check_setup`]).
 //!
-//! **The keys come only from the server's environment**, read with `std::env::var_os` and
-//! decoded exactly as Node does (`keys::env_text`; see README "Configuring the key"):
+//! **The keys come only from the server's environment**, read with `std::env::var_os` (or from
+//! the file `<VAR>_FILE` names) and decoded exactly as Node does (`keys::env_text`; see
+//! docs/configuration.md). [`key_text`] hands them to `keyring.rs`, which builds and caches
+//! each format's keyring:
 //!
-//! | variable                      | what                                               | accessor                |
-//! |-------------------------------|----------------------------------------------------|-------------------------|
-//! | `ENCRYPTION_KEY`              | the current base64 key (32 bytes)                  | [`with_keyring`]        |
-//! | `ENCRYPTION_KEY_PREVIOUS`     | comma-separated previous keys, decryption only     | [`with_keyring`]        |
-//! | `GATEWAY_API_KEY_HASH_SECRET` | the gateway's llmgw secrets, comma-separated       | [`with_gateway_keyring`] |
-//!
-//! Each ring is built once per backend and cached; the environment does not change while a
-//! server runs. Dropping a ring wipes its keys.
+//! | variable                      | what                                               | [`KeyVar`]  |
+//! |-------------------------------|----------------------------------------------------|-------------|
+//! | `ENCRYPTION_KEY`              | the current base64 key (32 bytes)                  | `Current`   |
+//! | `ENCRYPTION_KEY_PREVIOUS`     | comma-separated previous keys, decryption only     | `Previous`  |
+//! | `GATEWAY_API_KEY_HASH_SECRET` | the gateway's llmgw secrets, comma-separated       | `Gateway`   |
 //!
 //! **The settings are read-only displays.** `provider_keys_encrypt.encryption_key`,
 //! `.previous_keys` and `.gateway_api_key_hash_secret` show the fingerprints (key ids) of what
@@ -25,22 +25,23 @@
 //! roles read it. Where PostgreSQL stored a key before the hook could refuse it (a config
 //! file or `-c` value, seen when the hook is first installed or on reload; an `ALTER
 //! DATABASE/ROLE … SET` or a function's `SET` clause made while the library was not loaded),
-//! [`guard`] finds it at first use and every function refuses (55P02, naming where) until it
-//! is removed. Without preloading every function refuses (F0000).
+//! [`check_setup`] finds it at first use and every function refuses (55P02, naming where)
+//! until it is removed. Without preloading every function refuses (F0000).
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PgSqlErrorCode};
 
-use crate::errors::{Error, SetupError};
-use crate::keys::{self, KeyRing, KeySource};
-use provider_keys_encrypt_core::{format_llmgw, key_file};
+use crate::errors::{ConfigPlace, Error, SetupError};
+use crate::log_filter;
+use provider_keys_encrypt_core::format::llmgw;
+use provider_keys_encrypt_core::key_file;
+use provider_keys_encrypt_core::keys::{self, KeySource};
 
 /// `provider_keys_encrypt.encryption_key`: displays `ENCRYPTION_KEY`'s fingerprint.
 pub static ENCRYPTION_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -77,22 +78,13 @@ impl Setting {
         match self {
             Setting::EncryptionKey => keys::ENV_VAR,
             Setting::PreviousKeys => keys::ENV_VAR_PREVIOUS,
-            Setting::GatewaySecret => format_llmgw::ENV_VAR,
+            Setting::GatewaySecret => llmgw::ENV_VAR,
         }
     }
 
     fn from_name(name: &str) -> Option<Setting> {
         Setting::ALL.into_iter().find(|s| s.name() == name)
     }
-}
-
-/// Where PostgreSQL applied a value before any statement could be refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConfigPlace {
-    /// postgresql.conf, an included file, or postgresql.auto.conf
-    File,
-    /// `-c name=value` on the server's command line
-    CommandLine,
 }
 
 /// Whether `_PG_init` ran inside `shared_preload_libraries` processing (then every process
@@ -107,18 +99,14 @@ thread_local! {
     /// refused it, but it is in a file or argv): every function refuses while this is set.
     /// Set in the postmaster, it is inherited by every backend it forks afterwards.
     static GIVEN_IN_CONFIG: Cell<Option<(Setting, ConfigPlace)>> = const { Cell::new(None) };
-    /// The key ring, once built (`Err` too: the environment does not change).
-    static RING: RefCell<Option<Result<Rc<KeyRing>, Error>>> = const { RefCell::new(None) };
-    /// Set by the check hook when it refuses a value; the log hook hides the statement of the
-    /// refusal that follows (see [`hide_refused_statement`]).
-    static REFUSED: Cell<bool> = const { Cell::new(false) };
-    /// The SQLSTATE of a report this library is about to raise whose statement may hold a
-    /// plaintext or a token (a guard refusing a write, a function refusing its input): the
-    /// log hook hides that report's statement and context (see [`hide_statement_of_next`]).
-    static HIDE_NEXT: Cell<i32> = const { Cell::new(0) };
-    /// The gateway's keyring (GATEWAY_API_KEY_HASH_SECRET), once built.
-    static GATEWAY_RING: RefCell<Option<Result<Rc<format_llmgw::Keyring>, Error>>> =
-        const { RefCell::new(None) };
+    /// Moves when the check hook finds a key given in a config file or on the command line:
+    /// `keyring.rs` rebuilds (and so checks the setup again) any ring built in another epoch.
+    static EPOCH: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The keyrings' epoch (see `keyring.rs`).
+pub fn epoch() -> u64 {
+    EPOCH.with(Cell::get)
 }
 
 pub fn init() {
@@ -167,11 +155,8 @@ pub fn init() {
         );
         #[cfg(not(any(feature = "pg13", feature = "pg14")))]
         pg_sys::MarkGUCPrefixReserved(c"provider_keys_encrypt".as_ptr());
-        // chained: whatever hook was installed before ours still sees every report
-        if PREVIOUS_EMIT_LOG_HOOK.set(pg_sys::emit_log_hook).is_ok() {
-            pg_sys::emit_log_hook = Some(hide_refused_statement);
-        }
     }
+    log_filter::install(is_refusal_message);
     INITIALIZING.store(false, Ordering::Relaxed);
     // Read the key variables now: preloading, this is the postmaster, so every backend
     // inherits what the server started with and none reads a key file itself. A refused
@@ -188,46 +173,43 @@ pub fn init() {
     }
 }
 
-/// Run `f` with the key ring (`ENCRYPTION_KEY` + `ENCRYPTION_KEY_PREVIOUS`), built on first
-/// use in this backend after [`guard`] passed.
-pub fn with_keyring<T>(f: impl FnOnce(&KeyRing) -> T) -> Result<T, Error> {
-    if let Some(ring) = RING.with(|c| c.borrow().clone()) {
-        return Ok(f(&*ring?));
-    }
-    guard()?;
-    let ring = build_ring().map(Rc::new);
-    RING.with(|c| *c.borrow_mut() = Some(ring.clone()));
-    Ok(f(&*ring?))
-}
-
-/// Run `f` with the gateway's keyring, read from the server's `GATEWAY_API_KEY_HASH_SECRET`
-/// environment variable (comma-separated secrets, current first) on first use after
-/// [`guard`] passed, and cached for the life of the backend. Missing or empty:
-/// `LlmgwError::MissingSecret` (SQLSTATE 55000).
-pub fn with_gateway_keyring<T>(f: impl FnOnce(&format_llmgw::Keyring) -> T) -> Result<T, Error> {
-    if let Some(ring) = GATEWAY_RING.with(|c| c.borrow().clone()) {
-        return Ok(f(&*ring?));
-    }
-    guard()?;
-    let ring = build_gateway_ring().map(Rc::new);
-    GATEWAY_RING.with(|c| *c.borrow_mut() = Some(ring.clone()));
-    Ok(f(&*ring?))
-}
-
 /// The three key variables, each read once per server: in the postmaster while it preloads the
 /// library ([`init`]), so every backend works with what the server started with, from
 /// `<VAR>` or from the file `<VAR>_FILE` names (`key_file`: a regular file others cannot
 /// access). Decoded as Node would see the variable, in wiping buffers.
 struct KeyVars {
-    current: KeyVar,
-    previous: KeyVar,
-    gateway: KeyVar,
+    current: VarValue,
+    previous: VarValue,
+    gateway: VarValue,
 }
-type KeyVar =
+type VarValue =
     Result<Option<(zeroize::Zeroizing<String>, key_file::Origin)>, key_file::KeyFileError>;
 static KEY_VARS: OnceLock<KeyVars> = OnceLock::new();
 
-fn read_key_var(var: &'static str) -> KeyVar {
+/// The key variables a keyring is built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyVar {
+    /// `ENCRYPTION_KEY`
+    Current,
+    /// `ENCRYPTION_KEY_PREVIOUS`
+    Previous,
+    /// `GATEWAY_API_KEY_HASH_SECRET`
+    Gateway,
+}
+
+/// A key variable's text as the server started with it (`None`: not set); a refused
+/// `<VAR>_FILE` is its error. Never read by a backend of a server that did not preload the
+/// library: [`check_setup`] refuses first.
+pub fn key_text(var: KeyVar) -> Result<Option<&'static str>, key_file::KeyFileError> {
+    let vars = key_vars();
+    env(match var {
+        KeyVar::Current => &vars.current,
+        KeyVar::Previous => &vars.previous,
+        KeyVar::Gateway => &vars.gateway,
+    })
+}
+
+fn read_key_var(var: &'static str) -> VarValue {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let uid = unsafe { libc::geteuid() };
     Ok(key_file::read_var(var, |n| std::env::var_os(n), uid)?
@@ -242,7 +224,7 @@ fn key_vars() -> &'static KeyVars {
     KEY_VARS.get_or_init(|| KeyVars {
         current: read_key_var(keys::ENV_VAR),
         previous: read_key_var(keys::ENV_VAR_PREVIOUS),
-        gateway: read_key_var(format_llmgw::ENV_VAR),
+        gateway: read_key_var(llmgw::ENV_VAR),
     })
 }
 
@@ -251,7 +233,7 @@ const NOT_READ: &str =
     "not read: provider_keys_encrypt is not in shared_preload_libraries, so keys are not read";
 
 /// A key variable's text, `None` if unset; a refused `<VAR>_FILE` is an error.
-fn env(var: &KeyVar) -> Result<Option<&str>, key_file::KeyFileError> {
+fn env(var: &VarValue) -> Result<Option<&str>, key_file::KeyFileError> {
     match var {
         Ok(v) => Ok(v.as_ref().map(|(text, _)| text.as_str())),
         Err(e) => Err(e.clone()),
@@ -260,7 +242,7 @@ fn env(var: &KeyVar) -> Result<Option<&str>, key_file::KeyFileError> {
 
 /// Where a variable's value came from, for SHOW: `ENCRYPTION_KEY` or
 /// `ENCRYPTION_KEY_FILE (/run/secrets/encryption_key)`.
-fn origin_name(name: &str, var: &KeyVar) -> String {
+fn origin_name(name: &str, var: &VarValue) -> String {
     match var {
         Ok(Some((_, key_file::Origin::File(path)))) => format!("{name}_FILE ({})", path.display()),
         _ => name.to_owned(),
@@ -272,28 +254,12 @@ fn refused(e: &key_file::KeyFileError) -> String {
     format!("refused: {e}")
 }
 
-fn build_ring() -> Result<KeyRing, Error> {
-    let vars = key_vars();
-    let current = env(&vars.current)?;
-    let previous = env(&vars.previous)?;
-    Ok(KeyRing::build(keys::KeyConfig {
-        env: current,
-        env_previous: previous,
-        ..keys::KeyConfig::default()
-    })?)
-}
-
-fn build_gateway_ring() -> Result<format_llmgw::Keyring, Error> {
-    let text = env(&key_vars().gateway)?.ok_or(format_llmgw::LlmgwError::MissingSecret)?;
-    Ok(format_llmgw::Keyring::parse(text)?)
-}
-
 /// Refuse to work while a key sits where PostgreSQL put it before the check hook could refuse
 /// it, or while the library is not preloaded. Not cached while it fails: the functions work
 /// again as soon as the cause is removed (a config file value: after a restart).
-pub fn guard() -> Result<(), Error> {
+pub fn check_setup() -> Result<(), Error> {
     if let Some((setting, place)) = GIVEN_IN_CONFIG.with(Cell::get) {
-        return Err(SetupError::given_in_config(setting, place).into());
+        return Err(SetupError::given_in_config(setting.name(), place).into());
     }
     if let Some(found) = stored_keys()? {
         return Err(found.into());
@@ -345,7 +311,9 @@ fn stored_keys() -> Result<Option<SetupError>, Error> {
     let Some((kind, a, b, name)) = rows.into_iter().next() else {
         return Ok(None);
     };
-    let setting = Setting::from_name(&name).unwrap_or(Setting::EncryptionKey);
+    let setting = Setting::from_name(&name)
+        .unwrap_or(Setting::EncryptionKey)
+        .name();
     let more = count - 1;
     Ok(Some(if kind == "function" {
         SetupError::in_function(setting, a.unwrap_or_default(), more)
@@ -387,7 +355,7 @@ unsafe extern "C-unwind" fn check_gateway_secret(
 /// The check all three settings share: the boot value (NULL) and blank values are accepted
 /// (they hold nothing); any other value, from any source, is refused without being echoed.
 /// A value PostgreSQL applied from a config file or the command line is remembered, so the
-/// functions refuse until it is removed (see [`guard`]).
+/// functions refuse until it is removed (see [`check_setup`]).
 ///
 /// # Safety
 /// `newval` must be a valid pointer to a NUL-terminated string or to NULL.
@@ -422,11 +390,11 @@ unsafe fn check_read_only(
             if GIVEN_IN_CONFIG.with(Cell::get).is_none() {
                 GIVEN_IN_CONFIG.with(|c| c.set(Some((setting, place))));
             }
-            drop_cached_rings();
+            EPOCH.with(|e| e.set(e.get() + 1));
         }
     }
     let msg = refusal_message(setting);
-    REFUSED.with(|c| c.set(true));
+    log_filter::mark_refused();
     let hint = format!(
         "Start the server with {} in its environment; SHOW {} displays what it holds, never the value. A key given here must be treated as exposed.",
         setting.env_var(),
@@ -435,85 +403,8 @@ unsafe fn check_read_only(
     reject(&msg, &hint)
 }
 
-/// The `emit_log_hook` that was installed before ours (called after ours, always).
-static PREVIOUS_EMIT_LOG_HOOK: OnceLock<pg_sys::emit_log_hook_type> = OnceLock::new();
-
-/// Keep the statement of a refused `SET`/`ALTER SYSTEM`/… of one of the settings out of the
-/// server log. With `log_min_error_statement = error` (the default) PostgreSQL writes the
-/// failing statement after the error as a `STATEMENT:` line, and the statement holds the
-/// value that was refused: a key. The check hook cannot `errhidestmt` (guc.c raises the error
-/// itself), so this hook marks exactly that report: the check hook refused a value just
-/// before ([`REFUSED`]), and the report carries the refusal's SQLSTATE (55P02) and message.
-/// It sets `hide_stmt` (the `STATEMENT:` line) and `hide_ctx` (a `CONTEXT:` line quotes the
-/// SQL statement of a PL/pgSQL function, e.g. `PERFORM set_config(…, '<key>', …)`). Both
-/// only affect the server log; the client still gets the whole report. Out of reach: a
-/// statement logged before it runs (`log_statement = all`, `log_min_duration_statement`,
-/// an extension's own logging): docs/security.md.
-///
-/// # Safety
-/// Called by elog.c with the report being emitted.
-#[pg_guard]
-unsafe extern "C-unwind" fn hide_refused_statement(edata: *mut pg_sys::ErrorData) {
-    // SAFETY: elog.c passes a valid ErrorData (or NULL, checked) that it owns while we run.
-    if let Some(e) = unsafe { edata.as_mut() } {
-        // SAFETY: the message is NULL or a NUL-terminated string of the report.
-        // try_with: a report emitted while the thread exits must not panic in here
-        if REFUSED.try_with(Cell::get).unwrap_or(false) && unsafe { is_refusal(e) } {
-            let _ = REFUSED.try_with(|c| c.set(false));
-            e.hide_stmt = true;
-            e.hide_ctx = true;
-        } else if HIDE_NEXT.try_with(Cell::get).unwrap_or(0) == e.sqlerrcode
-            && e.sqlerrcode != 0
-            // SAFETY: funcname is NULL or a NUL-terminated string of the report
-            && unsafe { raised_here(e) }
-        {
-            let _ = HIDE_NEXT.try_with(|c| c.set(0));
-            e.hide_stmt = true;
-            e.hide_ctx = true;
-        }
-    }
-    if let Some(Some(previous)) = PREVIOUS_EMIT_LOG_HOOK.get() {
-        // SAFETY: the previous hook gets the report exactly as elog.c gave it to us.
-        unsafe { previous(edata) }
-    }
-}
-
-/// The next report with this SQLSTATE is one of this library's own errors or warnings about a
-/// value the statement carries (a plaintext key a guard refuses, an input a function refuses):
-/// keep that report's `STATEMENT:` and `CONTEXT:` lines out of the server log, as for a refused
-/// key setting. Called right before the report is raised. (If the report is caught instead of
-/// emitted, the mark stays until a report with the same SQLSTATE: that one's statement is
-/// hidden too. It never hides less.)
-pub(crate) fn hide_statement_of_next(sqlstate: PgSqlErrorCode) {
-    let _ = HIDE_NEXT.try_with(|c| c.set(sqlstate as i32));
-}
-
-/// Was this report raised by this library (`Error::raise`, the guard's warnings: their
-/// `ErrorReport` function name starts with the extension's name)? A mark left by a report that
-/// was caught never hides another code's statement.
-///
-/// # Safety
-/// `e.funcname` must be NULL or a valid NUL-terminated string.
-unsafe fn raised_here(e: &pg_sys::ErrorData) -> bool {
-    // SAFETY: guaranteed by the caller.
-    !e.funcname.is_null()
-        && unsafe { CStr::from_ptr(e.funcname) }
-            .to_bytes()
-            .starts_with(b"provider_keys_encrypt")
-}
-
-/// Is this report the check hook's refusal ([`check_read_only`]'s message and SQLSTATE)?
-///
-/// # Safety
-/// `e.message` must be NULL or a valid NUL-terminated string.
-unsafe fn is_refusal(e: &pg_sys::ErrorData) -> bool {
-    if e.sqlerrcode != PgSqlErrorCode::ERRCODE_CANT_CHANGE_RUNTIME_PARAM as i32
-        || e.message.is_null()
-    {
-        return false;
-    }
-    // SAFETY: guaranteed by the caller.
-    let message = unsafe { CStr::from_ptr(e.message) }.to_bytes();
+/// Is this message the check hook's refusal ([`check_read_only`]'s)? For the log filter.
+fn is_refusal_message(message: &[u8]) -> bool {
     Setting::ALL
         .iter()
         .any(|s| message.starts_with(refusal_message(*s).as_bytes()))
@@ -526,19 +417,6 @@ fn refusal_message(setting: Setting) -> String {
         setting.name(),
         setting.env_var()
     )
-}
-
-fn drop_cached_rings() {
-    RING.with(|c| {
-        if let Ok(mut slot) = c.try_borrow_mut() {
-            *slot = None;
-        }
-    });
-    GATEWAY_RING.with(|c| {
-        if let Ok(mut slot) = c.try_borrow_mut() {
-            *slot = None;
-        }
-    });
 }
 
 /// Set the message a failed check hook reports (55P02). Our own message replaces guc.c's
@@ -611,13 +489,13 @@ pub fn describe_gateway() -> String {
         return NOT_READ.into();
     }
     let var = &key_vars().gateway;
-    match env(var).map(|t| t.map(format_llmgw::Keyring::parse)) {
+    match env(var).map(|t| t.map(llmgw::Keyring::parse)) {
         Err(e) => refused(&e),
         Ok(Some(Ok(ring))) => {
             let ids: Vec<String> = ring.entries().iter().map(|s| s.kid().to_string()).collect();
             format!(
                 "from {}, key ids {}",
-                origin_name(format_llmgw::ENV_VAR, var),
+                origin_name(llmgw::ENV_VAR, var),
                 ids.join(", ")
             )
         }

@@ -1,10 +1,10 @@
 //! The gateway's current format, `llmgw`, in SQL: thin wrappers over
-//! `provider_keys_encrypt_core::format_llmgw` (the format itself, its unit tests and its Node
+//! `provider_keys_encrypt_core::format::llmgw` (the format itself, its unit tests and its Node
 //! interop test live there), and the per-row internals the engine calls for
 //! `format => 'llmgw'` (see `engine/modes.sql`).
 //!
 //! The keyring is the server's `GATEWAY_API_KEY_HASH_SECRET` (comma-separated secrets, the
-//! first one current), read once per backend by `crate::gucs::with_gateway_keyring`.
+//! first one current), built once per backend by `crate::keyring`.
 //!
 //! Labels. `llmgw_encrypt_token` is VOLATILE (a fresh random IV every call); everything that
 //! reads the keyring is STABLE; `llmgw_mask_token` is the only pure function (IMMUTABLE). All
@@ -28,13 +28,19 @@
 //! organization, with [`seal_row`], exactly the way the backfill does.
 
 use pgrx::prelude::*;
-use provider_keys_encrypt_core::format_llmgw::{self as llmgw, Keyring, LlmgwError, State};
+use provider_keys_encrypt_core::format::llmgw::{self, Keyring, LlmgwError};
+use provider_keys_encrypt_core::format::{base64, Keyring as _, State};
+use provider_keys_encrypt_core::keys::KeyError;
 use provider_keys_encrypt_core::RowContext;
-use zeroize::Zeroizing;
 
+use super::SecretText;
 use crate::errors::{Error, OrRaise};
-use crate::functions::SecretText;
-use crate::gucs::with_gateway_keyring;
+use crate::keyring::with_keyring;
+
+/// Run `f` with the gateway's keyring.
+fn with_gateway_keyring<T>(f: impl FnOnce(&Keyring) -> T) -> Result<T, Error> {
+    with_keyring(f)
+}
 
 /// The row a token belongs to. A NULL id is refused (22004): see the module doc.
 fn row<'a>(id: Option<&'a str>, organization_id: Option<&'a str>) -> RowContext<'a> {
@@ -55,7 +61,7 @@ pub fn seal_row(
     ctx: &RowContext<'_>,
 ) -> Result<(String, String, String), LlmgwError> {
     Ok((
-        llmgw::seal_v2(ring.current(), plaintext, ctx)?,
+        ring.seal(plaintext, *ctx)?,
         ring.token_hash(plaintext),
         llmgw::mask(plaintext),
     ))
@@ -76,7 +82,7 @@ pub fn llmgw_encrypt_token(
     let plaintext = plaintext?;
     let ctx = row(id, organization_id);
     Some(
-        with_gateway_keyring(|ring| llmgw::seal_v2(ring.current(), plaintext, &ctx))
+        with_gateway_keyring(|ring| ring.seal(plaintext, ctx))
             .or_raise()
             .or_raise(),
     )
@@ -93,7 +99,7 @@ pub fn llmgw_decrypt_token(
 ) -> Option<SecretText> {
     let token = token?;
     let ctx = row(id, organization_id);
-    let (plaintext, _) = with_gateway_keyring(|ring| llmgw::open(ring, token, &ctx))
+    let plaintext = with_gateway_keyring(|ring| ring.open(token, ctx))
         .or_raise()
         .or_raise();
     Some(SecretText::new(plaintext))
@@ -155,16 +161,15 @@ pub(crate) fn llmgw_state(
     organization_id: Option<&str>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Oid {
-    use crate::engine::StateLabel;
-    let label = match (token, token_ciphertext, id) {
+    let state = match (token, token_ciphertext, id) {
         // a value in token is the newest write: an old gateway instance writes a new plaintext
         // key there even when the row has a ciphertext (without the XOR constraint), and the
         // guard seals it over the ciphertext; so does the backfill
         (Some(t), _, Some(_)) => {
             if t.starts_with(llmgw::PREFIX) || is_base64_token(t) {
-                StateLabel::Unverified
+                State::Unverified
             } else {
-                StateLabel::Plaintext
+                State::Plaintext
             }
         }
         (None, Some(ct), Some(id)) => {
@@ -172,25 +177,24 @@ pub(crate) fn llmgw_state(
                 id,
                 organization_id,
             };
+            // a ciphertext without the prefix is no plaintext to seal: unverified
             match with_gateway_keyring(|ring| llmgw::classify(ring, ct, &ctx)).or_raise() {
-                State::Current => StateLabel::CurrentKey,
-                State::OlderKey => StateLabel::PreviousKey,
-                State::Plaintext | State::Unverified => StateLabel::Unverified,
+                State::Plaintext => State::Unverified,
+                state => state,
             }
         }
-        _ => StateLabel::Unverified,
+        _ => State::Unverified,
     };
     // SAFETY: pgrx hands us this call's fcinfo.
-    unsafe { crate::engine::state_oid(fcinfo, label) }
+    unsafe { crate::states::state_oid(fcinfo, state) }
 }
 
 /// Does `token` authenticate as a base64 token under `ENCRYPTION_KEY` (or a previous key)?
 /// On a server without `ENCRYPTION_KEY` nothing can: false (the llmgw backfill says so in a
 /// NOTICE: [`base64_check_notice`]). A key that is set but unusable raises: never a guess.
 pub(crate) fn is_base64_token(token: &str) -> bool {
-    use crate::keys::{KeyError, TokenState};
-    match crate::gucs::with_keyring(|ring| ring.classify(token)) {
-        Ok(state) => matches!(state.or_raise(), TokenState::Current | TokenState::Previous),
+    match with_keyring(|ring: &base64::Keyring| ring.classify(token, ())) {
+        Ok(state) => state.or_raise().opens(),
         Err(Error::Key(KeyError::Missing)) => false,
         Err(e) => e.raise(),
     }
@@ -211,8 +215,7 @@ COMMENT ON FUNCTION pke_internal.base64_check_notice() IS
     requires = ["engine_types"]
 )]
 pub fn base64_check_notice() -> Option<&'static str> {
-    use crate::keys::KeyError;
-    match crate::gucs::with_keyring(|_| ()) {
+    match with_keyring(|_: &base64::Keyring| ()) {
         Ok(()) => None,
         Err(Error::Key(KeyError::Missing)) => Some(
             "ENCRYPTION_KEY is not set on this server: a token of format base64 (this \
@@ -246,11 +249,8 @@ pub fn llmgw_reencrypt(
     };
     let ctx = row(id, organization_id);
     let resealed = with_gateway_keyring(|ring| {
-        let (plaintext, _): (Zeroizing<String>, _) = llmgw::open(ring, token, &ctx)?;
-        Ok::<_, LlmgwError>((
-            llmgw::seal_v2(ring.current(), &plaintext, &ctx)?,
-            ring.token_hash(&plaintext),
-        ))
+        let plaintext = ring.open(token, ctx)?;
+        Ok::<_, LlmgwError>((ring.seal(&plaintext, ctx)?, ring.token_hash(&plaintext)))
     })
     .or_raise()
     .or_raise();
