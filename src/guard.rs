@@ -69,6 +69,7 @@ use provider_keys_encrypt_core::format::llmgw::LlmgwError;
 use provider_keys_encrypt_core::format::{base64, llmgw, Format, Keyring as _, State};
 use provider_keys_encrypt_core::guard::{
     clip, decide, llmgw_token_state, required, watches, Col, Config, Decision, Sealed,
+    UNVERIFIED_BASE64,
 };
 use provider_keys_encrypt_core::RowContext;
 
@@ -273,61 +274,51 @@ fn guard_row<'a>(
             })
         };
 
+        // base64 passes a soft-deleted row as it is; both formats pass a NULL token without a
+        // look (llmgw: the gateway's new code and the engine's own backfill write it)
+        if config.format == Format::Base64
+            && text_of(tuple, tupdesc, columns.at(Col::Status)) == Some(b"deleted".as_slice())
+        {
+            return Ok(given());
+        }
+        let Some(token) = text_of(tuple, tupdesc, columns.at(Col::Token)) else {
+            return Ok(given());
+        };
+        let state = match config.format {
+            Format::Base64 => with_keyring(|ring| base64_state(ring, token))??,
+            Format::Llmgw => {
+                llmgw_token_state(token, |t| std::str::from_utf8(t).is_ok_and(is_base64_token))
+            }
+        };
+        let (decision, unverified) = decide(&config, state);
+        let warn = |sealed| {
+            if unverified {
+                warn_unverified(config.format, &id(), &provider(), sealed);
+            }
+        };
+        match decision {
+            Decision::Pass => {
+                warn(false);
+                return Ok(given());
+            }
+            Decision::Refuse(why) => return Err(refused(why)),
+            Decision::Seal => {}
+        }
+
+        // An unverified value is warned about once its token is sealed (base64), or before it
+        // is sealed (llmgw), as in 0.2.1: a base64 value too long to seal raises 54000 alone.
         let sealed = match config.format {
             Format::Base64 => {
-                if text_of(tuple, tupdesc, columns.at(Col::Status)) == Some(b"deleted".as_slice()) {
-                    return Ok(given());
-                }
-                let Some(token) = text_of(tuple, tupdesc, columns.at(Col::Token)) else {
-                    return Ok(given());
-                };
-                let sealed = with_keyring(|ring: &base64::Keyring| {
-                    let (decision, unverified) = decide(&config, base64_state(ring, token)?);
-                    if unverified {
-                        warn_unverified(
-                            config.format,
-                            &id(),
-                            &provider(),
-                            decision == Decision::Seal,
-                        );
-                    }
-                    Ok::<_, Error>(match decision {
-                        Decision::Pass => None,
-                        Decision::Refuse(why) => return Err(refused(why)),
-                        Decision::Seal => {
-                            let sealed = ring.seal_bytes(token)?;
-                            note_sealed(ring, &sealed);
-                            Some(sealed)
-                        }
-                    })
+                let token = with_keyring(|ring: &base64::Keyring| {
+                    let sealed = ring.seal_bytes(token)?;
+                    note_sealed(ring, &sealed);
+                    Ok::<_, Error>(sealed)
                 })??;
-                match sealed {
-                    None => return Ok(given()),
-                    Some(token) => Sealed::Token(token),
-                }
+                warn(true);
+                Sealed::Token(token)
             }
             Format::Llmgw => {
-                // a NULL token passes without a look: the gateway's new code and the
-                // engine's own backfill write it
-                let Some(token) = text_of(tuple, tupdesc, columns.at(Col::Token)) else {
-                    return Ok(given());
-                };
-                let state =
-                    llmgw_token_state(token, |t| std::str::from_utf8(t).is_ok_and(is_base64_token));
-                let (decision, unverified) = decide(&config, state);
-                if unverified {
-                    warn_unverified(
-                        config.format,
-                        &id(),
-                        &provider(),
-                        decision == Decision::Seal,
-                    );
-                }
-                match decision {
-                    Decision::Pass => return Ok(given()),
-                    Decision::Refuse(why) => return Err(refused(why)),
-                    Decision::Seal => {}
-                }
+                warn(true);
                 // the database is UTF8 (the extension refuses any other), so these are text
                 let utf8 = |col: Col| {
                     text_of(tuple, tupdesc, columns.at(col))
@@ -349,7 +340,6 @@ fn guard_row<'a>(
                 }
             }
         };
-
         let writes = sealed.columns_to_write();
         for (col, value) in &writes {
             if let (Some(max), Some(value)) = (columns.max[*col as usize], value) {
@@ -393,7 +383,7 @@ fn guard_row<'a>(
 fn warn_unverified(format: Format, id: &str, provider: &str, sealed: bool) {
     let (what, done, hint) = match (format, sealed) {
         (Format::Base64, _) => (
-            "looks like a token but authenticates under no configured key",
+            UNVERIFIED_BASE64,
             if sealed {
                 "the guard encrypted it as plaintext"
             } else {

@@ -66,6 +66,13 @@ pub fn with_keyring<R: Ring, T>(f: impl FnOnce(&R) -> T) -> Result<T, Error> {
         if built_in == epoch {
             return Ok(f(&*ring?));
         }
+        // built in another epoch: drop it now (its keys are wiped), whatever the check says
+        drop(ring);
+        R::slot().with(|c| {
+            if let Ok(mut slot) = c.try_borrow_mut() {
+                *slot = None;
+            }
+        });
     }
     settings::check_setup()?;
     let ring = R::build().map(Rc::new);

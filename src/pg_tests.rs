@@ -1,4 +1,7 @@
-//! `#[pg_test]`s: the SQL surface inside a real PostgreSQL. The test server preloads the
+//! `#[pg_test]`s: what needs Rust internals inside a real PostgreSQL backend (the keyring
+//! cache, the setup check, the guard's fast path, tokens made by the pure code); what a SQL
+//! session sees is specified by tests/pg_regress (docs/development.md, "Where each test
+//! lives"). The test server preloads the
 //! library and gets its keys from its environment, the only source (scripts/test sets
 //! ENCRYPTION_KEY = TEST_KEY, ENCRYPTION_KEY_PREVIOUS = PREV_KEY and
 //! GATEWAY_API_KEY_HASH_SECRET = GATEWAY_SECRETS below). Each test runs in a transaction that
@@ -382,6 +385,24 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("gw-secret"));
+    }
+
+    /// The guard's WARNING describes an unverified base64 value in the engine's words: every
+    /// base64 mode's unverified_text (one source in SQL) is core's UNVERIFIED_BASE64.
+    #[pg_test]
+    fn the_guard_words_unverified_as_the_engine_does() {
+        for mode in ["encrypt", "decrypt", "reencrypt"] {
+            for encrypt_unverified in [true, false] {
+                let text = one::<String>(&format!(
+                    "SELECT (pke_internal.mode('{mode}', 'base64', {encrypt_unverified}, NULL, false)).unverified_text"
+                ));
+                assert_eq!(
+                    text.as_deref(),
+                    Some(provider_keys_encrypt_core::guard::UNVERIFIED_BASE64),
+                    "{mode}"
+                );
+            }
+        }
     }
 
     #[pg_test]

@@ -20,6 +20,11 @@
 
 use crate::format::{llmgw, Format, State};
 
+/// How a base64 value in state [`State::Unverified`] is described in the guard's WARNING: the
+/// engine's words (`unverified_text` of every base64 mode in src/engine/modes.sql; a
+/// `#[pg_test]` keeps the two equal).
+pub const UNVERIFIED_BASE64: &str = "looks like a token but authenticates under no configured key";
+
 /// What the guard does with a plaintext token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
