@@ -359,8 +359,8 @@ BEGIN
         FOR x IN SELECT * FROM unnest(r.unverified_ids, r.unverified_providers) AS u(key, prov) LIMIT warn_left LOOP
             warned := warned + 1;
             IF 'unverified' = ANY (m.todo) THEN
-                RAISE WARNING 'Provider key % for provider % looks like a token but authenticates under no configured key: % it as plaintext',
-                    x.key, x.prov, CASE WHEN dry_run THEN 'would encrypt' ELSE 'encrypted' END
+                RAISE WARNING 'Provider key % for provider % %: % it as plaintext',
+                    x.key, x.prov, m.unverified_text, CASE WHEN dry_run THEN 'would encrypt' ELSE 'encrypted' END
                     USING HINT = 'If it is a token written under another key, check ENCRYPTION_KEY and the previous keys; @extschema@.decrypt_provider_keys() gives the stored value back unchanged.';
             ELSE
                 RAISE WARNING 'Provider key % for provider % %: left unchanged', x.key, x.prov, m.unverified_text;

@@ -58,8 +58,8 @@ BEGIN
 END
 $$;
 
--- The one vocabulary for a stored value's state, shared by the Rust code (engine.rs,
--- TOKEN_STATE_LABELS), the engine, the report and the messages.
+-- The one vocabulary for a stored value's state, shared by the Rust code (core's
+-- format::State, src/states.rs), the engine, the report and the messages.
 CREATE TYPE pke_internal.token_state AS ENUM (
     'plaintext',     -- not a token: to be encrypted
     'current_key',   -- a token that authenticates under the current key
