@@ -8,13 +8,18 @@
 -- provider_keys_encrypt 0.2.1 -> 0.2.2: the hand-written part of the upgrade, what CREATE OR
 -- REPLACE cannot do. scripts/upgrade-script appends the engine functions that changed.
 --
--- Nothing here: 0.2.2 adds no type, drops no function and changes no signature. Its library
--- reads key variables from files too (ENCRYPTION_KEY_FILE, ENCRYPTION_KEY_PREVIOUS_FILE,
--- GATEWAY_API_KEY_HASH_SECRET_FILE) at server start, and two engine functions are rewritten
--- without a change of behaviour: pke_internal.mode (each mode described field by field) and
--- pke_internal.batch_messages (the unverified WARNING's words from the mode). Install the new
--- package and restart the server before ALTER EXTENSION provider_keys_encrypt UPDATE, so that
--- every backend runs the new library.
+-- 0.2.2's library reads key variables from files too (ENCRYPTION_KEY_FILE,
+-- ENCRYPTION_KEY_PREVIOUS_FILE, GATEWAY_API_KEY_HASH_SECRET_FILE) at server start. Its engine
+-- does what 0.2.1's did, written more plainly: pke_internal.mode describes each mode field by
+-- field, batch_messages takes the unverified WARNING's words from the mode, and the batch
+-- internals take the run's record. Install the new package and restart the server before
+-- ALTER EXTENSION provider_keys_encrypt UPDATE, so that every backend runs the new library.
+
+-- The batch internals take the run's record (its mode, format, table, position and options)
+-- instead of up to twelve loose arguments: new signatures.
+DROP FUNCTION pke_internal.batch(text, text, boolean, regclass, text, integer, boolean, boolean, boolean, bigint);
+DROP FUNCTION pke_internal.batch_isolate(text, text, boolean, regclass, text, text[], integer, boolean);
+DROP FUNCTION pke_internal.batch_apply(text, text, boolean, regclass, text, text[], integer, boolean, boolean, boolean, boolean, boolean);
 
 -- ==== the engine functions that differ from 0.2.1's, as a fresh install creates them ====
 
@@ -218,6 +223,150 @@ $fn$;
 
 -- ---- from src/engine/batch.sql -------------------------------------------------------
 
+-- The batch of `job` (a run: its mode, format, table, position, size, dry_run, may_commit)
+-- after job.after_id, or only the rows `ids` when given. write_none: only count the rows (the
+-- mode's todo emptied), for a batch given up on. list_written, list_unverified: return those
+-- rows' ids and providers, for the messages.
+CREATE OR REPLACE FUNCTION pke_internal.batch_apply(
+    job pke_internal.run, ids text[], write_none boolean, list_written boolean, list_unverified boolean)
+RETURNS pke_internal.batch_rows
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode(job.mode, job.format, job.encrypt_unverified, job.tbl);
+    tbl constant regclass := job.tbl;
+    after_id constant text := job.after_id;
+    dry_run constant boolean := job.dry_run;
+    may_commit constant boolean := job.may_commit;
+    todo pke_internal.token_state[] := CASE WHEN write_none THEN '{}' ELSE m.todo END;
+    stmt text := pke_internal.batch_sql(m, tbl, pke_internal.batch_range(after_id, ids), dry_run OR write_none,
+                                        pke_internal.table_may_rewrite(tbl));
+    r pke_internal.batch_rows;
+    ok boolean;
+    deferred_list text := CASE WHEN NOT (may_commit OR dry_run) THEN pke_internal.deferrable_constraints(tbl) END;
+BEGIN
+    -- Deferred checks (a DEFERRABLE INITIALLY DEFERRED unique or exclusion constraint, a
+    -- deferrable constraint trigger) would fire at COMMIT, outside every savepoint here, and
+    -- their message (a unique violation's DETAIL: the key value) would reach the client and
+    -- the server log unscrubbed. SET CONSTRAINTS ALL IMMEDIATE inside the savepoint makes
+    -- them fire at the end of the batch statement, inside it: a failure is caught and its
+    -- rows are isolated. The mode lasts as long as its savepoint: restored when it is rolled
+    -- back (the trial below), kept when it is released (a batch that may commit: up to the
+    -- COMMIT that follows; the next transaction starts with each constraint's own mode).
+    -- A dry run and write_none write nothing, and their savepoint is released in the
+    -- caller's transaction too: they leave the mode alone.
+    IF may_commit OR dry_run THEN
+        -- one savepoint around the whole batch; the caller commits
+        BEGIN
+            IF NOT (dry_run OR write_none) THEN
+                SET CONSTRAINTS ALL IMMEDIATE;
+            END IF;
+            EXECUTE stmt INTO r USING after_id, job.batch_size, ids, todo, list_written, list_unverified, m.target;
+            r := pke_internal.batch_recheck(m, tbl, r);
+            ok := true;
+        EXCEPTION WHEN OTHERS THEN
+            ok := false;
+        END;
+    ELSE
+        -- inside the caller's transaction: try in a savepoint that is always rolled back,
+        -- then write for real at the caller's level (no written subtransaction is kept).
+        -- The trial runs the deferred checks (its mode is rolled back with it; run_start
+        -- refused to start while the caller's own pending checks failed). The real write sets
+        -- the table's own deferrable constraints IMMEDIATE for the rest of the caller's
+        -- transaction: what they do (a deferred trigger that writes the old value back) then
+        -- happens inside the run, where batch_recheck and run_verify see it, instead of at the
+        -- caller's COMMIT, after the run has said "completed".
+        BEGIN
+            IF NOT write_none THEN
+                SET CONSTRAINTS ALL IMMEDIATE;
+            END IF;
+            EXECUTE stmt INTO r USING after_id, job.batch_size, ids, todo, list_written, list_unverified, m.target;
+            RAISE SQLSTATE 'PK000';
+        EXCEPTION
+            WHEN SQLSTATE 'PK000' THEN ok := true;
+            WHEN OTHERS THEN ok := false;
+        END;
+        IF ok THEN
+            IF NOT write_none AND deferred_list IS NOT NULL THEN
+                EXECUTE format('SET CONSTRAINTS %s IMMEDIATE', deferred_list);
+            END IF;
+            EXECUTE stmt INTO r USING after_id, job.batch_size, ids, todo, list_written, list_unverified, m.target;
+            r := pke_internal.batch_recheck(m, tbl, r);
+        END IF;
+    END IF;
+    RETURN CASE WHEN ok THEN r END;
+END
+$fn$;
+
+-- A batch that failed: probe every row it would write in a savepoint that is always rolled
+-- back; return the others, and each failing row with its SQLSTATE and its message (the row's
+-- secrets scrubbed) for batch() to report. give_up: rows that pass alone keep failing together
+-- (a statement-level trigger, a constraint between rows): report every row to write as
+-- failing (SQLSTATE NULL), write none.
+CREATE OR REPLACE FUNCTION pke_internal.batch_isolate(
+    job pke_internal.run, ids text[], give_up boolean,
+    OUT good text[], OUT errors bigint, OUT range_end text,
+    OUT failed_ids text[], OUT failed_providers text[], OUT failed_states text[], OUT failed_messages text[])
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode(job.mode, job.format, job.encrypt_unverified, job.tbl);
+    tbl constant regclass := job.tbl;
+    one_sql text := format('UPDATE %s t SET %s WHERE t.id::text = $1 AND NOT (%s) AND %s = ANY ($2)',
+                           tbl, m.set_sql, m.deleted_sql, m.state_sql);
+    x record;
+    e_state text;
+    e_msg text;
+    plain text;
+BEGIN
+    good := '{}';
+    errors := 0;
+    failed_ids := '{}'; failed_providers := '{}'; failed_states := '{}'; failed_messages := '{}';
+    FOR x IN EXECUTE format(
+        'SELECT t.id::text AS key, %s AS stored, t.provider::text AS prov,
+                CASE WHEN %s THEN NULL ELSE %s END AS st
+           FROM %s t WHERE %s ORDER BY t.id LIMIT $2',
+        m.stored_sql, m.deleted_sql, m.state_sql, tbl, pke_internal.batch_range(job.after_id, ids))
+        USING job.after_id, job.batch_size, ids
+    LOOP
+        range_end := x.key;
+        IF x.st IS NULL OR NOT x.st = ANY (m.todo) THEN
+            good := good || x.key;  -- nothing to write: counted when the batch runs again
+        ELSIF give_up THEN
+            errors := errors + 1;
+            failed_ids := failed_ids || x.key; failed_providers := failed_providers || x.prov;
+            failed_states := failed_states || NULL::text; failed_messages := failed_messages || NULL::text;
+        ELSE
+            BEGIN
+                SET CONSTRAINTS ALL IMMEDIATE;  -- deferred checks fail here, not at COMMIT
+                EXECUTE one_sql USING x.key, m.todo;
+                RAISE SQLSTATE 'PK000';
+            EXCEPTION
+                WHEN SQLSTATE 'PK000' THEN
+                    good := good || x.key;
+                WHEN OTHERS THEN
+                    GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_msg = MESSAGE_TEXT;
+                    errors := errors + 1;
+                    plain := NULL;
+                    IF m.plain_sql IS NOT NULL THEN
+                        BEGIN
+                            EXECUTE format('SELECT %s FROM %s t WHERE t.id::text = $1', m.plain_sql, tbl)
+                                INTO plain USING x.key;
+                        EXCEPTION WHEN OTHERS THEN
+                            plain := NULL;
+                        END;
+                    END IF;
+                    failed_ids := failed_ids || x.key; failed_providers := failed_providers || x.prov;
+                    failed_states := failed_states || e_state;
+                    failed_messages := failed_messages || pke_internal.scrub(e_msg, x.stored || plain);
+            END;
+        END IF;
+    END LOOP;
+END
+$fn$;
+
 -- The batch's messages: a WARNING per unverified row while the run may still print them, and
 -- a NOTICE per written row when verbose. Returns how many warnings it printed.
 CREATE OR REPLACE FUNCTION pke_internal.batch_messages(m pke_internal.mode, r pke_internal.batch_rows, dry_run boolean, warn_left bigint)
@@ -258,3 +407,211 @@ BEGIN
 END
 $fn$;
 
+-- The next batch of `job` (a run: its mode, format, table, position and options), start to
+-- end: apply; if it fails, isolate the failing rows and apply again on the others (at most
+-- three attempts); then the messages, at most warn_left warnings.
+CREATE OR REPLACE FUNCTION pke_internal.batch(job pke_internal.run, warn_left bigint)
+RETURNS pke_internal.batch_result
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode(job.mode, job.format, job.encrypt_unverified, job.tbl);
+    after_id constant text := job.after_id;
+    dry_run constant boolean := job.dry_run;
+    r pke_internal.batch_rows;
+    iso record;
+    ids text[];
+    range_end text;
+    failed bigint := 0;
+    f_ids text[] := '{}';
+    f_providers text[] := '{}';
+    f_states text[] := '{}';
+    f_messages text[] := '{}';
+    x record;
+    warned bigint := 0;
+    res pke_internal.batch_result;
+BEGIN
+    FOR attempt IN 1..3 LOOP
+        r := pke_internal.batch_apply(job, ids, write_none => false,
+                                      list_written => job.row_notices, list_unverified => warn_left > 0);
+        EXIT WHEN r.examined IS NOT NULL;  -- it ran
+        iso := pke_internal.batch_isolate(job, ids, give_up => attempt = 3);
+        failed := failed + iso.errors;
+        f_ids := f_ids || iso.failed_ids; f_providers := f_providers || iso.failed_providers;
+        f_states := f_states || iso.failed_states; f_messages := f_messages || iso.failed_messages;
+        range_end := COALESCE(range_end, iso.range_end);
+        ids := iso.good;
+        IF attempt = 3 THEN
+            -- count the rows that are left as they are, and write none of them
+            r := pke_internal.batch_apply(job, ids, write_none => true,
+                                          list_written => false, list_unverified => false);
+            IF r.examined IS NULL THEN
+                RAISE EXCEPTION 'the provider keys after id % could not be read', after_id
+                    USING ERRCODE = 'object_not_in_prerequisite_state';
+            END IF;
+        END IF;
+    END LOOP;
+
+    res.examined := r.examined + failed;
+    res.written := r.written;  -- in a dry run: what it would write
+    res.previous := r.previous;
+    res.unverified := r.unverified;
+    res.errors := failed + coalesce(cardinality(r.overridden_ids), 0);
+    -- rows this batch meant to write that someone else changed or deleted first
+    res.changed := CASE WHEN dry_run THEN 0 ELSE r.todo - r.written - coalesce(cardinality(r.overridden_ids), 0) END;
+    res.last_id := COALESCE(range_end, r.last_id);
+    -- A condition that fails every row is not a row's problem: when every row the batch was to
+    -- write failed, at least 10 of them, all with one SQLSTATE, the run stops with one ERROR
+    -- (that SQLSTATE, the first row's scrubbed message) instead of a WARNING per row. Earlier
+    -- batches stay committed; this one wrote nothing.
+    IF failed >= 10 AND r.written = 0 AND f_states[1] IS NOT NULL
+       AND (SELECT count(DISTINCT coalesce(u.s, '')) FROM unnest(f_states) AS u(s)) = 1 THEN
+        RAISE EXCEPTION 'every provider key of a batch failed to % the same way (SQLSTATE %): %', m.verb, f_states[1], f_messages[1]
+            USING ERRCODE = f_states[1],
+                  DETAIL = format('%s rows after id %s failed and none of them was written: the cause is not in a row.',
+                                  failed, coalesce(quote_literal(after_id), '(the start)')),
+                  HINT = CASE
+                      WHEN f_states[1] IN ('42P01', '42883', '42704', '3F000') THEN
+                          'During a run the table''s triggers and functions run with search_path = pg_catalog, pg_temp: give each of them the search_path it needs (ALTER FUNCTION ... SET search_path = ...), or write schema-qualified names in them, then run again.'
+                      WHEN f_states[1] = '22001' THEN
+                          'A token is longer than the key it holds: give the column room (ALTER TABLE ... ALTER COLUMN ... TYPE text), then run again.'
+                      ELSE 'Fix the cause, then run again: it skips what is done.' END;
+    END IF;
+    -- the failing rows, then the rest of the batch's messages, within the run's warning budget
+    FOR x IN SELECT * FROM unnest(f_ids, f_providers, f_states, f_messages) AS u(key, prov, st, msg) LIMIT greatest(warn_left, 0) LOOP
+        warned := warned + 1;
+        IF x.st IS NULL THEN
+            RAISE WARNING 'Failed to % provider key % for provider %: its write fails only together with other rows; left unchanged',
+                m.verb, x.key, x.prov;
+        ELSE
+            RAISE WARNING 'Failed to % provider key % for provider % (SQLSTATE %): %', m.verb, x.key, x.prov, x.st, x.msg;
+        END IF;
+    END LOOP;
+    res.warned := warned + pke_internal.batch_messages(m, r, dry_run, warn_left - warned);
+    RETURN res;
+END
+$fn$;
+
+-- ---- from src/engine/run.sql ---------------------------------------------------------
+
+-- One step: the next batch, its counts added to the run, a progress line every 5 seconds.
+-- When the caller will COMMIT after it, that commit needs no WAL flush (synchronous_commit
+-- off): a crash can only lose batches a re-run redoes, and run_finish_durably flushes them
+-- all before the run says "completed".
+CREATE OR REPLACE FUNCTION pke_internal.run_step(r pke_internal.run)
+RETURNS pke_internal.run
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    b pke_internal.batch_result;
+    warn_limit constant bigint := 100;
+    elapsed double precision;
+    rate double precision;
+    first boolean := r.after_id IS NULL;
+BEGIN
+    b := pke_internal.batch(r, warn_left => warn_limit - r.warned);
+    IF b.last_id IS NULL THEN
+        r.done := true;
+        RETURN r;
+    END IF;
+    r.after_id := b.last_id;
+    r.examined := r.examined + b.examined;
+    r.written := r.written + b.written;
+    r.errors := r.errors + b.errors;
+    r.previous := r.previous + b.previous;
+    r.unverified := r.unverified + b.unverified;
+    r.warned := r.warned + b.warned;
+    r.changed := r.changed + b.changed;
+    IF first AND b.written = 0 AND b.errors = 0 AND b.unverified = 0 AND b.changed = 0 THEN
+        r := pke_internal.run_idle_check(r);
+        IF r.done THEN
+            RETURN r;
+        END IF;
+    END IF;
+    IF r.do_commit THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    IF clock_timestamp() - r.last_progress >= interval '5 seconds' THEN
+        r.last_progress := clock_timestamp();
+        elapsed := greatest(extract(epoch FROM r.last_progress - r.started), 0.001);
+        rate := r.examined / elapsed;
+        RAISE NOTICE '%', format('Progress: %s/%s provider keys checked (%s%%), %s rows/s, ETA %s s',
+            r.examined, r.found,
+            CASE WHEN r.found > 0 THEN round(100.0 * r.examined / r.found, 1) ELSE 100 END,
+            round(rate::numeric),
+            CASE WHEN rate > 0 THEN round((greatest(r.found - r.examined, 0) / rate)::numeric) END);
+    END IF;
+    RETURN r;
+END
+$fn$;
+
+-- ==== privileges (src/privileges.sql) ====
+
+-- Privileges. PostgreSQL grants EXECUTE on new functions and procedures to PUBLIC; this file
+-- takes back what must not be public, and says why for what stays. Runs last.
+
+-- decrypt_token returns plaintext API keys: only roles an administrator names may call it
+-- (GRANT EXECUTE ON FUNCTION decrypt_token(text) TO <gateway role>).
+REVOKE ALL ON FUNCTION @extschema@.decrypt_token(text) FROM PUBLIC;
+
+-- llmgw_decrypt_token returns plaintext API keys too (the gateway's llmgw format): the same
+-- rule (GRANT EXECUTE ON FUNCTION llmgw_decrypt_token(text, text, text) TO <role>).
+REVOKE ALL ON FUNCTION @extschema@.llmgw_decrypt_token(text, text, text) FROM PUBLIC;
+
+-- decrypt_provider_keys writes plaintext back into the table: an administrator's rollback,
+-- never a public one. It also needs EXECUTE on the format's decrypting function (decrypt_token,
+-- llmgw_decrypt_token) and UPDATE on the table.
+REVOKE ALL ON PROCEDURE @extschema@.decrypt_provider_keys(regclass, integer, boolean, boolean, text) FROM PUBLIC;
+
+-- encrypt_token, is_encrypted_token, provider_keys_encrypt_fingerprint and
+-- provider_keys_encrypt_keys stay PUBLIC: encrypting reveals nothing, the verify check only
+-- says whether a value authenticates, and fingerprints are designed to be shown.
+
+-- llmgw_encrypt_token, llmgw_token_hash, llmgw_mask_token and llmgw_key_id stay PUBLIC, for
+-- the same reasons: sealing reveals nothing; the HMAC reveals nothing about the secret and, like
+-- a sealed token, is only worth something written into a row, which takes UPDATE on the table
+-- (the encrypt procedure computes it for any caller anyway); a mask is the gateway's
+-- shown-to-users form; key ids are one-way and stored in every token.
+
+-- encrypt_provider_keys, reencrypt_provider_keys and provider_keys_encryption_report stay
+-- PUBLIC: they run with the caller's rights (SELECT/UPDATE on the table) and never return a
+-- plaintext.
+
+-- provider_keys_encrypt_guard stays PUBLIC: putting it on a table needs the TRIGGER privilege
+-- on that table anyway, and it only encrypts (or refuses) what is being written.
+
+-- provider_keys_guard_status stays PUBLIC: it shows what pg_trigger shows everyone.
+
+-- The internals' schema: USAGE for everyone, because the public procedures run with the
+-- caller's rights and call into it; CREATE for nobody but its owner (the superuser who created
+-- the extension), so no role can plant a function, an operator or a type where the engine
+-- looks.
+REVOKE ALL ON SCHEMA pke_internal FROM PUBLIC;
+GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
+
+-- Functions in pke_internal stay executable by PUBLIC, and none reveals more than the public
+-- surface: token_state, llmgw_state, token_key_id and llmgw_key_id_of say no more than
+-- is_encrypted_token and the key ids; reencrypt and llmgw_reencrypt return a new token (as
+-- encrypt_token would) and, for llmgw, the token_hash of its plaintext (what the row's
+-- token_hash column holds: good for confirming a guess, never for reading a key), never the
+-- plaintext; guard_settings and guard_watches only parse trigger arguments; guards and
+-- guard_check read catalogs everyone can read, and so does schema_writers; base64_check_notice
+-- says whether ENCRYPTION_KEY is set (as provider_keys_encrypt_fingerprint does); guard_install
+-- creates a trigger only with the caller's own TRIGGER privilege; pending_checks_pass runs the
+-- caller's own deferred checks in a savepoint it rolls back and names a constraint, never a value; scrub only replaces text; every internal that reads or writes rows takes a mode
+-- by name from pke_internal.mode, which refuses an unknown mode and a caller without EXECUTE
+-- on that mode's public procedure (and on the format's decrypting function when the mode
+-- writes plaintext). All of them run with the caller's rights.
+
+-- pke_internal.guard_ddl_check, the event trigger's function, stays executable by PUBLIC: an
+-- event trigger function cannot be called directly (it only runs as an event trigger), and it
+-- only reads catalogs and refuses a broken guard trigger.
+
+-- The internals 0.2.1 adds stay executable by PUBLIC too, for the same reasons: state_counts
+-- and todo_count count a table's rows per state with the caller's own SELECT (what the report
+-- shows); batch_recheck classifies rows the caller can read; warn_shadowing, default_table,
+-- guard_gap and deferrable_constraints read catalogs everyone can read; pending_checks_pass
+-- runs the caller's own pending deferred checks in a savepoint it rolls back. A mode record
+-- built by hand and passed to one of them runs only what its caller could run directly.

@@ -1,10 +1,15 @@
 -- provider_keys_encrypt 0.2.1 -> 0.2.2: the hand-written part of the upgrade, what CREATE OR
 -- REPLACE cannot do. scripts/upgrade-script appends the engine functions that changed.
 --
--- Nothing here: 0.2.2 adds no type, drops no function and changes no signature. Its library
--- reads key variables from files too (ENCRYPTION_KEY_FILE, ENCRYPTION_KEY_PREVIOUS_FILE,
--- GATEWAY_API_KEY_HASH_SECRET_FILE) at server start, and two engine functions are rewritten
--- without a change of behaviour: pke_internal.mode (each mode described field by field) and
--- pke_internal.batch_messages (the unverified WARNING's words from the mode). Install the new
--- package and restart the server before ALTER EXTENSION provider_keys_encrypt UPDATE, so that
--- every backend runs the new library.
+-- 0.2.2's library reads key variables from files too (ENCRYPTION_KEY_FILE,
+-- ENCRYPTION_KEY_PREVIOUS_FILE, GATEWAY_API_KEY_HASH_SECRET_FILE) at server start. Its engine
+-- does what 0.2.1's did, written more plainly: pke_internal.mode describes each mode field by
+-- field, batch_messages takes the unverified WARNING's words from the mode, and the batch
+-- internals take the run's record. Install the new package and restart the server before
+-- ALTER EXTENSION provider_keys_encrypt UPDATE, so that every backend runs the new library.
+
+-- The batch internals take the run's record (its mode, format, table, position and options)
+-- instead of up to twelve loose arguments: new signatures.
+DROP FUNCTION pke_internal.batch(text, text, boolean, regclass, text, integer, boolean, boolean, boolean, bigint);
+DROP FUNCTION pke_internal.batch_isolate(text, text, boolean, regclass, text, text[], integer, boolean);
+DROP FUNCTION pke_internal.batch_apply(text, text, boolean, regclass, text, text[], integer, boolean, boolean, boolean, boolean, boolean);

@@ -184,17 +184,22 @@ AS $fn$
      WHERE c.condeferrable
 $fn$;
 
--- write_none: only count the rows (the mode's todo emptied), for a batch given up on.
+-- The batch of `job` (a run: its mode, format, table, position, size, dry_run, may_commit)
+-- after job.after_id, or only the rows `ids` when given. write_none: only count the rows (the
+-- mode's todo emptied), for a batch given up on. list_written, list_unverified: return those
+-- rows' ids and providers, for the messages.
 CREATE FUNCTION pke_internal.batch_apply(
-    mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
-    after_id text, ids text[], batch_size integer, write_none boolean,
-    dry_run boolean, may_commit boolean, list_written boolean, list_unverified boolean)
+    job pke_internal.run, ids text[], write_none boolean, list_written boolean, list_unverified boolean)
 RETURNS pke_internal.batch_rows
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
+    m pke_internal.mode := pke_internal.mode(job.mode, job.format, job.encrypt_unverified, job.tbl);
+    tbl constant regclass := job.tbl;
+    after_id constant text := job.after_id;
+    dry_run constant boolean := job.dry_run;
+    may_commit constant boolean := job.may_commit;
     todo pke_internal.token_state[] := CASE WHEN write_none THEN '{}' ELSE m.todo END;
     stmt text := pke_internal.batch_sql(m, tbl, pke_internal.batch_range(after_id, ids), dry_run OR write_none,
                                         pke_internal.table_may_rewrite(tbl));
@@ -218,7 +223,7 @@ BEGIN
             IF NOT (dry_run OR write_none) THEN
                 SET CONSTRAINTS ALL IMMEDIATE;
             END IF;
-            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
+            EXECUTE stmt INTO r USING after_id, job.batch_size, ids, todo, list_written, list_unverified, m.target;
             r := pke_internal.batch_recheck(m, tbl, r);
             ok := true;
         EXCEPTION WHEN OTHERS THEN
@@ -237,7 +242,7 @@ BEGIN
             IF NOT write_none THEN
                 SET CONSTRAINTS ALL IMMEDIATE;
             END IF;
-            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
+            EXECUTE stmt INTO r USING after_id, job.batch_size, ids, todo, list_written, list_unverified, m.target;
             RAISE SQLSTATE 'PK000';
         EXCEPTION
             WHEN SQLSTATE 'PK000' THEN ok := true;
@@ -247,7 +252,7 @@ BEGIN
             IF NOT write_none AND deferred_list IS NOT NULL THEN
                 EXECUTE format('SET CONSTRAINTS %s IMMEDIATE', deferred_list);
             END IF;
-            EXECUTE stmt INTO r USING after_id, batch_size, ids, todo, list_written, list_unverified, m.target;
+            EXECUTE stmt INTO r USING after_id, job.batch_size, ids, todo, list_written, list_unverified, m.target;
             r := pke_internal.batch_recheck(m, tbl, r);
         END IF;
     END IF;
@@ -282,15 +287,15 @@ $fn$;
 -- (a statement-level trigger, a constraint between rows): report every row to write as
 -- failing (SQLSTATE NULL), write none.
 CREATE FUNCTION pke_internal.batch_isolate(
-    mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
-    after_id text, ids text[], batch_size integer, give_up boolean,
+    job pke_internal.run, ids text[], give_up boolean,
     OUT good text[], OUT errors bigint, OUT range_end text,
     OUT failed_ids text[], OUT failed_providers text[], OUT failed_states text[], OUT failed_messages text[])
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
+    m pke_internal.mode := pke_internal.mode(job.mode, job.format, job.encrypt_unverified, job.tbl);
+    tbl constant regclass := job.tbl;
     one_sql text := format('UPDATE %s t SET %s WHERE t.id::text = $1 AND NOT (%s) AND %s = ANY ($2)',
                            tbl, m.set_sql, m.deleted_sql, m.state_sql);
     x record;
@@ -305,8 +310,8 @@ BEGIN
         'SELECT t.id::text AS key, %s AS stored, t.provider::text AS prov,
                 CASE WHEN %s THEN NULL ELSE %s END AS st
            FROM %s t WHERE %s ORDER BY t.id LIMIT $2',
-        m.stored_sql, m.deleted_sql, m.state_sql, tbl, pke_internal.batch_range(after_id, ids))
-        USING after_id, batch_size, ids
+        m.stored_sql, m.deleted_sql, m.state_sql, tbl, pke_internal.batch_range(job.after_id, ids))
+        USING job.after_id, job.batch_size, ids
     LOOP
         range_end := x.key;
         IF x.st IS NULL OR NOT x.st = ANY (m.todo) THEN
@@ -384,18 +389,18 @@ BEGIN
 END
 $fn$;
 
--- One batch, start to end: apply; if it fails, isolate the failing rows and apply again on
--- the others (at most three attempts); then the messages.
-CREATE FUNCTION pke_internal.batch(
-    mode_name text, format_name text, encrypt_unverified boolean, tbl regclass,
-    after_id text, batch_size integer, dry_run boolean, notices boolean, may_commit boolean,
-    warn_left bigint)
+-- The next batch of `job` (a run: its mode, format, table, position and options), start to
+-- end: apply; if it fails, isolate the failing rows and apply again on the others (at most
+-- three attempts); then the messages, at most warn_left warnings.
+CREATE FUNCTION pke_internal.batch(job pke_internal.run, warn_left bigint)
 RETURNS pke_internal.batch_result
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    m pke_internal.mode := pke_internal.mode(mode_name, format_name, encrypt_unverified, tbl);
+    m pke_internal.mode := pke_internal.mode(job.mode, job.format, job.encrypt_unverified, job.tbl);
+    after_id constant text := job.after_id;
+    dry_run constant boolean := job.dry_run;
     r pke_internal.batch_rows;
     iso record;
     ids text[];
@@ -410,11 +415,10 @@ DECLARE
     res pke_internal.batch_result;
 BEGIN
     FOR attempt IN 1..3 LOOP
-        r := pke_internal.batch_apply(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
-                                      batch_size, false, dry_run, may_commit, notices, warn_left > 0);
+        r := pke_internal.batch_apply(job, ids, write_none => false,
+                                      list_written => job.row_notices, list_unverified => warn_left > 0);
         EXIT WHEN r.examined IS NOT NULL;  -- it ran
-        iso := pke_internal.batch_isolate(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
-                                          batch_size, attempt = 3);
+        iso := pke_internal.batch_isolate(job, ids, give_up => attempt = 3);
         failed := failed + iso.errors;
         f_ids := f_ids || iso.failed_ids; f_providers := f_providers || iso.failed_providers;
         f_states := f_states || iso.failed_states; f_messages := f_messages || iso.failed_messages;
@@ -422,8 +426,8 @@ BEGIN
         ids := iso.good;
         IF attempt = 3 THEN
             -- count the rows that are left as they are, and write none of them
-            r := pke_internal.batch_apply(mode_name, format_name, encrypt_unverified, tbl, after_id, ids,
-                                          batch_size, true, dry_run, may_commit, false, false);
+            r := pke_internal.batch_apply(job, ids, write_none => true,
+                                          list_written => false, list_unverified => false);
             IF r.examined IS NULL THEN
                 RAISE EXCEPTION 'the provider keys after id % could not be read', after_id
                     USING ERRCODE = 'object_not_in_prerequisite_state';

@@ -278,8 +278,7 @@ DECLARE
     rate double precision;
     first boolean := r.after_id IS NULL;
 BEGIN
-    b := pke_internal.batch(r.mode, r.format, r.encrypt_unverified, r.tbl, r.after_id, r.batch_size,
-                            r.dry_run, r.row_notices, r.may_commit, warn_limit - r.warned);
+    b := pke_internal.batch(r, warn_left => warn_limit - r.warned);
     IF b.last_id IS NULL THEN
         r.done := true;
         RETURN r;

@@ -278,8 +278,8 @@ CREATE PROCEDURE public.decrypt_provider_keys(x integer) LANGUAGE sql AS 'SELECT
 CREATE TABLE public.mallory_enc (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text);
 INSERT INTO public.mallory_enc VALUES ('e1', encrypt_token('sk-mallory-enc'), 'openai', 'active');
 CALL pke_internal.run('decrypt', 'base64', 'public.mallory_enc', 100, false, false, false, false);
-SELECT pke_internal.batch_apply('decrypt', 'base64', false, 'public.mallory_enc', NULL, NULL, 100, false, false, false, false, false);
-SELECT pke_internal.batch_apply('encrypt', 'base64', true, 'public.mallory_enc', NULL, NULL, 100, false, false, false, false, false);
+SELECT pke_internal.batch_apply(pg_catalog.jsonb_populate_record(NULL::pke_internal.run, '{"mode": "decrypt", "format": "base64", "tbl": "public.mallory_enc", "batch_size": 100, "dry_run": false, "may_commit": false, "encrypt_unverified": false}'), NULL, false, false, false);
+SELECT pke_internal.batch_apply(pg_catalog.jsonb_populate_record(NULL::pke_internal.run, '{"mode": "encrypt", "format": "base64", "tbl": "public.mallory_enc", "batch_size": 100, "dry_run": false, "may_commit": false, "encrypt_unverified": true}'), NULL, false, false, false);
 SELECT count(*) AS still_one_token_deep FROM public.mallory_enc WHERE decrypt_token(token) OPERATOR(pg_catalog.=) 'sk-mallory-enc';
 RESET ROLE;
 REVOKE EXECUTE ON FUNCTION decrypt_token(text) FROM mallory;
@@ -290,7 +290,7 @@ CREATE TABLE public.mallory_gw (id text PRIMARY KEY, token text, token_ciphertex
                                 provider text NOT NULL, status text, organization_id text);
 INSERT INTO public.mallory_gw (id, token_ciphertext, provider) VALUES ('e1', llmgw_encrypt_token('sk-mallory-gw', 'e1', NULL), 'openai');
 CALL pke_internal.run('decrypt', 'llmgw', 'public.mallory_gw', 100, false, false, false, false);
-SELECT pke_internal.batch_apply('decrypt', 'llmgw', false, 'public.mallory_gw', NULL, NULL, 100, false, false, false, false, false);
+SELECT pke_internal.batch_apply(pg_catalog.jsonb_populate_record(NULL::pke_internal.run, '{"mode": "decrypt", "format": "llmgw", "tbl": "public.mallory_gw", "batch_size": 100, "dry_run": false, "may_commit": false, "encrypt_unverified": false}'), NULL, false, false, false);
 SELECT count(*) AS still_sealed FROM public.mallory_gw WHERE token IS NULL AND token_ciphertext IS NOT NULL;
 RESET ROLE;
 REVOKE EXECUTE ON FUNCTION llmgw_decrypt_token(text, text, text) FROM mallory;
