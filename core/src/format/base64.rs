@@ -198,17 +198,6 @@ pub fn open_raw(
         .is_ok())
 }
 
-/// Open a token under one key and return its text (test and tooling helper; the SQL layer
-/// goes through [`Keyring`], which tries every configured key).
-pub fn open(cipher: &Aes256Gcm, token: &str) -> Result<Zeroizing<String>, Base64Error> {
-    let raw = decode(token)?;
-    let mut scratch = plaintext_buffer(&raw)?;
-    if !open_raw(cipher, &raw, &mut scratch)? {
-        return Err(Base64Error::Unauthenticated);
-    }
-    into_text(std::mem::take(&mut *scratch))
-}
-
 /// Turn decrypted bytes into text PostgreSQL can store: valid UTF-8 without NUL bytes.
 /// Invalid bytes are wiped before the error is returned.
 pub fn into_text(bytes: Vec<u8>) -> Result<Zeroizing<String>, Base64Error> {
@@ -379,6 +368,16 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
+    }
+
+    /// Open a token under one key (the keyring tries every configured key).
+    fn open(cipher: &Aes256Gcm, token: &str) -> Result<Zeroizing<String>, Base64Error> {
+        let raw = decode(token)?;
+        let mut scratch = plaintext_buffer(&raw)?;
+        if !open_raw(cipher, &raw, &mut scratch)? {
+            return Err(Base64Error::Unauthenticated);
+        }
+        into_text(std::mem::take(&mut *scratch))
     }
 
     fn cipher(key: &[u8]) -> Aes256Gcm {
