@@ -19,7 +19,7 @@
 //!
 //! Imports go one way: errors → log_filter; settings → errors, log_filter; keyring →
 //! settings, errors; format → keyring, errors, states; guard → format, keyring, errors,
-//! log_filter; engine → format (its SQL files' dependencies).
+//! log_filter; engine → format, keyring, errors. No cycle.
 
 use pgrx::prelude::*;
 
