@@ -316,7 +316,7 @@ mod tests {
 
     #[pg_test]
     fn labels_are_honest() {
-        // volatility, strictness and parallel safety as documented in functions.rs
+        // volatility, strictness and parallel safety as documented in src/format/mod.rs
         let rows: Vec<(String, String, bool, String)> = Spi::connect(|c| {
             c.select(
                 "SELECT proname::text, provolatile::text, proisstrict, proparallel::text

@@ -376,7 +376,7 @@ mod tests {
 
     #[test]
     fn raw_key_derefs_where_the_extension_uses_it() {
-        // the extension's call shapes (gucs.rs): map(drop), and fingerprint(&k)
+        // the extension's call shapes (settings.rs): map(drop), and fingerprint(&k)
         assert!(parse_key(K1, KeySource::Environment).map(drop).is_ok());
         let fp = parse_key(K1, KeySource::Environment).map(|k| fingerprint(&k));
         assert_eq!(fp.unwrap().len(), 16);

@@ -246,7 +246,7 @@ test("preloaded (required): only the environment is accepted, and no observer se
     assert.deepEqual(r.seen.plain, [], `${what}: a plain role sees nothing`);
     assert.deepEqual(r.seen.settings, [], `${what}: pg_read_all_settings sees nothing`);
     // the only leak left is PostgreSQL's own copy of a statement's text in pg_stat_activity;
-    // the refusal's STATEMENT: line is kept out of the log (gucs.rs, hide_refused_statement)
+    // the refusal's STATEMENT: line is kept out of the log (src/log_filter.rs)
     assert.deepEqual(r.seen.monitor, r.path.sqlText ? ["pg_stat_activity"] : [], `${what}: pg_monitor`);
     assert.deepEqual(r.log, [], `${what}: server log`);
     if (r.path.env) {

@@ -1,6 +1,6 @@
 // A reference implementation of the gateway's "llmgw" provider-key format, written the way
 // the gateway's Node.js code does it (node:crypto only, no npm dependencies), from the format
-// description in core/src/format_llmgw.rs. Rust's tests drive it to prove both sides agree.
+// description in core/src/format/llmgw.rs. Rust's tests drive it to prove both sides agree.
 //
 // Protocol: one JSON request per line on stdin, one JSON response per line on stdout, in order.
 //   {op:"kids",     secrets}                                   -> {kids:[…]}
