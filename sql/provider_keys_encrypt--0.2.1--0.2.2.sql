@@ -9,7 +9,8 @@
 -- REPLACE cannot do. scripts/upgrade-script appends the engine functions that changed.
 --
 -- 0.2.2's library reads key variables from files too (ENCRYPTION_KEY_FILE,
--- ENCRYPTION_KEY_PREVIOUS_FILE, GATEWAY_API_KEY_HASH_SECRET_FILE) at server start. Its engine
+-- ENCRYPTION_KEY_PREVIOUS_FILE, GATEWAY_API_KEY_HASH_SECRET_FILE) at server start, or from a
+-- command (provider_keys_encrypt.key_command) at start and after each reload. Its engine
 -- does what 0.2.1's did, written more plainly: pke_internal.mode describes each mode field by
 -- field, batch_messages takes the unverified WARNING's words from the mode, and the batch
 -- internals take the run's record. Install the new package and restart the server before
@@ -20,6 +21,12 @@
 DROP FUNCTION pke_internal.batch(text, text, boolean, regclass, text, integer, boolean, boolean, boolean, bigint);
 DROP FUNCTION pke_internal.batch_isolate(text, text, boolean, regclass, text, text[], integer, boolean);
 DROP FUNCTION pke_internal.batch_apply(text, text, boolean, regclass, text, text[], integer, boolean, boolean, boolean, boolean, boolean);
+
+-- A run's summary says when a configuration reload arrived during it (the key command's new
+-- keys apply from the next statement): a new function of the library.
+CREATE FUNCTION pke_internal.keys_reload_pending() RETURNS boolean
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pke_keys_reload_pending_wrapper';
 
 -- ==== the engine functions that differ from 0.2.1's, as a fresh install creates them ====
 
@@ -157,7 +164,7 @@ BEGIN
         m.plain_sql := '@extschema@.decrypt_token(t.token::text)';
     WHEN 'base64 reencrypt' THEN
         m.set_sql := 'token = pke_internal.reencrypt(t.token::text)';
-        m.retire_note := 'No provider key needs a previous key any more: ENCRYPTION_KEY_PREVIOUS can be removed from the server''s environment (it is read at server start: the change takes effect at the next restart; SHOW provider_keys_encrypt.previous_keys shows what is configured now).';
+        m.retire_note := 'No provider key needs a previous key any more: ENCRYPTION_KEY_PREVIOUS can be removed from the server''s environment (it is read at server start: the change takes effect at the next restart), or from what provider_keys_encrypt.key_command prints (the change takes effect at the next SELECT pg_reload_conf()); SHOW provider_keys_encrypt.previous_keys shows what is configured now.';
     WHEN 'llmgw encrypt' THEN
         m.job := 'backfill (llmgw)';
         -- the unambiguous llmgw: prefix: a value that has it is never taken for a plaintext
@@ -547,6 +554,70 @@ BEGIN
 END
 $fn$;
 
+-- The summary: total = done + skipped + errors, and what else the operator must know. It says
+-- "completed" only when run_verify's scan after the last batch found no row left in a state
+-- the mode writes (or, for an all-skipped run, the idle check's scan did): never on counting
+-- alone, which a trigger that writes the old value back, or a row written during the run,
+-- would fool. Otherwise the run is "incomplete", with remaining=N and a WARNING.
+CREATE OR REPLACE FUNCTION pke_internal.run_summary(r pke_internal.run)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    m pke_internal.mode := pke_internal.mode(r.mode, r.format, r.encrypt_unverified, r.tbl);
+    summary text;
+BEGIN
+    IF r.unverified + r.errors > r.warned THEN
+        RAISE WARNING '% more provider keys not named above (warnings stopped after %): unverified=%, errors=% in all',
+            r.unverified + r.errors - r.warned, r.warned, r.unverified, r.errors;
+    END IF;
+    summary := format('total=%s, %s=%s, skipped=%s, errors=%s',
+        r.examined, m.done_word, r.written, r.examined - r.written - r.errors, r.errors);
+    IF r.unverified > 0 THEN
+        summary := summary || ', unverified=' || r.unverified;
+    END IF;
+    IF r.previous > 0 AND m.retire_note IS NULL THEN
+        summary := summary || ', previous_key=' || r.previous;
+    END IF;
+    IF r.changed > 0 THEN
+        summary := summary || ', changed_concurrently=' || r.changed;
+    END IF;
+    IF r.remaining > 0 THEN
+        summary := summary || ', remaining=' || r.remaining;
+    END IF;
+    summary := format('Provider key %s %s: %s', m.job,
+        CASE WHEN r.dry_run THEN 'dry run completed (nothing was written)'
+             WHEN r.remaining > 0 THEN 'incomplete'
+             ELSE 'completed' END, summary);
+    IF r.verified AND r.remaining = 0 THEN
+        summary := summary || format(' (verified: a scan of every row%s after the last batch found none left to %s)',
+                                     CASE WHEN m.deleted_sql = 'false' THEN '' ELSE ' not soft-deleted' END, m.verb);
+    END IF;
+    IF r.remaining > 0 THEN
+        RAISE WARNING '%', summary
+            USING DETAIL = format('A scan of every row after the last batch found %s provider keys still %s: rows named above that failed, rows a trigger or rule wrote back, or rows written during the run without the guard.',
+                                  r.remaining, array_to_string(m.todo, ' or ')),
+                  HINT = CASE WHEN m.retire_note IS NOT NULL
+                      THEN 'Keep every key configured until a run has re-encrypted them: rows written meanwhile under an older key (a gateway instance whose first secret is still the old one?) are re-encrypted by the next run.'
+                      ELSE 'Fix the rows named above (if any), then run the procedure again: it skips what is done. @extschema@.provider_keys_encryption_report() counts the keys per state.' END;
+    ELSIF r.errors > 0 THEN
+        RAISE WARNING '%', summary
+            USING HINT = 'The rows named above were left unchanged; fix them and run the procedure again (it skips what is done).';
+    ELSE
+        RAISE NOTICE '%', summary;
+    END IF;
+    IF pke_internal.keys_reload_pending() THEN
+        RAISE NOTICE 'The server''s configuration was reloaded during this run: it ran to the end under the keys it started with. The keys provider_keys_encrypt.key_command prints now apply from the next statement: run it again to use them.';
+    END IF;
+    IF m.retire_note IS NOT NULL AND r.verified AND r.remaining = 0 THEN
+        RAISE NOTICE '%', m.retire_note || CASE WHEN r.unverified > 0 THEN format(
+            ' (The %s unverified provider keys open under none of the configured keys, older or not.)', r.unverified)
+            ELSE '' END;
+    END IF;
+END
+$fn$;
+
 -- ==== privileges (src/privileges.sql) ====
 
 -- Privileges. PostgreSQL grants EXECUTE on new functions and procedures to PUBLIC; this file
@@ -615,3 +686,8 @@ GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 -- guard_gap and deferrable_constraints read catalogs everyone can read; pending_checks_pass
 -- runs the caller's own pending deferred checks in a savepoint it rolls back. A mode record
 -- built by hand and passed to one of them runs only what its caller could run directly.
+
+-- The internal 0.2.2 adds stays executable by PUBLIC too: keys_reload_pending only says
+-- whether a configuration reload arrived during the caller's own statement while a key command
+-- gives the keys (nothing about the keys). The batch internals that take a run's record
+-- (batch, batch_apply, batch_isolate) take their mode by name from pke_internal.mode, as before.

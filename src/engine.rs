@@ -62,6 +62,21 @@ pub fn pke_flush_wal() {
     }
 }
 
+/// `pke_internal.keys_reload_pending()`: did a configuration reload arrive during this
+/// statement while `provider_keys_encrypt.key_command` gives the keys? A statement (a CALL
+/// too) runs under the keys it started with; the run summary says so when this is true.
+#[pg_extern(
+    sql = "
+CREATE FUNCTION pke_internal.keys_reload_pending() RETURNS boolean
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pke_keys_reload_pending_wrapper';
+",
+    requires = ["engine_types"]
+)]
+pub fn pke_keys_reload_pending() -> bool {
+    crate::settings::keys_may_change_after_this_statement()
+}
+
 /// `pke_internal.subxact_status()`: this backend's subtransaction-XID cache — how many
 /// committed subtransactions with an XID the current top-level transaction holds, and
 /// whether it overflowed (more than 64), which makes every snapshot on the server
@@ -184,6 +199,7 @@ pgrx::extension_sql_file!(
     requires = [
         "engine_batch",
         pke_may_commit,
+        pke_keys_reload_pending,
         pke_flush_wal,
         base64::provider_keys_encrypt_fingerprint
     ]

@@ -12,6 +12,12 @@
 //! | the file `<VAR>_FILE` names is missing   | 58P01    | undefined_file                   |
 //! | … cannot be read (permission, not a regular file, over 64 KiB) | 58030 | io_error  |
 //! | … others can access it or its group write it, or its owner is neither the server's user nor root (as PostgreSQL's ssl_key_file check) | F0000 | config_file_error |
+//! | key_command could not be started        | 58000    | system_error                     |
+//! | key_command exited non-zero or was killed | 38000  | external_routine_exception       |
+//! | key_command ran past key_command_timeout | 57014   | query_canceled                   |
+//! | key_command printed over 64 KiB         | 54000    | program_limit_exceeded           |
+//! | key_command printed a line that is not NAME=value, or a name twice | 22P02 | invalid_text_representation |
+//! | key_command printed none of the key variables | 55000 | object_not_in_prerequisite_state |
 //! | value is not a token (base64 / length)  | 22P02    | invalid_text_representation      |
 //! | token authenticates under no key        | 22000    | data_exception                   |
 //! | decrypted bytes are not UTF-8 text      | 22021    | character_not_in_repertoire      |
@@ -57,6 +63,7 @@ use provider_keys_encrypt_core::format::base64::Base64Error;
 use provider_keys_encrypt_core::format::llmgw::LlmgwError;
 use provider_keys_encrypt_core::format::Format;
 use provider_keys_encrypt_core::guard::ArgumentError;
+use provider_keys_encrypt_core::key_command::KeyCommandError;
 use provider_keys_encrypt_core::key_file::KeyFileError;
 use provider_keys_encrypt_core::keys::KeyError;
 
@@ -73,6 +80,9 @@ pub enum Error {
     /// A `<VAR>_FILE` the server refused to read a key from (`key_file`).
     #[error(transparent)]
     KeyFile(#[from] KeyFileError),
+    /// `provider_keys_encrypt.key_command` failed, with no keys to keep.
+    #[error(transparent)]
+    KeyCommand(#[from] KeyCommandError),
     /// The guide's base64 format and its ENCRYPTION_KEY keyring.
     #[error(transparent)]
     Token(#[from] Base64Error),
@@ -146,6 +156,17 @@ impl Error {
                 KeyFileError::OthersCanAccess { .. } | KeyFileError::WrongOwner { .. } => {
                     ERRCODE_CONFIG_FILE_ERROR
                 }
+            },
+            Error::KeyCommand(e) => match e {
+                KeyCommandError::Spawn(_) => ERRCODE_SYSTEM_ERROR,
+                KeyCommandError::Failed(_) => ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
+                // what statement_timeout raises: the time ran out, and it was stopped
+                KeyCommandError::TimedOut(_) => ERRCODE_QUERY_CANCELED,
+                KeyCommandError::TooLarge => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                KeyCommandError::Malformed(_) | KeyCommandError::Duplicate(_) => {
+                    ERRCODE_INVALID_TEXT_REPRESENTATION
+                }
+                KeyCommandError::NoKeys => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             },
             Error::Token(Base64Error::NotBase64 | Base64Error::TooShort) => {
                 ERRCODE_INVALID_TEXT_REPRESENTATION
@@ -230,6 +251,11 @@ impl Error {
                          then restart the server."
                     ),
                 }));
+            }
+            Error::KeyCommand(_) => {
+                "Run the command as the server's OS user (sudo -u postgres sh -c '<command>') to \
+                 see what it prints: NAME=value lines for ENCRYPTION_KEY, ENCRYPTION_KEY_PREVIOUS \
+                 and GATEWAY_API_KEY_HASH_SECRET. Fix it, then SELECT pg_reload_conf()."
             }
             Error::Guard(GuardError::TooLong { column, .. }) => {
                 return Some(Cow::Owned(format!(

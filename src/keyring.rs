@@ -1,7 +1,7 @@
 //! The keyrings, one cache for both formats: built on first use in a backend, after
-//! [`settings::check_setup`] passed, from the key variables the server started with
-//! ([`settings::key_text`]), and kept for the life of the backend (an error too: the
-//! environment does not change while a server runs). Dropping a ring wipes its keys.
+//! [`settings::check_setup`] passed, from the key variables ([`settings::key_text`]: the
+//! environment the server started with, or what `provider_keys_encrypt.key_command` printed),
+//! and kept until those change (an error too). Dropping a ring wipes its keys.
 //!
 //! | format   | keyring                      | built from                                       |
 //! |----------|------------------------------|--------------------------------------------------|
@@ -9,8 +9,9 @@
 //! | `llmgw`  | [`llmgw::Keyring`]           | `GATEWAY_API_KEY_HASH_SECRET`                    |
 //!
 //! A cached ring is used only while the settings' [`settings::epoch`] is the one it was built
-//! in: when the settings' check hook finds a key where PostgreSQL put it before it could
-//! refuse it, the epoch moves and every ring goes through the setup check again.
+//! in: the epoch moves when the key command's output changes (after a reload), and when the
+//! settings' check hook finds a key where PostgreSQL put it before it could refuse it; every
+//! ring then goes through the setup check again.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -41,7 +42,10 @@ impl Ring for base64::Keyring {
     fn build() -> Result<Self, Error> {
         let current = settings::key_text(KeyVar::Current)?;
         let previous = settings::key_text(KeyVar::Previous)?;
-        Ok(base64::Keyring::build(current, previous)?)
+        Ok(base64::Keyring::build(
+            current.as_deref().map(String::as_str),
+            previous.as_deref().map(String::as_str),
+        )?)
     }
     fn slot() -> &'static LocalKey<Slot<Self>> {
         &BASE64
@@ -51,7 +55,7 @@ impl Ring for base64::Keyring {
 impl Ring for llmgw::Keyring {
     fn build() -> Result<Self, Error> {
         let text = settings::key_text(KeyVar::Gateway)?.ok_or(llmgw::LlmgwError::MissingSecret)?;
-        Ok(llmgw::Keyring::parse(text)?)
+        Ok(llmgw::Keyring::parse(&text)?)
     }
     fn slot() -> &'static LocalKey<Slot<Self>> {
         &LLMGW
@@ -60,6 +64,8 @@ impl Ring for llmgw::Keyring {
 
 /// Run `f` with the keyring of type `R`, built on first use in this backend.
 pub fn with_keyring<R: Ring, T>(f: impl FnOnce(&R) -> T) -> Result<T, Error> {
+    // after a configuration reload, the key command's new keys (one comparison otherwise)
+    settings::refresh_command_keys();
     let epoch = settings::epoch();
     let cached = R::slot().with(|c| c.borrow().clone());
     if let Some((built_in, ring)) = cached {

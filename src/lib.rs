@@ -8,6 +8,7 @@
 //! * `settings.rs`  — where keys come from, the read-only settings that show them, the setup
 //!   check
 //! * `keyring.rs`   — one per-backend cache for both formats' keyrings
+//! * `key_command.rs` — running provider_keys_encrypt.key_command (its output: core's key_command)
 //! * `errors.rs`    — one error type, one SQLSTATE per cause
 //! * `log_filter.rs` — keeps statements that may hold a key out of the server log
 //! * `states.rs`    — the token states as the SQL enum `pke_internal.token_state`
@@ -27,6 +28,7 @@ pub mod engine;
 pub mod errors;
 pub mod format;
 pub mod guard;
+pub mod key_command;
 pub mod keyring;
 pub mod log_filter;
 pub mod settings;

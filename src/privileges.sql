@@ -64,3 +64,8 @@ GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 -- guard_gap and deferrable_constraints read catalogs everyone can read; pending_checks_pass
 -- runs the caller's own pending deferred checks in a savepoint it rolls back. A mode record
 -- built by hand and passed to one of them runs only what its caller could run directly.
+
+-- The internal 0.2.2 adds stays executable by PUBLIC too: keys_reload_pending only says
+-- whether a configuration reload arrived during the caller's own statement while a key command
+-- gives the keys (nothing about the keys). The batch internals that take a run's record
+-- (batch, batch_apply, batch_isolate) take their mode by name from pke_internal.mode, as before.

@@ -28,14 +28,18 @@
 //! [`check_setup`] finds it at first use and every function refuses (55P02, naming where)
 //! until it is removed. Without preloading every function refuses (F0000).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use pgrx::pg_sys;
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PgSqlErrorCode};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PgLogLevel, PgSqlErrorCode};
+use provider_keys_encrypt_core::key_command::{KeyCommandError, KeyCommandVars};
+use zeroize::Zeroizing;
 
 use crate::errors::{ConfigPlace, Error, SetupError};
 use crate::log_filter;
@@ -49,6 +53,11 @@ pub static ENCRYPTION_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CSt
 pub static PREVIOUS_KEYS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// `provider_keys_encrypt.gateway_api_key_hash_secret`: displays the gateway keyring's key ids.
 pub static GATEWAY_SECRET: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// `provider_keys_encrypt.key_command`: a command that prints the key variables (postgresql.conf
+/// or ALTER SYSTEM only; run again after each reload).
+pub static KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// `provider_keys_encrypt.key_command_timeout`: how long the command may take, in ms.
+pub static KEY_COMMAND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 /// The three read-only settings, each standing for one environment variable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,7 +162,28 @@ pub fn init() {
             None,
             Some(show_gateway_secret),
         );
-        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+    }
+    GucRegistry::define_string_guc(
+        c"provider_keys_encrypt.key_command",
+        c"A command that prints the key variables (NAME=value lines), run at server start and again after each configuration reload.",
+        c"Run as /bin/sh -c <command> by the server's OS user, with a time limit (key_command_timeout); its output is never logged. When set, the keys it prints are used instead of the server's environment. Set it in postgresql.conf or with ALTER SYSTEM, then SELECT pg_reload_conf().",
+        &KEY_COMMAND,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_int_guc(
+        c"provider_keys_encrypt.key_command_timeout",
+        c"How long provider_keys_encrypt.key_command may run before it is killed.",
+        c"The command, and every process it started, is killed past this time; the keys fetched before stay in use.",
+        &KEY_COMMAND_TIMEOUT,
+        100,
+        600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS | GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+    // SAFETY: called once, after this library's settings are defined.
+    #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+    unsafe {
         pg_sys::MarkGUCPrefixReserved(c"provider_keys_encrypt".as_ptr());
     }
     log_filter::install(is_refusal_message);
@@ -170,6 +200,8 @@ pub fn init() {
         {
             pgrx::warning!("provider_keys_encrypt: {e}");
         }
+        // the key command too, so that every backend starts with its keys
+        refresh_command_keys();
     }
 }
 
@@ -197,16 +229,187 @@ pub enum KeyVar {
     Gateway,
 }
 
-/// A key variable's text as the server started with it (`None`: not set); a refused
-/// `<VAR>_FILE` is its error. Never read by a backend of a server that did not preload the
-/// library: [`check_setup`] refuses first.
-pub fn key_text(var: KeyVar) -> Result<Option<&'static str>, key_file::KeyFileError> {
-    let vars = key_vars();
-    env(match var {
-        KeyVar::Current => &vars.current,
-        KeyVar::Previous => &vars.previous,
-        KeyVar::Gateway => &vars.gateway,
+/// Where a key variable's value comes from now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    /// the server's environment: the variable, or the file `<VAR>_FILE` names
+    Environment(key_file::Origin),
+    /// what `provider_keys_encrypt.key_command` printed
+    Command,
+}
+
+/// A key variable as the keyrings see it now: its text and source (`None`: not set), or why
+/// it cannot be had (a refused `<VAR>_FILE`, a key command that failed with nothing to keep).
+type Effective = Result<Option<(Zeroizing<String>, Source)>, Error>;
+
+/// A key variable's text (`None`: not set), from the key command's last good output when one
+/// is set, else from the environment the server started with. Never read by a backend of a
+/// server that did not preload the library: [`check_setup`] refuses first.
+pub fn key_text(var: KeyVar) -> Result<Option<Zeroizing<String>>, Error> {
+    effective(var).map(|v| v.map(|(text, _)| text))
+}
+
+fn effective(var: KeyVar) -> Effective {
+    refresh_command_keys();
+    COMMAND_KEYS.with(|c| {
+        let c = c.borrow();
+        if let Some(good) = &c.good {
+            // the command wins: what it did not print is not set
+            let text = match var {
+                KeyVar::Current => &good.current,
+                KeyVar::Previous => &good.previous,
+                KeyVar::Gateway => &good.gateway,
+            };
+            return Ok(text.clone().map(|t| (t, Source::Command)));
+        }
+        let vars = key_vars();
+        let env = match var {
+            KeyVar::Current => &vars.current,
+            KeyVar::Previous => &vars.previous,
+            KeyVar::Gateway => &vars.gateway,
+        };
+        match (env, &c.error) {
+            // a command that failed with no keys to keep, and none in the environment
+            (Ok(None), Some(e)) => Err(e.clone().into()),
+            (Ok(v), _) => Ok(v
+                .as_ref()
+                .map(|(t, o)| (t.clone(), Source::Environment(o.clone())))),
+            (Err(e), _) => Err(e.clone().into()),
+        }
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The key command (src/key_command.rs runs it, core's key_command parses its output)
+
+/// What the key command gave this process: its last good output, and the last run's error.
+#[derive(Default)]
+struct CommandKeys {
+    good: Option<KeyCommandVars>,
+    error: Option<KeyCommandError>,
+}
+
+thread_local! {
+    static COMMAND_KEYS: RefCell<CommandKeys> = RefCell::new(CommandKeys::default());
+    /// `PgReloadTime` when this process last looked at the key command: it runs the command
+    /// again only once the configuration has been reloaded since.
+    static CHECKED_AT: Cell<Option<pg_sys::TimestampTz>> = const { Cell::new(None) };
+}
+
+/// Run the key command if the configuration was (re)loaded since this process last did: at
+/// server start in the postmaster (every backend inherits its keys), then in each backend at
+/// its first need of a key after a reload (a backend reloads only between statements, so a
+/// statement, a CALL included, runs under one set of keys). Costs one comparison otherwise.
+/// A run that fails keeps the keys fetched before (or the environment's) and logs why, with
+/// its SQLSTATE, never a byte of the output; a keyring is never built from part of an output.
+pub fn refresh_command_keys() {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return;
+    }
+    // SAFETY: a plain read of this process's PgReloadTime.
+    let now = unsafe { pg_sys::PgReloadTime };
+    if CHECKED_AT.with(Cell::get) == Some(now) {
+        return;
+    }
+    CHECKED_AT.with(|c| c.set(Some(now)));
+    let command = KEY_COMMAND
+        .get()
+        .and_then(|c| c.to_str().ok().map(|c| c.trim().to_owned()))
+        .filter(|c| !c.is_empty());
+    let Some(command) = command else {
+        // no command (any more): the environment's keys
+        let had = COMMAND_KEYS.with(|c| std::mem::take(&mut *c.borrow_mut()).good.is_some());
+        if had {
+            bump_epoch();
+        }
+        return;
+    };
+    let timeout = Duration::from_millis(u64::try_from(KEY_COMMAND_TIMEOUT.get()).unwrap_or(10_000));
+    let fetched = crate::key_command::run(&command, timeout)
+        .and_then(|out| provider_keys_encrypt_core::key_command::parse(&out));
+    match fetched {
+        Ok(vars) => {
+            let changed = COMMAND_KEYS.with(|c| {
+                let mut c = c.borrow_mut();
+                let changed = c.good.as_ref().is_none_or(|g| !same_keys(g, &vars));
+                c.good = Some(vars);
+                c.error = None;
+                changed
+            });
+            if changed {
+                bump_epoch();
+                log_environment_not_used();
+            }
+        }
+        Err(e) => {
+            let kept = COMMAND_KEYS.with(|c| {
+                let mut c = c.borrow_mut();
+                c.error = Some(e.clone());
+                c.good.is_some()
+            });
+            bump_epoch();
+            let what = if kept {
+                "the keys it printed before stay in use"
+            } else {
+                "the keys of the server's environment, if any, stay in use"
+            };
+            let err = Error::from(e);
+            ErrorReport::new(
+                err.sqlstate(),
+                format!("provider_keys_encrypt: {err}; {what}"),
+                "provider_keys_encrypt",
+            )
+            .set_hint(err.hint().unwrap_or_default())
+            .report(PgLogLevel::LOG);
+        }
+    }
+}
+
+/// Is `ConfigReloadPending` set (a reload arrived during this statement) while a key command
+/// is configured? The run summary says so: the run used the keys it started with.
+pub fn keys_may_change_after_this_statement() -> bool {
+    // SAFETY: a plain read of a flag the SIGHUP handler sets.
+    let pending = unsafe { pg_sys::ConfigReloadPending } != 0;
+    pending && COMMAND_KEYS.with(|c| c.borrow().good.is_some() || c.borrow().error.is_some())
+}
+
+fn same_keys(a: &KeyCommandVars, b: &KeyCommandVars) -> bool {
+    let t = |v: &Option<Zeroizing<String>>| v.as_ref().map(|s| s.as_str().to_owned());
+    // compared in wiping copies; nothing is kept
+    let (a, b) = (
+        [t(&a.current), t(&a.previous), t(&a.gateway)].map(|v| v.map(Zeroizing::new)),
+        [t(&b.current), t(&b.previous), t(&b.gateway)].map(|v| v.map(Zeroizing::new)),
+    );
+    a == b
+}
+
+/// The command wins over the environment: say so (names only) when both give keys.
+fn log_environment_not_used() {
+    let vars = key_vars();
+    let set: Vec<&str> = [
+        (keys::ENV_VAR, &vars.current),
+        (keys::ENV_VAR_PREVIOUS, &vars.previous),
+        (llmgw::ENV_VAR, &vars.gateway),
+    ]
+    .into_iter()
+    .filter(|(_, v)| !matches!(v, Ok(None)))
+    .map(|(name, _)| name)
+    .collect();
+    if !set.is_empty() {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+            format!(
+                "provider_keys_encrypt: key_command is set, so the keys it prints are used, not {} from the server's environment",
+                set.join(", ")
+            ),
+            "provider_keys_encrypt",
+        )
+        .report(PgLogLevel::LOG);
+    }
+}
+
+fn bump_epoch() {
+    EPOCH.with(|e| e.set(e.get() + 1));
 }
 
 fn read_key_var(var: &'static str) -> VarValue {
@@ -232,25 +435,9 @@ fn key_vars() -> &'static KeyVars {
 const NOT_READ: &str =
     "not read: provider_keys_encrypt is not in shared_preload_libraries, so keys are not read";
 
-/// A key variable's text, `None` if unset; a refused `<VAR>_FILE` is an error.
-fn env(var: &VarValue) -> Result<Option<&str>, key_file::KeyFileError> {
-    match var {
-        Ok(v) => Ok(v.as_ref().map(|(text, _)| text.as_str())),
-        Err(e) => Err(e.clone()),
-    }
-}
-
-/// Where a variable's value came from, for SHOW: `ENCRYPTION_KEY` or
-/// `ENCRYPTION_KEY_FILE (/run/secrets/encryption_key)`.
-fn origin_name(name: &str, var: &VarValue) -> String {
-    match var {
-        Ok(Some((_, key_file::Origin::File(path)))) => format!("{name}_FILE ({})", path.display()),
-        _ => name.to_owned(),
-    }
-}
-
-/// What a refused `<VAR>_FILE` shows in SHOW: the refusal, never the file's content.
-fn refused(e: &key_file::KeyFileError) -> String {
+/// What a refused `<VAR>_FILE` (or a key command that failed with nothing to keep) shows in
+/// SHOW: the refusal, never a key.
+fn refused(e: &Error) -> String {
     format!("refused: {e}")
 }
 
@@ -434,25 +621,54 @@ fn reject(msg: &str, hint: &str) -> bool {
     false
 }
 
+/// Where a variable's value came from, for SHOW: `ENCRYPTION_KEY`,
+/// `ENCRYPTION_KEY_FILE (/run/secrets/encryption_key)` or `key_command`.
+fn source_name(name: &str, source: &Source) -> String {
+    match source {
+        Source::Environment(key_file::Origin::File(path)) => {
+            format!("{name}_FILE ({})", path.display())
+        }
+        Source::Environment(key_file::Origin::Environment) => name.to_owned(),
+        Source::Command => "key_command".to_owned(),
+    }
+}
+
+/// What SHOW adds when the key command's last run failed (never its output).
+fn command_note() -> String {
+    COMMAND_KEYS.with(|c| match &c.borrow().error {
+        Some(e) => format!(" (the last run of key_command failed: {e})"),
+        None => String::new(),
+    })
+}
+
+/// Where an unset variable was looked for, for SHOW.
+fn not_set(names: &str) -> String {
+    if COMMAND_KEYS.with(|c| c.borrow().good.is_some()) {
+        "not set (key_command printed none)".into()
+    } else {
+        format!("not set (no {names} in the server's environment)")
+    }
+}
+
 /// What `SHOW provider_keys_encrypt.encryption_key` prints: never the key.
 pub fn describe_current() -> String {
     if !PRELOADED.load(Ordering::Relaxed) {
         return NOT_READ.into();
     }
-    let var = &key_vars().current;
-    let from = origin_name(keys::ENV_VAR, var);
-    match env(var).map(|v| v.filter(|v| !v.trim().is_empty())) {
+    let shown = match effective(KeyVar::Current).map(|v| v.filter(|(v, _)| !v.trim().is_empty())) {
         Err(e) => refused(&e),
-        Ok(None) => {
-            "not set (no ENCRYPTION_KEY or ENCRYPTION_KEY_FILE in the server's environment)".into()
+        Ok(None) => not_set("ENCRYPTION_KEY or ENCRYPTION_KEY_FILE"),
+        Ok(Some((v, source))) => {
+            let from = source_name(keys::ENV_VAR, &source);
+            match keys::parse_key(&v, KeySource::Environment) {
+                Ok(k) => format!("from {from}, fingerprint {}", keys::fingerprint(&k)),
+                Err(_) => format!(
+                    "from {from}, invalid: not 32 bytes as Buffer.from(value, 'base64') decodes it"
+                ),
+            }
         }
-        Ok(Some(v)) => match keys::parse_key(v, KeySource::Environment) {
-            Ok(k) => format!("from {from}, fingerprint {}", keys::fingerprint(&k)),
-            Err(_) => format!(
-                "from {from}, invalid: not 32 bytes as Buffer.from(value, 'base64') decodes it"
-            ),
-        },
-    }
+    };
+    shown + &command_note()
 }
 
 /// What `SHOW provider_keys_encrypt.previous_keys` prints: the fingerprints, in order.
@@ -460,26 +676,29 @@ pub fn describe_previous() -> String {
     if !PRELOADED.load(Ordering::Relaxed) {
         return NOT_READ.into();
     }
-    let var = &key_vars().previous;
-    let text = match env(var) {
-        Err(e) => return refused(&e),
-        Ok(t) => t.unwrap_or(""),
+    let (text, source) = match effective(KeyVar::Previous) {
+        Err(e) => return refused(&e) + &command_note(),
+        Ok(Some((t, source))) => (t, Some(source)),
+        Ok(None) => (Zeroizing::new(String::new()), None),
     };
-    let entries: Vec<String> = keys::parse_key_list(text, KeySource::EnvironmentPrevious)
+    let entries: Vec<String> = keys::parse_key_list(&text, KeySource::EnvironmentPrevious)
         .map(|k| match k {
             Ok(k) => keys::fingerprint(&k),
             Err(_) => "invalid".into(),
         })
         .collect();
-    if entries.is_empty() {
-        "none (no ENCRYPTION_KEY_PREVIOUS in the server's environment)".into()
-    } else {
-        format!(
+    let shown = match source {
+        Some(source) if !entries.is_empty() => format!(
             "from {}, fingerprints {}",
-            origin_name(keys::ENV_VAR_PREVIOUS, var),
+            source_name(keys::ENV_VAR_PREVIOUS, &source),
             entries.join(", ")
-        )
-    }
+        ),
+        _ if COMMAND_KEYS.with(|c| c.borrow().good.is_some()) => {
+            "none (key_command printed none)".into()
+        }
+        _ => "none (no ENCRYPTION_KEY_PREVIOUS in the server's environment)".into(),
+    };
+    shown + &command_note()
 }
 
 /// What `SHOW provider_keys_encrypt.gateway_api_key_hash_secret` prints: the key ids (public:
@@ -488,19 +707,22 @@ pub fn describe_gateway() -> String {
     if !PRELOADED.load(Ordering::Relaxed) {
         return NOT_READ.into();
     }
-    let var = &key_vars().gateway;
-    match env(var).map(|t| t.map(llmgw::Keyring::parse)) {
+    let shown = match effective(KeyVar::Gateway) {
         Err(e) => refused(&e),
-        Ok(Some(Ok(ring))) => {
-            let ids: Vec<String> = ring.entries().iter().map(|s| s.kid().to_string()).collect();
-            format!(
-                "from {}, key ids {}",
-                origin_name(llmgw::ENV_VAR, var),
-                ids.join(", ")
-            )
-        }
-        _ => "not set (no GATEWAY_API_KEY_HASH_SECRET in the server's environment)".into(),
-    }
+        Ok(Some((text, source))) => match llmgw::Keyring::parse(&text) {
+            Ok(ring) => {
+                let ids: Vec<String> = ring.entries().iter().map(|s| s.kid().to_string()).collect();
+                format!(
+                    "from {}, key ids {}",
+                    source_name(llmgw::ENV_VAR, &source),
+                    ids.join(", ")
+                )
+            }
+            Err(_) => not_set("GATEWAY_API_KEY_HASH_SECRET"),
+        },
+        Ok(None) => not_set("GATEWAY_API_KEY_HASH_SECRET"),
+    };
+    shown + &command_note()
 }
 
 #[pg_guard]

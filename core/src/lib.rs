@@ -9,12 +9,14 @@
 //!     keyed by `GATEWAY_API_KEY_HASH_SECRET`, bound to its row; `token_hash`, `token_masked`
 //! * `keys`          — `ENCRYPTION_KEY` parsing (as Node decodes it), fingerprints
 //! * `key_file`      — `<VAR>_FILE`: a key variable's value read from a secret file
+//! * `key_command`   — the output of `provider_keys_encrypt.key_command`: the key variables
 //! * `guard`         — what the guard trigger decides for a row, without PostgreSQL
 //!
 //! Nothing here ever formats a key or a plaintext into a message.
 
 pub mod format;
 pub mod guard;
+pub mod key_command;
 pub mod key_file;
 pub mod keys;
 

@@ -130,7 +130,7 @@ BEGIN
         m.plain_sql := '@extschema@.decrypt_token(t.token::text)';
     WHEN 'base64 reencrypt' THEN
         m.set_sql := 'token = pke_internal.reencrypt(t.token::text)';
-        m.retire_note := 'No provider key needs a previous key any more: ENCRYPTION_KEY_PREVIOUS can be removed from the server''s environment (it is read at server start: the change takes effect at the next restart; SHOW provider_keys_encrypt.previous_keys shows what is configured now).';
+        m.retire_note := 'No provider key needs a previous key any more: ENCRYPTION_KEY_PREVIOUS can be removed from the server''s environment (it is read at server start: the change takes effect at the next restart), or from what provider_keys_encrypt.key_command prints (the change takes effect at the next SELECT pg_reload_conf()); SHOW provider_keys_encrypt.previous_keys shows what is configured now.';
     WHEN 'llmgw encrypt' THEN
         m.job := 'backfill (llmgw)';
         -- the unambiguous llmgw: prefix: a value that has it is never taken for a plaintext

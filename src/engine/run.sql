@@ -382,6 +382,9 @@ BEGIN
     ELSE
         RAISE NOTICE '%', summary;
     END IF;
+    IF pke_internal.keys_reload_pending() THEN
+        RAISE NOTICE 'The server''s configuration was reloaded during this run: it ran to the end under the keys it started with. The keys provider_keys_encrypt.key_command prints now apply from the next statement: run it again to use them.';
+    END IF;
     IF m.retire_note IS NOT NULL AND r.verified AND r.remaining = 0 THEN
         RAISE NOTICE '%', m.retire_note || CASE WHEN r.unverified > 0 THEN format(
             ' (The %s unverified provider keys open under none of the configured keys, older or not.)', r.unverified)

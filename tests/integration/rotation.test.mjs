@@ -43,7 +43,7 @@ test("rotation through restarts: old key -> new key + ENCRYPTION_KEY_PREVIOUS ->
   assert.equal(report().previous_key ?? 0, 0);
   // the run says what to do next, and step 2 does exactly that (issue 21, item 9: 0.2.0 said
   // to empty provider_keys_encrypt.previous_keys, a setting that refuses every value)
-  assert.match(rotated.err, /No provider key needs a previous key any more: ENCRYPTION_KEY_PREVIOUS can be removed from the server's environment \(it is read at server start: the change takes effect at the next restart/);
+  assert.match(rotated.err, /No provider key needs a previous key any more: ENCRYPTION_KEY_PREVIOUS can be removed from the server's environment \(it is read at server start: the change takes effect at the next restart\), or from what provider_keys_encrypt.key_command prints \(the change takes effect at the next SELECT pg_reload_conf\(\)\)/);
   assert.doesNotMatch(rotated.err, /previous_keys can be emptied/);
   for (const t of tokens()) assert.match(decrypt(t, k(NEW)), /^sk-(rot-\d+|from-node)$/);
 

@@ -1,0 +1,249 @@
+// Keys from provider_keys_encrypt.key_command, and rotation by reload (never a restart) while
+// an application keeps writing and reading, for both formats. The command here reads a file
+// only the server's OS user can read; the recipes for secret managers (docs/configuration.md)
+// print the same lines. Also: a command that fails, prints garbage or hangs after a reload
+// keeps the keys fetched before and logs why, never a byte of its output; one that fails at
+// start leaves the functions refusing with its SQLSTATE; the command wins over the
+// environment and says so; what other roles can see of it.
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { writeFileSync, chownSync, chmodSync } from "node:fs";
+import { join } from "node:path";
+import { execFileSync } from "node:child_process";
+import { Cluster, sleep } from "./cluster.mjs";
+import * as b64 from "../interop/gateway.mjs";
+import * as gw from "../interop/llmgw_gateway.mjs";
+
+const isRoot = process.getuid() === 0;
+const pgUid = isRoot ? Number(execFileSync("id", ["-u", "postgres"]).toString().trim()) : process.getuid();
+const freshKey = () => randomBytes(32).toString("base64");
+const k = (b) => Buffer.from(b, "base64");
+
+const clusters = [];
+after(() => clusters.forEach((c) => c.stop()));
+
+// A cluster whose keys come from `cat <keys file>`; the file is the server user's, mode 0600.
+function commandCluster(name, port, { env = {}, conf = [] } = {}) {
+  const db = new Cluster(name, { port, env, conf });
+  clusters.push(db);
+  db.keysFile = join(db.dir, "keys.env");
+  db.writeKeys = (text) => {
+    writeFileSync(db.keysFile, text, { mode: 0o600 });
+    chmodSync(db.keysFile, 0o600);
+    if (isRoot) chownSync(db.keysFile, pgUid, pgUid);
+  };
+  db.conf.push(`provider_keys_encrypt.key_command = 'cat ${db.keysFile}'`);
+  return db;
+}
+
+// start() wipes the cluster's directory: write the keys file once it exists again.
+function startWith(db, keys) {
+  db.createExtension = false;
+  db.start();
+  db.writeKeys(keys);
+  db.restart();
+  db.psql("CREATE EXTENSION provider_keys_encrypt");
+  return db;
+}
+
+// An application's connection: it writes a plaintext key per iteration (the guard seals it) and
+// reads back the one it wrote before, until stopped. Every failure is counted.
+function application(db, { write, read }) {
+  const s = db.session();
+  const state = { i: 0, ok: 0, failed: [], stop: false };
+  state.done = (async () => {
+    while (!state.stop) {
+      state.i++;
+      const w = await s.send(write(state.i));
+      const r = await s.send(read(state.i));
+      if (/ERROR|FATAL/.test(w.err) || /ERROR|FATAL/.test(r.err) || r.out !== `sk-app-${state.i}`) {
+        state.failed.push(`${state.i}: ${w.err} ${r.err} ${r.out}`.slice(0, 300));
+      } else state.ok++;
+    }
+    await s.close();
+  })();
+  // resolve once the application has done `n` more iterations (any statement it had in flight
+  // during a reload has finished: its next ones run under the new keys)
+  state.after = async (n) => { const until = state.i + n; while (state.i < until) await sleep(10); };
+  return state;
+}
+
+const report = (db, format) => Object.fromEntries(db.psql(
+  `SELECT state, sum(keys) FROM provider_keys_encryption_report(format => '${format}') GROUP BY state`)
+  .split("\n").filter(Boolean).map((l) => l.split("|")).map(([s, n]) => [s, Number(n)]));
+
+test("base64: rotation by reload while an application writes; Node reads every row at the end", async () => {
+  const OLD = freshKey(), NEW = freshKey();
+  const db = startWith(commandCluster("key_command_b64", 54471), `ENCRYPTION_KEY=${OLD}\n`);
+  assert.equal(db.psql("SHOW provider_keys_encrypt.encryption_key"), `from key_command, fingerprint ${b64.fingerprint(k(OLD))}`);
+  db.script(`CREATE TABLE provider_key (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
+    INSERT INTO provider_key SELECT 'k' || lpad(i::text, 4, '0'), 'sk-rot-' || i, 'openai' FROM generate_series(1, 500) i;`);
+  db.run("CALL encrypt_provider_keys(guard => true, verbose => false)", { tuples: false });
+  const app = application(db, {
+    write: (i) => `INSERT INTO provider_key VALUES ('app${i}', 'sk-app-${i}', 'openai');`,
+    read: (i) => `SELECT decrypt_token(token) FROM provider_key WHERE id = 'app${i}';`,
+  });
+  await app.after(5);
+
+  // 1. the new key current, the old one previous: a reload
+  db.writeKeys(`ENCRYPTION_KEY=${NEW}\nENCRYPTION_KEY_PREVIOUS=${OLD}\n`);
+  db.reload();
+  await app.after(5);
+  assert.equal(db.psql("SELECT provider_keys_encrypt_fingerprint()"), b64.fingerprint(k(NEW)));
+  const rotated = db.run("CALL reencrypt_provider_keys(verbose => false)", { tuples: false });
+  assert.match(rotated.err, /re-encryption completed: .* \(verified: /);
+  assert.equal(report(db, "base64").previous_key ?? 0, 0);
+
+  // 2. the old key dropped: another reload
+  db.writeKeys(`ENCRYPTION_KEY=${NEW}\n`);
+  db.reload();
+  await app.after(5);
+  app.stop = true;
+  await app.done;
+
+  assert.deepEqual(app.failed, []);
+  assert.ok(app.ok >= 15, `the application ran (${app.ok} iterations)`);
+  const r = report(db, "base64");
+  assert.equal(r.previous_key ?? 0, 0, "no row under a dropped key");
+  assert.equal(r.unverified ?? 0, 0);
+  assert.equal(r.plaintext ?? 0, 0);
+  assert.match(db.psql("SHOW provider_keys_encrypt.previous_keys"), /^none \(key_command printed none\)$/);
+  const rows = db.psql("SELECT id || '|' || token FROM provider_key").split("\n");
+  assert.equal(rows.length, 500 + app.i);
+  for (const row of rows) {
+    const [id, token] = row.split("|");
+    assert.equal(b64.decrypt(token, k(NEW)), id.startsWith("app") ? `sk-app-${id.slice(3)}` : `sk-rot-${Number(id.slice(1))}`);
+  }
+  // the keys never reached the server log
+  for (const key of [OLD, NEW]) assert.ok(!db.log().includes(key));
+});
+
+test("llmgw: rotation of GATEWAY_API_KEY_HASH_SECRET by reload while the gateway writes", async () => {
+  const OLD = "kc-old-" + randomBytes(8).toString("hex"), NEW = "kc-new-" + randomBytes(8).toString("hex");
+  const db = startWith(commandCluster("key_command_llmgw", 54472), `GATEWAY_API_KEY_HASH_SECRET=${OLD}\n`);
+  db.script(`CREATE TABLE provider_key (id text PRIMARY KEY, token text, token_ciphertext text, token_hash text,
+      token_masked text, provider text NOT NULL, status text DEFAULT 'active', organization_id text);
+    INSERT INTO provider_key (id, token, provider, organization_id)
+      SELECT 'k' || lpad(i::text, 4, '0'), 'sk-rot-' || i, 'openai', CASE WHEN i % 3 = 0 THEN NULL ELSE 'org' || i % 5 END
+      FROM generate_series(1, 500) i;`);
+  db.run("CALL encrypt_provider_keys(format => 'llmgw', guard => true, verbose => false)", { tuples: false });
+  const app = application(db, {
+    write: (i) => `INSERT INTO provider_key (id, token, provider, organization_id) VALUES ('app${i}', 'sk-app-${i}', 'openai', 'org-app');`,
+    read: (i) => `SELECT llmgw_decrypt_token(token_ciphertext, id, organization_id) FROM provider_key WHERE id = 'app${i}';`,
+  });
+  await app.after(5);
+
+  db.writeKeys(`GATEWAY_API_KEY_HASH_SECRET = '${NEW}, ${OLD}'\n`);   // Debian's environment-file form
+  db.reload();
+  await app.after(5);
+  assert.equal(db.psql("SELECT llmgw_key_id()"), gw.keyId(NEW));
+  const rotated = db.run("CALL reencrypt_provider_keys(format => 'llmgw', verbose => false)", { tuples: false });
+  assert.match(rotated.err, /re-encryption \(llmgw\) completed: .* \(verified: /);
+
+  db.writeKeys(`GATEWAY_API_KEY_HASH_SECRET=${NEW}\n`);
+  db.reload();
+  await app.after(5);
+  app.stop = true;
+  await app.done;
+
+  assert.deepEqual(app.failed, []);
+  assert.ok(app.ok >= 15, `the application ran (${app.ok} iterations)`);
+  const r = report(db, "llmgw");
+  assert.equal(r.previous_key ?? 0, 0, "no row under a dropped secret");
+  assert.equal(r.unverified ?? 0, 0);
+  assert.equal(r.plaintext ?? 0, 0);
+  const rows = db.readJson("SELECT json_build_object('id', id, 'ct', token_ciphertext, 'org', organization_id, 'hash', token_hash) FROM provider_key");
+  assert.equal(rows.length, 500 + app.i);
+  for (const { id, ct, org, hash } of rows) {
+    const plain = id.startsWith("app") ? `sk-app-${id.slice(3)}` : `sk-rot-${Number(id.slice(1))}`;
+    assert.equal(gw.decrypt([NEW], ct, id, org), plain);
+    assert.equal(hash, gw.tokenHash([NEW], plain));
+  }
+  for (const s of [OLD, NEW]) assert.ok(!db.log().includes(s));
+});
+
+test("a command that fails, prints garbage or hangs keeps the keys it printed before; one failing at start refuses with its SQLSTATE", () => {
+  const KEY = freshKey(), MARK = "sk-live-" + randomBytes(8).toString("hex");
+  const db = startWith(commandCluster("key_command_fail", 54473, { conf: ["provider_keys_encrypt.key_command_timeout = 300", "log_error_verbosity = verbose"] }), `ENCRYPTION_KEY=${KEY}\n`);
+  const token = db.psql("SELECT encrypt_token('sk-kept')");
+  const fp = b64.fingerprint(k(KEY));
+  // what the command prints comes from a file of the server's user: the marker never appears
+  // in the command's text (PostgreSQL logs a changed setting's value on reload)
+  const out = join(db.dir, "out.txt");
+  const prints = (text) => {
+    writeFileSync(out, text, { mode: 0o600 });
+    if (isRoot) chownSync(out, pgUid, pgUid);
+  };
+  for (const [output, command, cause, sqlstate] of [
+    [`ENCRYPTION_KEY=${freshKey()}\n${MARK}\n`, `cat ${out}; exit 3`, "exit status 3", "38000"],
+    [`ENCRYPTION_KEY=${freshKey()}\n${MARK}\n`, `cat ${out}`, "not NAME=value (line 2)", "22P02"],
+    [`ENCRYPTION_KEY=${freshKey()}\nENCRYPTION_KEY=${MARK}\n`, `cat ${out}`, "ENCRYPTION_KEY more than once", "22P02"],
+    [`OTHER_VARIABLE=${MARK}\n`, `cat ${out}`, "printed none of", "55000"],
+    [`ENCRYPTION_KEY=${MARK}\n`, `cat ${out}; sleep 30`, "did not finish within 300 ms", "57014"],
+  ]) {
+    prints(output);
+    db.psql(`ALTER SYSTEM SET provider_keys_encrypt.key_command = '${command.replace(/'/g, "''")}'`);
+    const started = Date.now();
+    db.reload();
+    const shown = db.psql("SHOW provider_keys_encrypt.encryption_key");
+    assert.ok(shown.startsWith(`from key_command, fingerprint ${fp} (the last run of key_command failed: `), shown);
+    assert.ok(shown.includes(cause), `${command}: ${shown}`);
+    assert.ok(!shown.includes(MARK));
+    assert.equal(db.psql(`SELECT decrypt_token('${token}')`), "sk-kept");
+    assert.ok(Date.now() - started < 15_000);
+    // the LOG line, with its SQLSTATE (log_error_verbosity = verbose prints it)
+    const line = db.log().split("\n").find((l) => l.includes(`LOG:  ${sqlstate}: provider_keys_encrypt: provider_keys_encrypt.key_command`) && l.includes(cause));
+    assert.ok(line, `${command}: no LOG line with ${sqlstate} and "${cause}"`);
+    assert.match(line, /stay in use$/);
+  }
+  const log = db.log();
+  assert.ok(!log.includes(MARK), "no byte of the output in the log");
+  assert.ok(!log.includes(KEY));
+
+  // a command that fails from the start, with no key in the environment: every function that
+  // needs the key refuses with the command's SQLSTATE, and SHOW says why
+  db.psql("ALTER SYSTEM SET provider_keys_encrypt.key_command = 'exit 7'");
+  db.restart();
+  const refused = db.run("SELECT encrypt_token('x')", { allowFail: true, verbose: true });
+  assert.match(refused.err, /ERROR:\s+38000: provider_keys_encrypt.key_command failed: exit status 7/);
+  assert.match(refused.err, /HINT:.*pg_reload_conf/);
+  assert.match(db.psql("SHOW provider_keys_encrypt.encryption_key"), /^refused: provider_keys_encrypt.key_command failed: exit status 7/);
+  // fixed by a reload, no restart
+  db.psql(`ALTER SYSTEM SET provider_keys_encrypt.key_command = 'cat ${db.keysFile}'`);
+  db.reload();
+  assert.equal(db.psql(`SELECT decrypt_token('${token}')`), "sk-kept");
+});
+
+test("the command wins over the environment and the log says so (names only); who can see what", () => {
+  const ENV_KEY = freshKey(), CMD_KEY = freshKey(), SECRET = "kc-env-" + randomBytes(8).toString("hex");
+  const db = startWith(commandCluster("key_command_env", 54474, { env: { ENCRYPTION_KEY: ENV_KEY, GATEWAY_API_KEY_HASH_SECRET: SECRET } }),
+    `ENCRYPTION_KEY=${CMD_KEY}\n`);
+  assert.equal(db.psql("SELECT provider_keys_encrypt_fingerprint()"), b64.fingerprint(k(CMD_KEY)));
+  // what the command did not print is not set: the environment is not mixed in
+  assert.equal(db.psql("SHOW provider_keys_encrypt.gateway_api_key_hash_secret"), "not set (key_command printed none)");
+  assert.match(db.log(), /LOG:  provider_keys_encrypt: key_command is set, so the keys it prints are used, not ENCRYPTION_KEY, GATEWAY_API_KEY_HASH_SECRET from the server's environment/);
+  // without the command (a reload), the environment again
+  db.psql("ALTER SYSTEM SET provider_keys_encrypt.key_command = ''");
+  db.reload();
+  assert.equal(db.psql("SELECT provider_keys_encrypt_fingerprint()"), b64.fingerprint(k(ENV_KEY)));
+  db.psql(`ALTER SYSTEM SET provider_keys_encrypt.key_command = 'cat ${db.keysFile}'`);
+  db.reload();
+
+  // observers: a plain role, a pg_read_all_settings member, a pg_monitor member
+  db.script(`CREATE ROLE plain LOGIN; CREATE ROLE reader LOGIN IN ROLE pg_read_all_settings; CREATE ROLE monitor LOGIN IN ROLE pg_monitor;`);
+  const probe = `SHOW provider_keys_encrypt.key_command; SHOW provider_keys_encrypt.encryption_key;
+    SELECT name, setting FROM pg_settings WHERE name LIKE 'provider_keys_encrypt%';
+    SELECT name, setting FROM pg_file_settings; SELECT query FROM pg_stat_activity;`;
+  for (const user of ["plain", "reader", "monitor"]) {
+    const seen = db.probe(probe, { user });
+    const all = seen.out + seen.err;
+    for (const secret of [ENV_KEY, CMD_KEY, SECRET]) assert.ok(!all.includes(secret), `${user} saw a key`);
+    if (user === "plain") assert.match(all, /permission denied to examine "provider_keys_encrypt.key_command"|must be superuser or have privileges of pg_read_all_settings to examine/);
+    else assert.ok(all.includes(`cat ${db.keysFile}`), `${user} sees the command itself, not its output`);
+  }
+  // only a superuser sets it, and only where the server reads its configuration
+  assert.match(db.run("SET provider_keys_encrypt.key_command = 'echo'", { allowFail: true, verbose: true }).err, /55P02/);
+  assert.match(db.run("ALTER SYSTEM SET provider_keys_encrypt.key_command = 'echo'", { user: "monitor", allowFail: true, verbose: true }).err, /42501/);
+  assert.ok(!db.log().includes(CMD_KEY) && !db.log().includes(ENV_KEY));
+});
