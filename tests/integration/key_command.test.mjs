@@ -247,3 +247,28 @@ test("the command wins over the environment and the log says so (names only); wh
   assert.match(db.run("ALTER SYSTEM SET provider_keys_encrypt.key_command = 'echo'", { user: "monitor", allowFail: true, verbose: true }).err, /42501/);
   assert.ok(!db.log().includes(CMD_KEY) && !db.log().includes(ENV_KEY));
 });
+
+test("a reload during a CALL: the run ends under the keys it started with and its summary says so", async () => {
+  const OLD = freshKey(), NEW = freshKey();
+  const db = startWith(commandCluster("key_command_call", 54475), `ENCRYPTION_KEY=${OLD}\n`);
+  db.script(`CREATE TABLE provider_key (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
+    INSERT INTO provider_key SELECT 'k' || lpad(i::text, 6, '0'), 'sk-call-' || i, 'openai' FROM generate_series(1, 40000) i;`);
+  const run = db.background("CALL encrypt_provider_keys(batch_size => 100, verbose => false)", { appName: "the_run" });
+  // once the run has committed a few batches, the keys change
+  for (let i = 0; Number(db.psql("SELECT count(*) FROM provider_key WHERE length(token) > 40")) < 1000; i++) {
+    assert.ok(i < 3000, "the run did not start");
+    await sleep(10);
+  }
+  db.writeKeys(`ENCRYPTION_KEY=${NEW}\nENCRYPTION_KEY_PREVIOUS=${OLD}\n`);
+  db.reload();
+  const { err, status } = await run.done;
+  assert.equal(status, 0, err);
+  assert.match(err, /encryption migration completed: total=40000, encrypted=40000/);
+  assert.match(err, /NOTICE: {2}The server's configuration was reloaded during this run: it ran to the end under the keys it started with\. The keys provider_keys_encrypt\.key_command prints now apply from the next statement: run it again to use them\./);
+  // every row the run wrote is under the key it started with; the next statement has the new keys
+  const tokens = db.psql("SELECT token FROM provider_key WHERE id IN ('k000001', 'k020000', 'k040000')").split("\n");
+  for (const t of tokens) assert.match(b64.decrypt(t, k(OLD)), /^sk-call-\d+$/);
+  assert.equal(report(db, "base64").previous_key, 40000);
+  db.run("CALL reencrypt_provider_keys(verbose => false)", { tuples: false });
+  assert.equal(report(db, "base64").current_key, 40000);
+});

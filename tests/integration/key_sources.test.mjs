@@ -1,4 +1,5 @@
-// Every way to give a key, with and without preloading, against every observer: a plain role,
+// Every way to give a key (the key command included), with and without preloading, against
+// every observer: a plain role,
 // a pg_read_all_settings member, a pg_monitor member, and the server log under default logging
 // settings (reloads included). The tables this prints are docs/security.md's "Every way to give
 // a key, and who can see it": the test renders them from what it observed and requires the
@@ -11,7 +12,7 @@
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac, randomBytes } from "node:crypto";
-import { readFileSync, writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync, chownSync } from "node:fs";
 import { join } from "node:path";
 import { execFileSync } from "node:child_process";
 import { Cluster, RELOAD_MARKER } from "./cluster.mjs";
@@ -88,12 +89,14 @@ function logLeaks(text, values) {
 
 // Use the extension in a fresh superuser session: "ok" (with the environment's fingerprint)
 // or the SQLSTATE it refuses with, and the message.
-function use(c) {
+function use(c, fingerprint = ENV_FINGERPRINT) {
   const r = c.run("SELECT provider_keys_encrypt_fingerprint()", { allowFail: true, verbose: true });
   const s = state(r.err);
-  if (s === "ok") assert.equal(r.out.trim(), ENV_FINGERPRINT);
+  if (s === "ok") assert.equal(r.out.trim(), fingerprint);
   return { state: s, err: r.err };
 }
+const fingerprintOf = (key) => createHmac("sha256", Buffer.from(key, "base64"))
+  .update("provider_keys_encrypt key fingerprint v1").digest("hex").slice(0, 16);
 
 const confPath = (c) => join(c.data, "postgresql.conf");
 function setConfLines(c, lines) {
@@ -165,6 +168,25 @@ const PATHS = [
     cleanup(c) { setConfLines(c, []); c.restart(); },
   },
   {
+    // the keys printed by a command the server runs (a file only its OS user can read), set in
+    // postgresql.conf and reloaded: the command's text is in the configuration, its output nowhere
+    label: "`provider_keys_encrypt.key_command` (a command that prints them; postgresql.conf, reloaded)",
+    okLabel: "set in postgresql.conf", sqlText: false, keyCommand: true,
+    async give(c, values) {
+      const file = join(c.dir, "keys.env");
+      const lines = ["ENCRYPTION_KEY", "ENCRYPTION_KEY_PREVIOUS", "GATEWAY_API_KEY_HASH_SECRET"].map((n, i) => `${n}=${values[i]}`);
+      writeFileSync(file, lines.join("\n") + "\n", { mode: 0o600 });
+      if (process.getuid() === 0) {
+        const uid = Number(execFileSync("id", ["-u", "postgres"]).toString().trim());
+        chownSync(file, uid, uid);
+      }
+      setConfLines(c, [`provider_keys_encrypt.key_command = 'cat ${file}'`]);
+      c.reload();
+      return { given: ["ok"], sessions: [] };
+    },
+    cleanup(c) { setConfLines(c, []); c.reload(); },
+  },
+  {
     label: "`-c` on the server's command line", okLabel: "kept as a placeholder", sqlText: false,
     async give(c, values) {
       const before = c.log();
@@ -207,7 +229,7 @@ async function runMatrix(c) {
       const again = observe(c, values);
       for (const k of Object.keys(seen)) seen[k] = [...new Set([...seen[k], ...again[k]])];
     }
-    const used = use(c);
+    const used = use(c, path.keyCommand ? fingerprintOf(values[0]) : ENV_FINGERPRINT);
     if (path.cleanup) await path.cleanup(c);
     const afterCleanup = use(c);
     const log = logLeaks(c.log().slice(logStart), values);
@@ -236,7 +258,7 @@ after(() => {
   }
 });
 
-test("preloaded (required): only the environment is accepted, and no observer sees a key", async () => {
+test("preloaded (required): only the environment and the key command give keys, and no observer sees one", async () => {
   const c = new Cluster("key-sources-preloaded", { port: 54440, env: ENV }).start();
   clusters.push(c);
   const rows = await runMatrix(c);
@@ -251,6 +273,9 @@ test("preloaded (required): only the environment is accepted, and no observer se
     assert.deepEqual(r.log, [], `${what}: server log`);
     if (r.path.env) {
       assert.equal(r.used.state, "ok", "the environment's keys work");
+    } else if (r.path.keyCommand) {
+      assert.equal(r.used.state, "ok", "the key command's keys work (its fingerprint, checked in use())");
+      assert.equal(r.afterCleanup.state, "ok", "without the command (a reload), the environment's keys again");
     } else {
       assert.ok(r.given.every((g) => g !== "ok"), `${what} is refused: ${r.given}`);
       assert.equal(r.afterCleanup.state, "ok", `${what}: works once removed`);
