@@ -166,7 +166,12 @@ impl Error {
                 KeyCommandError::Malformed(_) | KeyCommandError::Duplicate(_) => {
                     ERRCODE_INVALID_TEXT_REPRESENTATION
                 }
-                KeyCommandError::NoKeys => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                KeyCommandError::NoKeys | KeyCommandError::NotRun => {
+                    ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+                }
+                KeyCommandError::Invalid(..) => ERRCODE_INVALID_PARAMETER_VALUE,
+                // a retry succeeds: the statement then starts under the new keys
+                KeyCommandError::Moved => ERRCODE_T_R_SERIALIZATION_FAILURE,
             },
             Error::Token(Base64Error::NotBase64 | Base64Error::TooShort) => {
                 ERRCODE_INVALID_TEXT_REPRESENTATION
@@ -251,6 +256,9 @@ impl Error {
                          then restart the server."
                     ),
                 }));
+            }
+            Error::KeyCommand(KeyCommandError::Moved) => {
+                "Run the statement again: it starts under the keys the server has now."
             }
             Error::KeyCommand(_) => {
                 "Run the command as the server's OS user (sudo -u postgres sh -c '<command>') to \

@@ -65,7 +65,7 @@ impl Ring for llmgw::Keyring {
 /// Run `f` with the keyring of type `R`, built on first use in this backend.
 pub fn with_keyring<R: Ring, T>(f: impl FnOnce(&R) -> T) -> Result<T, Error> {
     // after a configuration reload, the key command's new keys (one comparison otherwise)
-    settings::refresh_command_keys();
+    crate::key_command::refresh();
     let epoch = settings::epoch();
     let cached = R::slot().with(|c| c.borrow().clone());
     if let Some((built_in, ring)) = cached {

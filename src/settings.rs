@@ -28,20 +28,19 @@
 //! [`check_setup`] finds it at first use and every function refuses (55P02, naming where)
 //! until it is removed. Without preloading every function refuses (F0000).
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use pgrx::pg_sys;
-use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PgLogLevel, PgSqlErrorCode};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PgSqlErrorCode};
 use provider_keys_encrypt_core::key_command::{KeyCommandError, KeyCommandVars};
 use zeroize::Zeroizing;
 
 use crate::errors::{ConfigPlace, Error, SetupError};
+use crate::key_command::{self, Keys};
 use crate::log_filter;
 use provider_keys_encrypt_core::format::llmgw;
 use provider_keys_encrypt_core::key_file;
@@ -53,11 +52,6 @@ pub static ENCRYPTION_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CSt
 pub static PREVIOUS_KEYS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// `provider_keys_encrypt.gateway_api_key_hash_secret`: displays the gateway keyring's key ids.
 pub static GATEWAY_SECRET: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-/// `provider_keys_encrypt.key_command`: a command that prints the key variables (postgresql.conf
-/// or ALTER SYSTEM only; run again after each reload).
-pub static KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-/// `provider_keys_encrypt.key_command_timeout`: how long the command may take, in ms.
-pub static KEY_COMMAND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 /// The three read-only settings, each standing for one environment variable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +109,7 @@ thread_local! {
 
 /// The keyrings' epoch (see `keyring.rs`).
 pub fn epoch() -> u64 {
-    EPOCH.with(Cell::get)
+    EPOCH.with(Cell::get) + key_command::changes()
 }
 
 pub fn init() {
@@ -163,24 +157,8 @@ pub fn init() {
             Some(show_gateway_secret),
         );
     }
-    GucRegistry::define_string_guc(
-        c"provider_keys_encrypt.key_command",
-        c"A command that prints the key variables (NAME=value lines), run at server start and again after each configuration reload.",
-        c"Run as /bin/sh -c <command> by the server's OS user, with a time limit (key_command_timeout); its output is never logged. When set, the keys it prints are used instead of the server's environment. Set it in postgresql.conf or with ALTER SYSTEM, then SELECT pg_reload_conf().",
-        &KEY_COMMAND,
-        GucContext::Sighup,
-        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
-    );
-    GucRegistry::define_int_guc(
-        c"provider_keys_encrypt.key_command_timeout",
-        c"How long provider_keys_encrypt.key_command may run before it is killed.",
-        c"The command, and every process it started, is killed past this time; the keys fetched before stay in use.",
-        &KEY_COMMAND_TIMEOUT,
-        100,
-        600_000,
-        GucContext::Sighup,
-        GucFlags::UNIT_MS | GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
-    );
+    // the key command's two settings (and its hidden one for parallel workers)
+    key_command::define_settings();
     // SAFETY: called once, after this library's settings are defined.
     #[cfg(not(any(feature = "pg13", feature = "pg14")))]
     unsafe {
@@ -200,8 +178,8 @@ pub fn init() {
         {
             pgrx::warning!("provider_keys_encrypt: {e}");
         }
-        // the key command too, so that every backend starts with its keys
-        refresh_command_keys();
+        // the key command's shared memory: the postmaster runs it once shared memory exists
+        key_command::init_shared_memory(environment_names);
     }
 }
 
@@ -250,143 +228,65 @@ pub fn key_text(var: KeyVar) -> Result<Option<Zeroizing<String>>, Error> {
 }
 
 fn effective(var: KeyVar) -> Effective {
-    refresh_command_keys();
-    COMMAND_KEYS.with(|c| {
-        let c = c.borrow();
-        if let Some(good) = &c.good {
-            // the command wins: what it did not print is not set
-            let text = match var {
-                KeyVar::Current => &good.current,
-                KeyVar::Previous => &good.previous,
-                KeyVar::Gateway => &good.gateway,
-            };
-            return Ok(text.clone().map(|t| (t, Source::Command)));
-        }
-        let vars = key_vars();
-        let env = match var {
-            KeyVar::Current => &vars.current,
-            KeyVar::Previous => &vars.previous,
-            KeyVar::Gateway => &vars.gateway,
-        };
-        match (env, &c.error) {
-            // a command that failed with no keys to keep, and none in the environment
-            (Ok(None), Some(e)) => Err(e.clone().into()),
-            (Ok(v), _) => Ok(v
-                .as_ref()
-                .map(|(t, o)| (t.clone(), Source::Environment(o.clone())))),
-            (Err(e), _) => Err(e.clone().into()),
-        }
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
-// The key command (src/key_command.rs runs it, core's key_command parses its output)
-
-/// What the key command gave this process: its last good output, and the last run's error.
-#[derive(Default)]
-struct CommandKeys {
-    good: Option<KeyCommandVars>,
-    error: Option<KeyCommandError>,
-}
-
-thread_local! {
-    static COMMAND_KEYS: RefCell<CommandKeys> = RefCell::new(CommandKeys::default());
-    /// `PgReloadTime` when this process last looked at the key command: it runs the command
-    /// again only once the configuration has been reloaded since.
-    static CHECKED_AT: Cell<Option<pg_sys::TimestampTz>> = const { Cell::new(None) };
-}
-
-/// Run the key command if the configuration was (re)loaded since this process last did: at
-/// server start in the postmaster (every backend inherits its keys), then in each backend at
-/// its first need of a key after a reload (a backend reloads only between statements, so a
-/// statement, a CALL included, runs under one set of keys). Costs one comparison otherwise.
-/// A run that fails keeps the keys fetched before (or the environment's) and logs why, with
-/// its SQLSTATE, never a byte of the output; a keyring is never built from part of an output.
-pub fn refresh_command_keys() {
-    if !PRELOADED.load(Ordering::Relaxed) {
-        return;
-    }
-    // SAFETY: a plain read of this process's PgReloadTime.
-    let now = unsafe { pg_sys::PgReloadTime };
-    if CHECKED_AT.with(Cell::get) == Some(now) {
-        return;
-    }
-    CHECKED_AT.with(|c| c.set(Some(now)));
-    let command = KEY_COMMAND
-        .get()
-        .and_then(|c| c.to_str().ok().map(|c| c.trim().to_owned()))
-        .filter(|c| !c.is_empty());
-    let Some(command) = command else {
-        // no command (any more): the environment's keys
-        let had = COMMAND_KEYS.with(|c| std::mem::take(&mut *c.borrow_mut()).good.is_some());
-        if had {
-            bump_epoch();
-        }
-        return;
-    };
-    let timeout = Duration::from_millis(u64::try_from(KEY_COMMAND_TIMEOUT.get()).unwrap_or(10_000));
-    let fetched = crate::key_command::run(&command, timeout)
-        .and_then(|out| provider_keys_encrypt_core::key_command::parse(&out));
-    match fetched {
-        Ok(vars) => {
-            let changed = COMMAND_KEYS.with(|c| {
-                let mut c = c.borrow_mut();
-                let changed = c.good.as_ref().is_none_or(|g| !same_keys(g, &vars));
-                c.good = Some(vars);
-                c.error = None;
-                changed
-            });
-            if changed {
-                bump_epoch();
-                log_environment_not_used();
-            }
-        }
-        Err(e) => {
-            let kept = COMMAND_KEYS.with(|c| {
-                let mut c = c.borrow_mut();
-                c.error = Some(e.clone());
-                c.good.is_some()
-            });
-            bump_epoch();
-            let what = if kept {
-                "the keys it printed before stay in use"
-            } else {
-                "the keys of the server's environment, if any, stay in use"
-            };
-            let err = Error::from(e);
-            ErrorReport::new(
-                err.sqlstate(),
-                format!("provider_keys_encrypt: {err}; {what}"),
-                "provider_keys_encrypt",
-            )
-            .set_hint(err.hint().unwrap_or_default())
-            .report(PgLogLevel::LOG);
-        }
+    match key_command::keys() {
+        // the command wins: what it did not print is not set
+        Some(Keys::Command(vars)) => Ok(printed(&vars, var).map(|t| (t, Source::Command))),
+        Some(Keys::Failed(e)) => Err(e.into()),
+        None => environment(var),
     }
 }
 
-/// Is `ConfigReloadPending` set (a reload arrived during this statement) while a key command
-/// is configured? The run summary says so: the run used the keys it started with.
-pub fn keys_may_change_after_this_statement() -> bool {
-    // SAFETY: a plain read of a flag the SIGHUP handler sets.
-    let pending = unsafe { pg_sys::ConfigReloadPending } != 0;
-    pending && COMMAND_KEYS.with(|c| c.borrow().good.is_some() || c.borrow().error.is_some())
+/// A key variable as the key command printed it.
+fn printed(vars: &KeyCommandVars, var: KeyVar) -> Option<Zeroizing<String>> {
+    match var {
+        KeyVar::Current => vars.current.clone(),
+        KeyVar::Previous => vars.previous.clone(),
+        KeyVar::Gateway => vars.gateway.clone(),
+    }
 }
 
-fn same_keys(a: &KeyCommandVars, b: &KeyCommandVars) -> bool {
-    let t = |v: &Option<Zeroizing<String>>| v.as_ref().map(|s| s.as_str().to_owned());
-    // compared in wiping copies; nothing is kept
-    let (a, b) = (
-        [t(&a.current), t(&a.previous), t(&a.gateway)].map(|v| v.map(Zeroizing::new)),
-        [t(&b.current), t(&b.previous), t(&b.gateway)].map(|v| v.map(Zeroizing::new)),
-    );
-    a == b
-}
-
-/// The command wins over the environment: say so (names only) when both give keys.
-fn log_environment_not_used() {
+/// A key variable as the server's environment gave it at start.
+fn environment(var: KeyVar) -> Effective {
     let vars = key_vars();
-    let set: Vec<&str> = [
+    let env = match var {
+        KeyVar::Current => &vars.current,
+        KeyVar::Previous => &vars.previous,
+        KeyVar::Gateway => &vars.gateway,
+    };
+    match env {
+        Ok(v) => Ok(v
+            .as_ref()
+            .map(|(t, o)| (t.clone(), Source::Environment(o.clone())))),
+        Err(e) => Err(e.clone().into()),
+    }
+}
+
+/// What SHOW describes: like [`effective`], but from shared memory only (SHOW never runs the
+/// key command, and pg_settings calls the show hooks for every role), with a note when the
+/// command's last run failed.
+fn shown(var: KeyVar) -> (Effective, String, bool) {
+    match key_command::newest() {
+        None => (environment(var), String::new(), false),
+        Some((vars, error)) => {
+            let note = match &error {
+                Some(e) if vars.is_some() => format!(" (the last run of key_command failed: {e})"),
+                _ => String::new(),
+            };
+            let value = match (vars, error) {
+                (Some(vars), _) => Ok(printed(&vars, var).map(|t| (t, Source::Command))),
+                (None, Some(e)) => Err(e.into()),
+                (None, None) => Err(Error::KeyCommand(KeyCommandError::NotRun)),
+            };
+            (value, note, true)
+        }
+    }
+}
+
+/// The key variables the server's environment holds (names only), for the LOG line that says
+/// the key command wins over them.
+fn environment_names() -> Vec<&'static str> {
+    let vars = key_vars();
+    [
         (keys::ENV_VAR, &vars.current),
         (keys::ENV_VAR_PREVIOUS, &vars.previous),
         (llmgw::ENV_VAR, &vars.gateway),
@@ -394,22 +294,12 @@ fn log_environment_not_used() {
     .into_iter()
     .filter(|(_, v)| !matches!(v, Ok(None)))
     .map(|(name, _)| name)
-    .collect();
-    if !set.is_empty() {
-        ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
-            format!(
-                "provider_keys_encrypt: key_command is set, so the keys it prints are used, not {} from the server's environment",
-                set.join(", ")
-            ),
-            "provider_keys_encrypt",
-        )
-        .report(PgLogLevel::LOG);
-    }
+    .collect()
 }
 
-fn bump_epoch() {
-    EPOCH.with(|e| e.set(e.get() + 1));
+/// Did a reload arrive that this statement does not use yet (see `key_command`)?
+pub fn keys_may_change_after_this_statement() -> bool {
+    key_command::reload_pending()
 }
 
 fn read_key_var(var: &'static str) -> VarValue {
@@ -633,17 +523,9 @@ fn source_name(name: &str, source: &Source) -> String {
     }
 }
 
-/// What SHOW adds when the key command's last run failed (never its output).
-fn command_note() -> String {
-    COMMAND_KEYS.with(|c| match &c.borrow().error {
-        Some(e) => format!(" (the last run of key_command failed: {e})"),
-        None => String::new(),
-    })
-}
-
 /// Where an unset variable was looked for, for SHOW.
-fn not_set(names: &str) -> String {
-    if COMMAND_KEYS.with(|c| c.borrow().good.is_some()) {
+fn not_set(names: &str, by_command: bool) -> String {
+    if by_command {
         "not set (key_command printed none)".into()
     } else {
         format!("not set (no {names} in the server's environment)")
@@ -655,9 +537,10 @@ pub fn describe_current() -> String {
     if !PRELOADED.load(Ordering::Relaxed) {
         return NOT_READ.into();
     }
-    let shown = match effective(KeyVar::Current).map(|v| v.filter(|(v, _)| !v.trim().is_empty())) {
+    let (value, note, by_command) = shown(KeyVar::Current);
+    let shown = match value.map(|v| v.filter(|(v, _)| !v.trim().is_empty())) {
         Err(e) => refused(&e),
-        Ok(None) => not_set("ENCRYPTION_KEY or ENCRYPTION_KEY_FILE"),
+        Ok(None) => not_set("ENCRYPTION_KEY or ENCRYPTION_KEY_FILE", by_command),
         Ok(Some((v, source))) => {
             let from = source_name(keys::ENV_VAR, &source);
             match keys::parse_key(&v, KeySource::Environment) {
@@ -668,7 +551,7 @@ pub fn describe_current() -> String {
             }
         }
     };
-    shown + &command_note()
+    shown + &note
 }
 
 /// What `SHOW provider_keys_encrypt.previous_keys` prints: the fingerprints, in order.
@@ -676,8 +559,9 @@ pub fn describe_previous() -> String {
     if !PRELOADED.load(Ordering::Relaxed) {
         return NOT_READ.into();
     }
-    let (text, source) = match effective(KeyVar::Previous) {
-        Err(e) => return refused(&e) + &command_note(),
+    let (value, note, by_command) = shown(KeyVar::Previous);
+    let (text, source) = match value {
+        Err(e) => return refused(&e) + &note,
         Ok(Some((t, source))) => (t, Some(source)),
         Ok(None) => (Zeroizing::new(String::new()), None),
     };
@@ -693,12 +577,10 @@ pub fn describe_previous() -> String {
             source_name(keys::ENV_VAR_PREVIOUS, &source),
             entries.join(", ")
         ),
-        _ if COMMAND_KEYS.with(|c| c.borrow().good.is_some()) => {
-            "none (key_command printed none)".into()
-        }
+        _ if by_command => "none (key_command printed none)".into(),
         _ => "none (no ENCRYPTION_KEY_PREVIOUS in the server's environment)".into(),
     };
-    shown + &command_note()
+    shown + &note
 }
 
 /// What `SHOW provider_keys_encrypt.gateway_api_key_hash_secret` prints: the key ids (public:
@@ -707,7 +589,8 @@ pub fn describe_gateway() -> String {
     if !PRELOADED.load(Ordering::Relaxed) {
         return NOT_READ.into();
     }
-    let shown = match effective(KeyVar::Gateway) {
+    let (value, note, by_command) = shown(KeyVar::Gateway);
+    let shown = match value {
         Err(e) => refused(&e),
         Ok(Some((text, source))) => match llmgw::Keyring::parse(&text) {
             Ok(ring) => {
@@ -718,11 +601,11 @@ pub fn describe_gateway() -> String {
                     ids.join(", ")
                 )
             }
-            Err(_) => not_set("GATEWAY_API_KEY_HASH_SECRET"),
+            Err(_) => not_set("GATEWAY_API_KEY_HASH_SECRET", by_command),
         },
-        Ok(None) => not_set("GATEWAY_API_KEY_HASH_SECRET"),
+        Ok(None) => not_set("GATEWAY_API_KEY_HASH_SECRET", by_command),
     };
-    shown + &command_note()
+    shown + &note
 }
 
 #[pg_guard]

@@ -8,9 +8,9 @@
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { writeFileSync, chownSync, chmodSync } from "node:fs";
+import { writeFileSync, readFileSync, existsSync, chownSync, chmodSync } from "node:fs";
 import { join } from "node:path";
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawnSync } from "node:child_process";
 import { Cluster, sleep } from "./cluster.mjs";
 import * as b64 from "../interop/gateway.mjs";
 import * as gw from "../interop/llmgw_gateway.mjs";
@@ -181,16 +181,22 @@ test("a command that fails, prints garbage or hangs keeps the keys it printed be
     [`ENCRYPTION_KEY=${freshKey()}\nENCRYPTION_KEY=${MARK}\n`, `cat ${out}`, "ENCRYPTION_KEY more than once", "22P02"],
     [`OTHER_VARIABLE=${MARK}\n`, `cat ${out}`, "printed none of", "55000"],
     [`ENCRYPTION_KEY=${MARK}\n`, `cat ${out}; sleep 30`, "did not finish within 300 ms", "57014"],
+    // parseable, but no key: refused before it could replace the keys that work
+    [`ENCRYPTION_KEY=\nGATEWAY_API_KEY_HASH_SECRET=${MARK}\n`, `cat ${out}`, "printed ENCRYPTION_KEY, which is refused: its value is empty", "22023"],
+    [`ENCRYPTION_KEY=${MARK}\n`, `cat ${out}`, "printed ENCRYPTION_KEY, which is refused: ENCRYPTION_KEY must be a 32-byte key", "22023"],
   ]) {
     prints(output);
     db.psql(`ALTER SYSTEM SET provider_keys_encrypt.key_command = '${command.replace(/'/g, "''")}'`);
     const started = Date.now();
     db.reload();
+    // SHOW never runs the command: the next statement that needs a key does (once)
+    const before = db.psql("SHOW provider_keys_encrypt.encryption_key");
+    assert.ok(before.startsWith(`from key_command, fingerprint ${fp}`) && !before.includes(cause), before);
+    assert.equal(db.psql(`SELECT decrypt_token('${token}')`), "sk-kept");
     const shown = db.psql("SHOW provider_keys_encrypt.encryption_key");
     assert.ok(shown.startsWith(`from key_command, fingerprint ${fp} (the last run of key_command failed: `), shown);
     assert.ok(shown.includes(cause), `${command}: ${shown}`);
     assert.ok(!shown.includes(MARK));
-    assert.equal(db.psql(`SELECT decrypt_token('${token}')`), "sk-kept");
     assert.ok(Date.now() - started < 15_000);
     // the LOG line, with its SQLSTATE (log_error_verbosity = verbose prints it)
     const line = db.log().split("\n").find((l) => l.includes(`LOG:  ${sqlstate}: provider_keys_encrypt: provider_keys_encrypt.key_command`) && l.includes(cause));
@@ -271,4 +277,72 @@ test("a reload during a CALL: the run ends under the keys it started with and it
   assert.equal(report(db, "base64").previous_key, 40000);
   db.run("CALL reencrypt_provider_keys(verbose => false)", { tuples: false });
   assert.equal(report(db, "base64").current_key, 40000);
+});
+
+test("one run per reload for the whole server; a failed reload keeps the newest keys for new sessions too; parallel workers, SHOW and pg_settings never run it; a cancel kills it", async (t) => {
+  const K1 = freshKey(), K2 = freshKey(), K3 = freshKey();
+  const db = startWith(commandCluster("key_command_shared", 54476, { conf: ["provider_keys_encrypt.key_command_timeout = 60000"] }), `ENCRYPTION_KEY=${K1}\n`);
+  // the command counts its runs, a line each, in a file of the server's user
+  const runs = join(db.dir, "runs.txt");
+  db.psql(`ALTER SYSTEM SET provider_keys_encrypt.key_command = 'echo run >> ${runs}; cat ${db.keysFile}'`);
+  db.reload();
+  const count = () => (existsSync(runs) ? readFileSync(runs, "utf8").split("\n").filter(Boolean).length : 0);
+  const fp = (key) => b64.fingerprint(k(key));
+  const fingerprint = "SELECT provider_keys_encrypt_fingerprint();";
+  const sessions = [1, 2, 3, 4, 5, 6].map(() => db.session());
+  t.after(() => Promise.all(sessions.map((s) => s.close())));
+  const everyone = async () => Promise.all(sessions.map(async (s) => (await s.send(fingerprint)).out));
+  assert.deepEqual(await everyone(), Array(6).fill(fp(K1)));
+  assert.equal(count(), 1, "six sessions, one reload: one run");
+
+  // a new key by reload: every open session takes it at its next statement, from one run
+  db.writeKeys(`ENCRYPTION_KEY=${K2}\n`);
+  db.reload();
+  assert.deepEqual(await everyone(), Array(6).fill(fp(K2)));
+  assert.equal(db.psql(fingerprint), fp(K2));
+  assert.equal(count(), 2);
+
+  // a reload whose run fails keeps the newest good keys: for the open sessions and for a
+  // session started afterwards (not the keys the server started with)
+  db.writeKeys("this is not NAME=value\n");
+  db.reload();
+  assert.deepEqual(await everyone(), Array(6).fill(fp(K2)));
+  assert.equal(db.psql(fingerprint), fp(K2));
+  assert.equal(count(), 3);
+  assert.match(db.psql("SHOW provider_keys_encrypt.encryption_key"), new RegExp(`^from key_command, fingerprint ${fp(K2)} \\(the last run of key_command failed: .*line 1\\)\\)$`));
+
+  // SHOW and pg_settings (any role) read shared memory only: no run
+  db.writeKeys(`ENCRYPTION_KEY=${K3}\nENCRYPTION_KEY_PREVIOUS=${K2}\n`);
+  db.script("CREATE TABLE t AS SELECT i, encrypt_token('sk-par-' || i) AS token FROM generate_series(1, 20000) i; CREATE ROLE plain LOGIN;");
+  db.reload();
+  for (let i = 0; i < 3; i++) {
+    db.psql("SHOW provider_keys_encrypt.encryption_key");
+    db.probe("SELECT name, setting FROM pg_settings WHERE name LIKE 'provider_keys_encrypt%'", { user: "plain" });
+  }
+  assert.equal(count(), 3, "SHOW and pg_settings ran the command");
+
+  // a parallel plan: the leader answers the reload, its workers use its keys and never run it
+  const parallel = `SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; SET min_parallel_table_scan_size = 0;
+    SET max_parallel_workers_per_gather = 4; SET parallel_leader_participation = off;`;
+  const plan = db.psql(`${parallel} EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT count(*) FROM t WHERE decrypt_token(token) = 'sk-par-' || i`);
+  assert.match(plan, /Workers Launched: [1-9]/, plan);
+  assert.equal(db.psql(`${parallel} SELECT count(*) FROM t WHERE decrypt_token(token) = 'sk-par-' || i`), "20000");
+  assert.equal(count(), 4, "the workers ran the command");
+  assert.deepEqual(await everyone(), Array(6).fill(fp(K3)));
+  assert.equal(count(), 4);
+
+  // a command that hangs: a cancel (here statement_timeout) stops the wait and kills it
+  db.psql(`ALTER SYSTEM SET provider_keys_encrypt.key_command = 'sleep 29.25; cat ${db.keysFile}'`);
+  db.reload();
+  const started = Date.now();
+  const cancelled = await sessions[0].send("SET statement_timeout = '500ms'; SELECT provider_keys_encrypt_fingerprint(); RESET statement_timeout;");
+  assert.match(cancelled.err, /canceling statement due to statement timeout/);
+  assert.ok(Date.now() - started < 5000, "the cancel took effect at once");
+  await sleep(200);
+  assert.equal(spawnSync("pgrep", ["-f", "sleep 29.25"]).status, 1, "the command was killed");
+  // the next statement that needs a key tries again; here with a command that works
+  db.psql(`ALTER SYSTEM SET provider_keys_encrypt.key_command = 'cat ${db.keysFile}'`);
+  db.reload();
+  assert.deepEqual(await everyone(), Array(6).fill(fp(K3)));
+  for (const key of [K1, K2, K3]) assert.ok(!db.log().includes(key));
 });
