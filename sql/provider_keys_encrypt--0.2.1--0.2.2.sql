@@ -10,7 +10,8 @@
 --
 -- 0.2.2's library reads key variables from files too (ENCRYPTION_KEY_FILE,
 -- ENCRYPTION_KEY_PREVIOUS_FILE, GATEWAY_API_KEY_HASH_SECRET_FILE) at server start, or from a
--- command (provider_keys_encrypt.key_command) at start and after each reload. Its engine
+-- command (provider_keys_encrypt.key_command) at start and after each reload; its
+-- reencrypt_provider_keys first waits for sessions still on keys from before a reload. Its engine
 -- does what 0.2.1's did, written more plainly: pke_internal.mode describes each mode field by
 -- field, batch_messages takes the unverified WARNING's words from the mode, and the batch
 -- internals take the run's record. Install the new package and restart the server before
@@ -27,6 +28,13 @@ DROP FUNCTION pke_internal.batch_apply(text, text, boolean, regclass, text, text
 CREATE FUNCTION pke_internal.keys_reload_pending() RETURNS boolean
     LANGUAGE c VOLATILE PARALLEL UNSAFE
     AS 'MODULE_PATHNAME', 'pke_keys_reload_pending_wrapper';
+
+-- reencrypt_provider_keys first waits for sessions whose transaction or CALL still uses keys
+-- from before the last reload (with a key command): a new function of the library, which
+-- pke_internal.run calls.
+CREATE FUNCTION pke_internal.wait_for_older_keys() RETURNS integer
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pke_wait_for_older_keys_wrapper';
 
 -- ==== the engine functions that differ from 0.2.1's, as a fresh install creates them ====
 
@@ -618,6 +626,47 @@ BEGIN
 END
 $fn$;
 
+-- The run. It COMMITs after every batch when it may (CALLed outside a transaction block), so
+-- it cannot carry a SET search_path clause: it contains no operator but one spelled
+-- OPERATOR(pg_catalog.=) and no unqualified name,
+-- and only passes the run's state between the functions above, which pin search_path.
+-- (table_name NULL: provider_key, found through the caller's search_path, on purpose.)
+CREATE OR REPLACE PROCEDURE pke_internal.run(
+    mode_name text, format_name text, table_name regclass, batch_size integer, dry_run boolean,
+    notices boolean, encrypt_unverified boolean, guard boolean)
+LANGUAGE plpgsql
+AS $proc$
+DECLARE
+    r pke_internal.run;
+BEGIN
+    PERFORM pke_internal.warn_shadowing(pg_catalog.current_schemas(true));
+    IF mode_name OPERATOR(pg_catalog.=) 'reencrypt' AND NOT dry_run THEN
+        -- with keys from provider_keys_encrypt.key_command: no session may go on sealing under
+        -- the keys from before the last reload while this run re-encrypts (and then says a
+        -- previous key can be removed); waits for them before taking any lock
+        PERFORM pke_internal.wait_for_older_keys();
+    END IF;
+    r := pke_internal.run_start(mode_name, format_name,
+                                COALESCE(table_name, pke_internal.default_table(pg_catalog.current_schemas(true))),
+                                batch_size, dry_run, notices, encrypt_unverified, guard,
+                                pke_internal.may_commit());
+    IF r.do_commit THEN
+        COMMIT;  -- the guard, if run_start installed it, holds writers back no longer
+    END IF;
+    r := pke_internal.run_count(r);
+    LOOP
+        r := pke_internal.run_step(r);
+        EXIT WHEN r.done;
+        IF r.do_commit THEN
+            COMMIT;
+        END IF;
+    END LOOP;
+    PERFORM pke_internal.run_finish_durably(r);
+    r := pke_internal.run_verify(r);
+    PERFORM pke_internal.run_summary(r);
+END
+$proc$;
+
 -- ==== privileges (src/privileges.sql) ====
 
 -- Privileges. PostgreSQL grants EXECUTE on new functions and procedures to PUBLIC; this file
@@ -687,7 +736,9 @@ GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 -- runs the caller's own pending deferred checks in a savepoint it rolls back. A mode record
 -- built by hand and passed to one of them runs only what its caller could run directly.
 
--- The internal 0.2.2 adds stays executable by PUBLIC too: keys_reload_pending only says
+-- The internals 0.2.2 adds stay executable by PUBLIC too: keys_reload_pending only says
 -- whether a configuration reload arrived during the caller's own statement while a key command
--- gives the keys (nothing about the keys). The batch internals that take a run's record
+-- gives the keys (nothing about the keys); wait_for_older_keys only waits (as a lock wait the
+-- caller's own lock_timeout and cancel bound) for other sessions' transactions still on older
+-- keys, and names their pids, which pg_stat_activity shows to every role. The batch internals that take a run's record
 -- (batch, batch_apply, batch_isolate) take their mode by name from pke_internal.mode, as before.

@@ -77,6 +77,22 @@ pub fn pke_keys_reload_pending() -> bool {
     crate::settings::keys_may_change_after_this_statement()
 }
 
+/// `pke_internal.wait_for_older_keys()`: `reencrypt_provider_keys` calls it first: it waits
+/// until no other session's transaction (or CALL) still uses keys from before this session's,
+/// when provider_keys_encrypt.key_command gives the keys (see `key_command.rs`); returns how
+/// many sessions it waited for (0 at once otherwise).
+#[pg_extern(
+    sql = "
+CREATE FUNCTION pke_internal.wait_for_older_keys() RETURNS integer
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pke_wait_for_older_keys_wrapper';
+",
+    requires = ["engine_types"]
+)]
+pub fn pke_wait_for_older_keys() -> i32 {
+    crate::key_command::wait_for_older_keys().unwrap_or_else(|e| e.raise())
+}
+
 /// `pke_internal.subxact_status()`: this backend's subtransaction-XID cache — how many
 /// committed subtransactions with an XID the current top-level transaction holds, and
 /// whether it overflowed (more than 64), which makes every snapshot on the server
@@ -200,6 +216,7 @@ pgrx::extension_sql_file!(
         "engine_batch",
         pke_may_commit,
         pke_keys_reload_pending,
+        pke_wait_for_older_keys,
         pke_flush_wal,
         base64::provider_keys_encrypt_fingerprint
     ]

@@ -8,7 +8,8 @@
 //! * `settings.rs`  — where keys come from, the read-only settings that show them, the setup
 //!   check
 //! * `keyring.rs`   — one per-backend cache for both formats' keyrings
-//! * `key_command.rs` — running provider_keys_encrypt.key_command (its output: core's key_command)
+//! * `key_command/` — provider_keys_encrypt.key_command: its answer in shared memory, one run
+//!   per reload (`mod.rs`), running the command (`run.rs`); its output's format: core's key_command
 //! * `errors.rs`    — one error type, one SQLSTATE per cause
 //! * `log_filter.rs` — keeps statements that may hold a key out of the server log
 //! * `states.rs`    — the token states as the SQL enum `pke_internal.token_state`
@@ -18,8 +19,8 @@
 //! * `guard.rs`     — the guard trigger, provider_keys_encrypt_guard(): the tuple handling
 //! * `privileges.sql` — GRANT/REVOKE, each with its reason
 //!
-//! Imports go one way: errors → log_filter; settings → errors, log_filter; keyring →
-//! settings, errors; format → keyring, errors, states; guard → format, keyring, errors,
+//! Imports go one way: errors → log_filter; key_command → errors; settings → key_command,
+//! errors, log_filter; keyring → settings, key_command, errors; format → keyring, errors, states; guard → format, keyring, errors,
 //! log_filter; engine → format, keyring, errors. No cycle.
 
 use pgrx::prelude::*;

@@ -65,7 +65,9 @@ GRANT USAGE ON SCHEMA pke_internal TO PUBLIC;
 -- runs the caller's own pending deferred checks in a savepoint it rolls back. A mode record
 -- built by hand and passed to one of them runs only what its caller could run directly.
 
--- The internal 0.2.2 adds stays executable by PUBLIC too: keys_reload_pending only says
+-- The internals 0.2.2 adds stay executable by PUBLIC too: keys_reload_pending only says
 -- whether a configuration reload arrived during the caller's own statement while a key command
--- gives the keys (nothing about the keys). The batch internals that take a run's record
+-- gives the keys (nothing about the keys); wait_for_older_keys only waits (as a lock wait the
+-- caller's own lock_timeout and cancel bound) for other sessions' transactions still on older
+-- keys, and names their pids, which pg_stat_activity shows to every role. The batch internals that take a run's record
 -- (batch, batch_apply, batch_isolate) take their mode by name from pke_internal.mode, as before.

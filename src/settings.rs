@@ -1,9 +1,11 @@
 //! Where the keys come from, the settings that display them, and the check that the server is
 //! set up so that no key can leak ([`check_setup`]).
 //!
-//! **The keys come only from the server's environment**, read with `std::env::var_os` (or from
-//! the file `<VAR>_FILE` names) and decoded exactly as Node does (`keys::env_text`; see
-//! docs/configuration.md). [`key_text`] hands them to `keyring.rs`, which builds and caches
+//! **The keys come from the server's environment**, read with `std::env::var_os` (or from the
+//! file `<VAR>_FILE` names) and decoded exactly as Node does (`keys::env_text`; see
+//! docs/configuration.md), **or, when `provider_keys_encrypt.key_command` is set, only from
+//! what that command printed** (`key_command.rs`: shared memory, one run per reload). No SQL
+//! setting ever holds one. [`key_text`] hands them to `keyring.rs`, which builds and caches
 //! each format's keyring:
 //!
 //! | variable                      | what                                               | [`KeyVar`]  |
@@ -267,11 +269,16 @@ fn environment(var: KeyVar) -> Effective {
 fn shown(var: KeyVar) -> (Effective, String, bool) {
     match key_command::newest() {
         None => (environment(var), String::new(), false),
-        Some((vars, error)) => {
-            let note = match &error {
+        Some((vars, error, pending)) => {
+            let mut note = match &error {
                 Some(e) if vars.is_some() => format!(" (the last run of key_command failed: {e})"),
                 _ => String::new(),
             };
+            if pending {
+                note.push_str(
+                    " (a reload is pending: key_command runs at the next statement that needs a key)",
+                );
+            }
             let value = match (vars, error) {
                 (Some(vars), _) => Ok(printed(&vars, var).map(|t| (t, Source::Command))),
                 (None, Some(e)) => Err(e.into()),

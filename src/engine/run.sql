@@ -465,7 +465,8 @@ END
 $fn$;
 
 -- The run. It COMMITs after every batch when it may (CALLed outside a transaction block), so
--- it cannot carry a SET search_path clause: it contains no operator and no unqualified name,
+-- it cannot carry a SET search_path clause: it contains no operator but one spelled
+-- OPERATOR(pg_catalog.=) and no unqualified name,
 -- and only passes the run's state between the functions above, which pin search_path.
 -- (table_name NULL: provider_key, found through the caller's search_path, on purpose.)
 CREATE PROCEDURE pke_internal.run(
@@ -477,6 +478,12 @@ DECLARE
     r pke_internal.run;
 BEGIN
     PERFORM pke_internal.warn_shadowing(pg_catalog.current_schemas(true));
+    IF mode_name OPERATOR(pg_catalog.=) 'reencrypt' AND NOT dry_run THEN
+        -- with keys from provider_keys_encrypt.key_command: no session may go on sealing under
+        -- the keys from before the last reload while this run re-encrypts (and then says a
+        -- previous key can be removed); waits for them before taking any lock
+        PERFORM pke_internal.wait_for_older_keys();
+    END IF;
     r := pke_internal.run_start(mode_name, format_name,
                                 COALESCE(table_name, pke_internal.default_table(pg_catalog.current_schemas(true))),
                                 batch_size, dry_run, notices, encrypt_unverified, guard,

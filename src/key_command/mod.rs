@@ -19,11 +19,19 @@
 //!   SQLSTATE, never a byte of the output. The last four good outputs stay (each wiped when
 //!   overwritten), so that a parallel worker finds the one its leader uses.
 //! * **A statement runs under one set of keys.** A backend takes new keys only after it
-//!   processed a reload, between statements (a CALL is one statement). A parallel worker never
-//!   runs the command: its leader names the output's generation in a hidden setting
-//!   (`provider_keys_encrypt.key_generation`, which PostgreSQL copies into each worker) when a
-//!   parallel plan starts, and the worker uses that output or refuses (40001).
+//!   processed a reload, between statements (a CALL is one statement), and never while it leads
+//!   parallel workers (parallel mode). A parallel worker never runs the command: it uses the
+//!   output its leader uses, which the leader publishes in its slot (below); if that output is no
+//!   longer kept, the worker refuses (40001).
+//! * **Each backend has a slot** in shared memory (by proc number): the generation it uses, and
+//!   the oldest generation its current transaction used (or, inside a CALL that commits, the
+//!   one the CALL goes on with). `reencrypt_provider_keys` first waits for every session whose
+//!   transaction or statement still uses keys older than its own ([`wait_for_older_keys`]), so
+//!   its closing "can be removed" is true: after a reload, no session goes on sealing under a
+//!   key the operator is about to drop.
 //! * **SHOW** and pg_settings read shared memory only: they never run the command.
+//! * **A cancelled run is retried with a back-off** (250 ms, doubling to 60 s, per reload), so
+//!   cancelling one's own statements cannot make the server call the secret manager at will.
 //!
 //! The command needs the library in `shared_preload_libraries`, as every key does.
 
@@ -32,7 +40,7 @@ pub mod run;
 use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_int, c_void};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -53,13 +61,9 @@ pub static KEY_COMMAND: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(None);
 /// `provider_keys_encrypt.key_command_timeout`: how long the command may take, in ms.
 pub static KEY_COMMAND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
-/// `provider_keys_encrypt.key_generation` (hidden): the generation of the output the leader's
-/// statement runs under, for its parallel workers. Not a key: a counter.
-static KEY_GENERATION: GucSetting<i32> = GucSetting::<i32>::new(0);
-const KEY_GENERATION_NAME: &std::ffi::CStr = c"provider_keys_encrypt.key_generation";
 
 /// How many good outputs shared memory keeps (the newest and three before it).
-const SLOTS: usize = 4;
+const KEPT: usize = 4;
 
 /// One good output of the command, validated before it was stored.
 #[derive(Clone, Copy)]
@@ -80,13 +84,18 @@ pub struct Shared {
     newest: u64,
     /// runs since the server started
     runs: u64,
+    /// the reload the last run started for, how many runs started for it, and when the last
+    /// one started (ms since the Unix epoch): a cancelled run is retried with a back-off
+    attempt_reload: u64,
+    attempts: u32,
+    attempt_at: u64,
     /// the last run failed: its error, as core's `KeyCommandError::to_parts`
     failed: bool,
     error_kind: u8,
     error_number: u64,
     error_len: u16,
     error_text: [u8; 256],
-    outputs: [Output; SLOTS],
+    outputs: [Output; KEPT],
 }
 
 // SAFETY: plain bytes and integers, no pointers: the same in every process.
@@ -98,6 +107,9 @@ impl Shared {
             answered: 0,
             newest: 0,
             runs: 0,
+            attempt_reload: 0,
+            attempts: 0,
+            attempt_at: 0,
             failed: false,
             error_kind: 0,
             error_number: 0,
@@ -107,7 +119,7 @@ impl Shared {
                 generation: 0,
                 len: 0,
                 bytes: [0; MAX_OUTPUT_BYTES],
-            }; SLOTS],
+            }; KEPT],
         }
     }
 
@@ -125,7 +137,7 @@ impl Shared {
 
     /// A wiping copy of the output of `generation`, if it is still kept.
     fn output(&self, generation: u64) -> Option<Zeroizing<Vec<u8>>> {
-        let slot = &self.outputs[(generation % SLOTS as u64) as usize];
+        let slot = &self.outputs[(generation % KEPT as u64) as usize];
         (generation != 0 && slot.generation == generation)
             .then(|| Zeroizing::new(slot.bytes[..slot.len as usize].to_vec()))
     }
@@ -141,6 +153,61 @@ static RUNNER: PgAtomic<AtomicU64> =
     unsafe { PgAtomic::new(c"provider_keys_encrypt key_command runner") };
 /// Set in the postmaster once shared memory exists (inherited by every process it forks).
 static SHARED_READY: AtomicBool = AtomicBool::new(false);
+
+/// A backend's slot (see the module doc). 0 in `generation`/`oldest`: no key command keys.
+#[repr(C)]
+struct Slot {
+    generation: AtomicU64,
+    oldest: AtomicU64,
+    pid: AtomicI32,
+}
+
+/// The slots, one per proc number, in shared memory of their own (their count depends on
+/// max_connections and the like, known only at start).
+static mut SLOTS: *const Slot = std::ptr::null();
+static mut SLOT_COUNT: usize = 0;
+const SLOTS_NAME: &std::ffi::CStr = c"provider_keys_encrypt key_command slots";
+
+/// How many slots: every backend and background worker has a proc number below MaxBackends
+/// (plus one: before PostgreSQL 17, backend ids start at 1).
+fn slot_count() -> usize {
+    // SAFETY: a plain read of a global, set before shared memory is requested.
+    usize::try_from(unsafe { pg_sys::MaxBackends }).unwrap_or(0) + 1
+}
+
+/// This process's proc number (backend id before PostgreSQL 17).
+fn my_index() -> i64 {
+    // SAFETY: plain reads of globals.
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    let i = unsafe { pg_sys::MyProcNumber };
+    #[cfg(not(any(feature = "pg17", feature = "pg18")))]
+    let i = unsafe { pg_sys::MyBackendId };
+    i64::from(i)
+}
+
+/// In a parallel worker, its leader's proc number.
+fn leader_index() -> i64 {
+    // SAFETY: plain reads of globals.
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    let i = unsafe { pg_sys::ParallelLeaderProcNumber };
+    #[cfg(not(any(feature = "pg17", feature = "pg18")))]
+    let i = unsafe { pg_sys::ParallelLeaderBackendId };
+    i64::from(i)
+}
+
+fn slot(index: i64) -> Option<&'static Slot> {
+    // SAFETY: SLOTS points at SLOT_COUNT slots in shared memory once set, for the life of the
+    // process; atomics make shared access sound.
+    unsafe {
+        let (slots, count) = (SLOTS, SLOT_COUNT);
+        let i = usize::try_from(index).ok().filter(|i| *i < count)?;
+        (!slots.is_null()).then(|| &*slots.add(i))
+    }
+}
+
+fn my_slot() -> Option<&'static Slot> {
+    slot(my_index())
+}
 /// What the runner logs about the environment: the key variables it holds (names only).
 static ENVIRONMENT_NAMES: OnceLock<fn() -> Vec<&'static str>> = OnceLock::new();
 
@@ -163,10 +230,11 @@ thread_local! {
     /// Moves each time this process's keys change: part of `settings::epoch`.
     static CHANGES: Cell<u64> = const { Cell::new(0) };
     static EXIT_HOOK: Cell<bool> = const { Cell::new(false) };
+    /// Has the current transaction used keys (its slot's `oldest` is set)?
+    static USED_IN_XACT: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Define the two settings and the hidden one (called by `settings::init`, before the
-/// prefix is reserved).
+/// Define the two settings (called by `settings::init`, before the prefix is reserved).
 pub fn define_settings() {
     // SAFETY: the hook is an `extern "C-unwind"` function with the signature guc.c expects.
     unsafe {
@@ -192,20 +260,6 @@ pub fn define_settings() {
         GucContext::Sighup,
         GucFlags::UNIT_MS | GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
     );
-    GucRegistry::define_int_guc(
-        KEY_GENERATION_NAME,
-        c"Internal: the generation of key_command's output the current statement runs under (for parallel workers).",
-        c"Set by the extension itself; not a key.",
-        &KEY_GENERATION,
-        0,
-        i32::MAX,
-        GucContext::Suset,
-        GucFlags::SUPERUSER_ONLY
-            | GucFlags::NO_SHOW_ALL
-            | GucFlags::NO_RESET_ALL
-            | GucFlags::DISALLOW_IN_FILE
-            | GucFlags::DISALLOW_IN_AUTO_FILE,
-    );
 }
 
 /// Ask for the shared memory and install the hooks (the postmaster, preloading).
@@ -218,15 +272,66 @@ pub fn init_shared_memory(environment_names: fn() -> Vec<&'static str>) {
     pg_shmem_init!(RUNNER = AtomicU64::new(0));
     // SAFETY: _PG_init runs once in the postmaster; each hook calls the one it replaced.
     unsafe {
+        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+        {
+            PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+            pg_sys::shmem_request_hook = Some(shmem_request);
+        }
+        #[cfg(any(feature = "pg13", feature = "pg14"))]
+        pg_sys::RequestAddinShmemSpace(slots_size());
         PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
         pg_sys::shmem_startup_hook = Some(shmem_startup);
         PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
         pg_sys::ExecutorStart_hook = Some(executor_start);
+        pg_sys::RegisterXactCallback(Some(transaction_end), std::ptr::null_mut());
     }
 }
 
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
 static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+
+fn slots_size() -> usize {
+    slot_count() * std::mem::size_of::<Slot>()
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    // SAFETY: the hook this one replaced, then a request PostgreSQL allows in this hook.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_REQUEST {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(slots_size());
+    }
+}
+
+/// At the end of a top-level transaction: its keys are committed (or gone). Inside a CALL
+/// that commits (a portal is still running) the statement goes on with the same keys, so the
+/// slot keeps them as the oldest in use.
+#[pg_guard]
+unsafe extern "C-unwind" fn transaction_end(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
+    use pg_sys::XactEvent::*;
+    if !matches!(
+        event,
+        XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PREPARE
+    ) {
+        return;
+    }
+    USED_IN_XACT.with(|u| u.set(false));
+    if let Some(slot) = my_slot() {
+        // SAFETY: a plain read of a global.
+        let in_statement = unsafe { !pg_sys::ActivePortal.is_null() };
+        let keep = if in_statement {
+            slot.generation.load(Ordering::Relaxed)
+        } else {
+            0
+        };
+        slot.oldest.store(keep, Ordering::Release);
+    }
+}
 
 /// After pgrx's hooks made the shared memory (at start and after a crash's reset): the
 /// postmaster runs the command once, straight into shared memory.
@@ -237,6 +342,20 @@ unsafe extern "C-unwind" fn shmem_startup() {
         if let Some(prev) = PREV_SHMEM_STARTUP {
             prev();
         }
+    }
+    // SAFETY: as pgrx does for its own structures: under AddinShmemInitLock, a named struct
+    // of the size requested, zeroed by whoever creates it.
+    unsafe {
+        let lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let slots = pg_sys::ShmemInitStruct(SLOTS_NAME.as_ptr(), slots_size(), &mut found);
+        if !found {
+            std::ptr::write_bytes(slots.cast::<u8>(), 0, slots_size());
+        }
+        SLOTS = slots.cast::<Slot>().cast_const();
+        SLOT_COUNT = slot_count();
+        pg_sys::LWLockRelease(lock);
     }
     SHARED_READY.store(true, Ordering::Relaxed);
     // SAFETY: a plain read of a global.
@@ -291,9 +410,9 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     }
 }
 
-/// When a parallel plan starts in a backend with a key command: its keys for this statement
-/// (answering a reload first if one is pending), and their generation in the setting its
-/// workers get.
+/// When a parallel plan starts in a backend with a key command that has no keys yet (its
+/// first statement): take them now, so the workers find them in its slot. A backend that has
+/// keys keeps them for the whole parallel statement (no run, no wait here).
 #[pg_guard]
 unsafe extern "C-unwind" fn before_parallel_plan(query: *mut pg_sys::QueryDesc) {
     // SAFETY: query is the executor's valid QueryDesc; plannedstmt is set before this hook.
@@ -302,30 +421,13 @@ unsafe extern "C-unwind" fn before_parallel_plan(query: *mut pg_sys::QueryDesc) 
             && !(*query).plannedstmt.is_null()
             && (*(*query).plannedstmt).parallelModeNeeded
     };
-    if !parallel || is_parallel_worker() || command().is_none() {
-        return;
-    }
-    // SAFETY: a plain read of the transaction state.
-    if unsafe { pg_sys::IsInParallelMode() } {
-        return;
-    }
-    refresh();
-    let generation = KEYS.with(|k| match &*k.borrow() {
-        Some((g, _)) => *g,
-        None => 0,
-    });
-    let generation = i32::try_from(generation).unwrap_or(0);
-    if KEY_GENERATION.get() != generation {
-        let value = std::ffi::CString::new(generation.to_string()).unwrap_or_default();
-        // SAFETY: a defined setting, set as a superuser would (it is SUSET), for this session.
-        unsafe {
-            pg_sys::SetConfigOption(
-                KEY_GENERATION_NAME.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_SUSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-            );
-        }
+    if parallel
+        && !is_parallel_worker()
+        && SEEN.with(Cell::get) == 0
+        && SHARED_READY.load(Ordering::Relaxed)
+        && command().is_some()
+    {
+        refresh();
     }
 }
 
@@ -354,14 +456,39 @@ pub fn changes() -> u64 {
     CHANGES.with(Cell::get)
 }
 
-/// Answer a reload this process has not answered yet; one comparison otherwise.
+/// Answer a reload this process has not answered yet, and note that the transaction uses
+/// keys; a comparison and a flag otherwise.
 pub fn refresh() {
     if !SHARED_READY.load(Ordering::Relaxed) {
         return;
     }
     let want = WANT.with(Cell::get);
-    if SEEN.with(Cell::get) == want {
-        return;
+    if SEEN.with(Cell::get) != want {
+        refresh_slow(want);
+    }
+    if !USED_IN_XACT.with(Cell::get) {
+        mark_used();
+    }
+}
+
+/// The first use of keys in a transaction: the slot's `oldest` is the keys it uses now.
+fn mark_used() {
+    USED_IN_XACT.with(|u| u.set(true));
+    if let Some(slot) = my_slot() {
+        let generation = KEYS.with(|k| k.borrow().as_ref().map_or(0, |(g, _)| *g));
+        if generation != 0 && !is_parallel_worker() {
+            slot.oldest.store(generation, Ordering::Release);
+        }
+    }
+}
+
+fn refresh_slow(want: u64) {
+    let leading = SEEN.with(Cell::get) != 0 && !is_parallel_worker() && {
+        // SAFETY: a plain read of the transaction state.
+        unsafe { pg_sys::IsInParallelMode() }
+    };
+    if leading {
+        return; // workers use this backend's keys: they change after the parallel statement
     }
     let keys = if command().is_none() {
         None
@@ -371,6 +498,9 @@ pub fn refresh() {
         Some(answer(want))
     };
     SEEN.with(|s| s.set(want));
+    if !is_parallel_worker() {
+        publish(keys.as_ref().map_or(0, |(g, _)| *g));
+    }
     let changed = KEYS.with(|k| {
         let mut k = k.borrow_mut();
         let same = match (&*k, &keys) {
@@ -386,9 +516,28 @@ pub fn refresh() {
     }
 }
 
-/// In a parallel worker: the output its leader's statement runs under, never a run.
+/// This backend's keys, in its slot: for its parallel workers, and for
+/// [`wait_for_older_keys`]. A transaction that used older keys keeps them as its oldest.
+fn publish(generation: u64) {
+    let Some(slot) = my_slot() else { return };
+    if !EXIT_HOOK.with(Cell::get) {
+        // SAFETY: registers a callback PostgreSQL calls at this process's exit.
+        unsafe { pg_sys::on_proc_exit(Some(at_exit), pg_sys::Datum::from(0)) };
+        EXIT_HOOK.with(|h| h.set(true));
+    }
+    // SAFETY: a plain read of a global.
+    slot.pid
+        .store(unsafe { pg_sys::MyProcPid }, Ordering::Relaxed);
+    slot.generation.store(generation, Ordering::Release);
+    let oldest = slot.oldest.load(Ordering::Acquire);
+    if !USED_IN_XACT.with(Cell::get) || oldest == 0 || generation == 0 {
+        slot.oldest.store(generation, Ordering::Release);
+    }
+}
+
+/// In a parallel worker: the output its leader uses, never a run.
 fn leader_keys() -> (u64, Keys) {
-    let generation = u64::try_from(KEY_GENERATION.get()).unwrap_or(0);
+    let generation = slot(leader_index()).map_or(0, |s| s.generation.load(Ordering::Acquire));
     let found = {
         let shared = SHARED.share();
         if generation == 0 {
@@ -435,14 +584,44 @@ fn answer(want: u64) -> (u64, Keys) {
         }
         if let Some(claim) = Claim::take() {
             let reloads = RELOADS.get().load(Ordering::Acquire);
-            run_and_publish(reloads);
+            if backed_off(reloads) {
+                run_and_publish(reloads);
+                drop(claim);
+                continue;
+            }
             drop(claim);
-            continue;
         }
         // another process runs it: wait for its answer
         std::thread::sleep(Duration::from_millis(5));
         pgrx::check_for_interrupts!();
     }
+}
+
+/// May a run for reload `reloads` start now? The first may; one after a run for the same
+/// reload that did not finish (a cancel, a terminate) waits 250 ms, doubling up to 60 s. Notes
+/// the start when it may.
+fn backed_off(reloads: u64) -> bool {
+    let now = unix_millis();
+    let mut shared = SHARED.exclusive();
+    if shared.attempt_reload == reloads && shared.attempts > 0 {
+        let wait = (250u64 << (shared.attempts - 1).min(8)).min(60_000);
+        if now < shared.attempt_at.saturating_add(wait) {
+            return false;
+        }
+    } else {
+        shared.attempt_reload = reloads;
+        shared.attempts = 0;
+    }
+    shared.attempts += 1;
+    shared.attempt_at = now;
+    true
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// This process's turn to run the command; released when dropped (an unwinding cancel too).
@@ -459,19 +638,31 @@ impl Claim {
         if current != 0 && !stale(current, now) {
             return None;
         }
-        runner
+        let claim = runner
             .compare_exchange(current, mine, Ordering::AcqRel, Ordering::Acquire)
             .ok()
-            .map(|_| Claim(mine))
+            .map(|_| Claim(mine));
+        if claim.is_some() {
+            CLAIMED.store(mine, Ordering::Relaxed);
+        }
+        claim
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        let _ = RUNNER
-            .get()
-            .compare_exchange(self.0, 0, Ordering::AcqRel, Ordering::Acquire);
+        release(self.0);
     }
+}
+
+/// The claim this process holds (0: none), released at exit too (a FATAL does not unwind).
+static CLAIMED: AtomicU64 = AtomicU64::new(0);
+
+fn release(claim: u64) {
+    CLAIMED.store(0, Ordering::Relaxed);
+    let _ = RUNNER
+        .get()
+        .compare_exchange(claim, 0, Ordering::AcqRel, Ordering::Acquire);
 }
 
 /// A runner that is gone (a FATAL, a crash) or past its time and a margin.
@@ -501,7 +692,7 @@ fn run_and_publish(reloads: u64) {
     let in_backend = unsafe { pg_sys::IsUnderPostmaster };
     if in_backend && !EXIT_HOOK.with(Cell::get) {
         // SAFETY: registers a callback PostgreSQL calls at this process's exit.
-        unsafe { pg_sys::on_proc_exit(Some(kill_at_exit), pg_sys::Datum::from(0)) };
+        unsafe { pg_sys::on_proc_exit(Some(at_exit), pg_sys::Datum::from(0)) };
         EXIT_HOOK.with(|h| h.set(true));
     }
     let timeout = Duration::from_millis(u64::try_from(KEY_COMMAND_TIMEOUT.get()).unwrap_or(10_000));
@@ -519,7 +710,7 @@ fn run_and_publish(reloads: u64) {
         match &output {
             Ok((out, _)) => {
                 let generation = shared.newest + 1;
-                let slot = &mut shared.outputs[(generation % SLOTS as u64) as usize];
+                let slot = &mut shared.outputs[(generation % KEPT as u64) as usize];
                 slot.bytes.zeroize();
                 slot.bytes[..out.len()].copy_from_slice(out);
                 slot.len = out.len() as u32;
@@ -561,9 +752,20 @@ fn run_and_publish(reloads: u64) {
     }
 }
 
+/// At this process's exit (a FATAL does not unwind): kill a command still running, release
+/// the claim, empty the slot.
 #[pg_guard]
-unsafe extern "C-unwind" fn kill_at_exit(_code: i32, _arg: pg_sys::Datum) {
+unsafe extern "C-unwind" fn at_exit(_code: i32, _arg: pg_sys::Datum) {
     run::kill_at_exit();
+    let claim = CLAIMED.load(Ordering::Relaxed);
+    if claim != 0 {
+        release(claim);
+    }
+    if let Some(slot) = my_slot() {
+        slot.oldest.store(0, Ordering::Release);
+        slot.generation.store(0, Ordering::Release);
+        slot.pid.store(0, Ordering::Release);
+    }
 }
 
 /// The LOG lines of a good run: what it gave (names only), and what of the environment it
@@ -597,18 +799,23 @@ fn log_keys(generation: u64, vars: &KeyCommandVars) {
     }
 }
 
-/// For SHOW: the newest good output (parsed) and the last run's error, from shared memory
-/// only (never a run). `None` when no key command is set.
-pub fn newest() -> Option<(Option<KeyCommandVars>, Option<KeyCommandError>)> {
+/// For SHOW: the newest good output (parsed), the last run's error, and whether a reload is
+/// waiting for a run; from shared memory only (never a run). `None` when no key command is set.
+pub fn newest() -> Option<(Option<KeyCommandVars>, Option<KeyCommandError>, bool)> {
     if !SHARED_READY.load(Ordering::Relaxed) || command().is_none() {
         return None;
     }
-    let (output, error) = {
+    let reloads = RELOADS.get().load(Ordering::Acquire);
+    let (output, error, pending) = {
         let shared = SHARED.share();
-        (shared.output(shared.newest), shared.last_error())
+        (
+            shared.output(shared.newest),
+            shared.last_error(),
+            shared.answered < reloads,
+        )
     };
     let vars = output.and_then(|out| core_command::parse(&out).ok());
-    Some((vars, error))
+    Some((vars, error, pending))
 }
 
 /// Did a configuration reload arrive that this statement does not use yet, while a key
@@ -620,4 +827,86 @@ pub fn reload_pending() -> bool {
     // SAFETY: a plain read of a flag the SIGHUP handler sets.
     let signalled = unsafe { pg_sys::ConfigReloadPending } != 0;
     signalled || RELOADS.get().load(Ordering::Acquire) != WANT.with(Cell::get)
+}
+
+/// Wait until no other session's transaction (or CALL) still uses keys from before this
+/// session's: `reencrypt_provider_keys` calls it first, so that no session goes on sealing
+/// under a previous key while the run re-encrypts and says that key can be removed. Waits on
+/// each such transaction as CREATE INDEX CONCURRENTLY waits on older ones (a lock wait:
+/// lock_timeout, statement_timeout and a cancel apply), with a NOTICE naming their pids.
+/// Returns how many sessions it waited for (0 at once without a key command).
+pub fn wait_for_older_keys() -> Result<i32, Error> {
+    refresh();
+    let mine = match KEYS.with(|k| k.borrow().clone()) {
+        Some((generation, Keys::Command(_))) => generation,
+        Some((_, Keys::Failed(e))) => return Err(e.into()),
+        None => return Ok(0),
+    };
+    let mut waited = std::collections::BTreeSet::new();
+    let mut told = Vec::new();
+    let mut idle_rounds = 0;
+    loop {
+        let older: Vec<(i64, i32)> = (0..slot_count() as i64)
+            .filter(|i| *i != my_index())
+            .filter_map(|i| slot(i).map(|s| (i, s)))
+            .filter(|(_, s)| {
+                let oldest = s.oldest.load(Ordering::Acquire);
+                oldest != 0 && oldest < mine
+            })
+            .map(|(i, s)| (i, s.pid.load(Ordering::Relaxed)))
+            .collect();
+        if older.is_empty() {
+            return Ok(i32::try_from(waited.len()).unwrap_or(i32::MAX));
+        }
+        let pids: Vec<i32> = older.iter().map(|(_, pid)| *pid).collect();
+        if pids != told {
+            pgrx::notice!(
+                "waiting for {} session(s) whose transaction or CALL still uses the keys from before the last reload (pid {}): what they write is sealed under those keys",
+                pids.len(),
+                pids.iter().map(i32::to_string).collect::<Vec<_>>().join(", ")
+            );
+            told = pids.clone();
+        }
+        waited.extend(pids);
+        if wait_on(&older) {
+            idle_rounds = 0;
+        } else {
+            // between two transactions of a CALL for a moment; a slot that stays set with no
+            // transaction for 2 s belongs to no running statement
+            idle_rounds += 1;
+            if idle_rounds > 200 {
+                return Ok(i32::try_from(waited.len()).unwrap_or(i32::MAX));
+            }
+        }
+    }
+}
+
+/// Wait on the current transaction of each of these backends (by proc number), in any
+/// database; false if none had one (between two transactions of a CALL, for a moment): then a
+/// short sleep.
+fn wait_on(backends: &[(i64, i32)]) -> bool {
+    let mut count = 0;
+    // SAFETY: GetCurrentVirtualXIDs returns a palloc'd array of `count` entries.
+    let vxids = unsafe {
+        pg_sys::GetCurrentVirtualXIDs(pg_sys::InvalidTransactionId, false, true, 0, &mut count)
+    };
+    let mut waited = false;
+    for i in 0..usize::try_from(count).unwrap_or(0) {
+        // SAFETY: i < count.
+        let vxid = unsafe { *vxids.add(i) };
+        #[cfg(any(feature = "pg17", feature = "pg18"))]
+        let index = i64::from(vxid.procNumber);
+        #[cfg(not(any(feature = "pg17", feature = "pg18")))]
+        let index = i64::from(vxid.backendId);
+        if backends.iter().any(|(b, _)| *b == index) {
+            // SAFETY: a lock wait on a transaction that was running a moment ago.
+            unsafe { pg_sys::VirtualXactLock(vxid, true) };
+            waited = true;
+        }
+    }
+    if !waited {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    pgrx::check_for_interrupts!();
+    waited
 }

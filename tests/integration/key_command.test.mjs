@@ -315,6 +315,8 @@ test("one run per reload for the whole server; a failed reload keeps the newest 
   db.writeKeys(`ENCRYPTION_KEY=${K3}\nENCRYPTION_KEY_PREVIOUS=${K2}\n`);
   db.script("CREATE TABLE t AS SELECT i, encrypt_token('sk-par-' || i) AS token FROM generate_series(1, 20000) i; CREATE ROLE plain LOGIN;");
   db.reload();
+  // SHOW says the reload waits for a run (it shows the newest keys fetched)
+  assert.match(db.psql("SHOW provider_keys_encrypt.encryption_key"), /\(a reload is pending: key_command runs at the next statement that needs a key\)$/);
   for (let i = 0; i < 3; i++) {
     db.psql("SHOW provider_keys_encrypt.encryption_key");
     db.probe("SELECT name, setting FROM pg_settings WHERE name LIKE 'provider_keys_encrypt%'", { user: "plain" });
@@ -328,6 +330,12 @@ test("one run per reload for the whole server; a failed reload keeps the newest 
   assert.match(plan, /Workers Launched: [1-9]/, plan);
   assert.equal(db.psql(`${parallel} SELECT count(*) FROM t WHERE decrypt_token(token) = 'sk-par-' || i`), "20000");
   assert.equal(count(), 4, "the workers ran the command");
+  // the same for a role that is not a superuser (the leader's setting reaches its workers)
+  db.psql("GRANT SELECT ON t TO plain; GRANT EXECUTE ON FUNCTION decrypt_token(text) TO plain");
+  const asPlain = db.run(`${parallel} EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT count(*) FROM t WHERE decrypt_token(token) = 'sk-par-' || i; SELECT count(*) FROM t WHERE decrypt_token(token) = 'sk-par-' || i`, { user: "plain" }).out.trim();
+  assert.match(asPlain, /Workers Launched: [1-9]/, asPlain);
+  assert.match(asPlain, /\n20000$/, asPlain);
+  assert.equal(count(), 4);
   assert.deepEqual(await everyone(), Array(6).fill(fp(K3)));
   assert.equal(count(), 4);
 
@@ -340,9 +348,63 @@ test("one run per reload for the whole server; a failed reload keeps the newest 
   assert.ok(Date.now() - started < 5000, "the cancel took effect at once");
   await sleep(200);
   assert.equal(spawnSync("pgrep", ["-f", "sleep 29.25"]).status, 1, "the command was killed");
+  // cancelling over and over cannot make it run at will: after a run that did not finish, the
+  // next for the same reload waits 250 ms, then 500 ms, 1 s, 2 s … (up to 60 s)
+  db.psql(`ALTER SYSTEM SET provider_keys_encrypt.key_command = 'echo run >> ${runs}; sleep 29.25; cat ${db.keysFile}'`);
+  db.reload();
+  const before = count();
+  for (let i = 0; i < 8; i++) {
+    const r = await sessions[i % 6].send("SET statement_timeout = '300ms'; SELECT provider_keys_encrypt_fingerprint(); RESET statement_timeout;");
+    assert.match(r.err, /canceling statement due to statement timeout/);
+  }
+  const tries = count() - before;
+  assert.ok(tries >= 2 && tries <= 4, `8 cancelled statements started ${tries} runs`);
   // the next statement that needs a key tries again; here with a command that works
   db.psql(`ALTER SYSTEM SET provider_keys_encrypt.key_command = 'cat ${db.keysFile}'`);
   db.reload();
   assert.deepEqual(await everyone(), Array(6).fill(fp(K3)));
   for (const key of [K1, K2, K3]) assert.ok(!db.log().includes(key));
+});
+
+test("reencrypt waits for a transaction still sealing under the keys from before the reload: the old key can then really be dropped", async (t) => {
+  const K1 = freshKey(), K2 = freshKey();
+  const db = startWith(commandCluster("key_command_inflight", 54477), `ENCRYPTION_KEY=${K1}\n`);
+  db.script(`CREATE TABLE provider_key (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
+    INSERT INTO provider_key SELECT 'k' || i, 'sk-before-' || i, 'openai' FROM generate_series(1, 100) i;`);
+  db.run("CALL encrypt_provider_keys(guard => true, verbose => false)", { tuples: false });
+  // an application's transaction writes a key (the guard seals it under K1) and stays open
+  const app = db.session();
+  t.after(() => app.close());
+  assert.equal((await app.send("BEGIN; INSERT INTO provider_key VALUES ('inflight', 'sk-inflight', 'openai');")).err, "");
+  // the rotation: K2 current, K1 previous, a reload, the re-encryption
+  db.writeKeys(`ENCRYPTION_KEY=${K2}\nENCRYPTION_KEY_PREVIOUS=${K1}\n`);
+  db.reload();
+  const rotation = db.background("CALL reencrypt_provider_keys(verbose => false)", { appName: "rotation" });
+  let waiting = "";
+  for (let i = 0; i < 500 && waiting !== "virtualxid"; i++) {
+    await sleep(10);
+    waiting = db.psql("SELECT coalesce(wait_event, '') FROM pg_stat_activity WHERE application_name = 'rotation'");
+  }
+  assert.equal(waiting, "virtualxid", "the re-encryption waits for the open transaction");
+  // the transaction's next statement runs under the new keys; then it commits
+  assert.equal((await app.send("INSERT INTO provider_key VALUES ('inflight2', 'sk-inflight-2', 'openai'); COMMIT;")).err, "");
+  const { err, status } = await rotation.done;
+  assert.equal(status, 0, err);
+  assert.match(err, /NOTICE: {2}waiting for 1 session\(s\) whose transaction or CALL still uses the keys from before the last reload \(pid \d+\)/);
+  assert.match(err, /ENCRYPTION_KEY_PREVIOUS can be removed/);
+  assert.equal(report(db, "base64").previous_key ?? 0, 0);
+  // the old key dropped: every row, the one written in flight too, opens under K2 in Node
+  db.writeKeys(`ENCRYPTION_KEY=${K2}\n`);
+  db.reload();
+  const rows = db.psql("SELECT id || '|' || token FROM provider_key").split("\n");
+  assert.equal(rows.length, 102);
+  for (const row of rows) {
+    const [id, token] = row.split("|");
+    const want = id === "inflight" ? "sk-inflight" : id === "inflight2" ? "sk-inflight-2" : `sk-before-${id.slice(1)}`;
+    assert.equal(b64.decrypt(token, k(K2)), want);
+  }
+  // without a key command there is nothing to wait for: the function returns 0 at once
+  db.psql("ALTER SYSTEM SET provider_keys_encrypt.key_command = ''");
+  db.reload();
+  assert.equal(db.psql("SELECT pke_internal.wait_for_older_keys()"), "0");
 });
