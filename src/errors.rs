@@ -89,6 +89,12 @@ pub enum Error {
     /// The gateway's llmgw format and its GATEWAY_API_KEY_HASH_SECRET keyring.
     #[error(transparent)]
     Llmgw(#[from] LlmgwError),
+    /// PREPARE TRANSACTION of a transaction that used keys from the key command.
+    #[error(
+        "a transaction that used keys from provider_keys_encrypt.key_command cannot be prepared \
+         (PREPARE TRANSACTION)"
+    )]
+    PrepareWithCommandKeys,
     /// An llmgw token is bound to its row's id: there is no token for a NULL id.
     #[error("id must not be NULL: an llmgw token is bound to its row's id")]
     NullRowId,
@@ -205,6 +211,7 @@ impl Error {
                 GuardError::TooLong { .. } => ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
             },
             Error::NullRowId => ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            Error::PrepareWithCommandKeys => ERRCODE_FEATURE_NOT_SUPPORTED,
         }
     }
 

@@ -26,12 +26,18 @@
 //! * **Each backend has a slot** in shared memory (by proc number): the generation it uses, and
 //!   the oldest generation its current transaction used (or, inside a CALL that commits, the
 //!   one the CALL goes on with). `reencrypt_provider_keys` first waits for every session whose
-//!   transaction or statement still uses keys older than its own ([`wait_for_older_keys`]), so
+//!   transaction used keys older than its own, or that runs a transaction while it holds older
+//!   keys ([`wait_for_older_keys`]), so
 //!   its closing "can be removed" is true: after a reload, no session goes on sealing under a
 //!   key the operator is about to drop.
 //! * **SHOW** and pg_settings read shared memory only: they never run the command.
-//! * **A cancelled run is retried with a back-off** (250 ms, doubling to 60 s, per reload), so
-//!   cancelling one's own statements cannot make the server call the secret manager at will.
+//! * **A run is not interrupted**: a cancel or terminate request of the session running it
+//!   takes effect when it ends, within `key_command_timeout` (sessions waiting for it stay
+//!   cancellable). Cancelling one's own statements cannot make the server start the command
+//!   again and again. A run that did not finish anyway (its backend crashed) is retried with a
+//!   back-off per reload (250 ms, doubling to 60 s).
+//! * **A transaction that used the command's keys cannot be prepared** (PREPARE TRANSACTION):
+//!   it would outlive its session, and no wait could find what it sealed.
 //!
 //! The command needs the library in `shared_preload_libraries`, as every key does.
 
@@ -314,6 +320,13 @@ unsafe extern "C-unwind" fn shmem_request() {
 #[pg_guard]
 unsafe extern "C-unwind" fn transaction_end(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     use pg_sys::XactEvent::*;
+    if event == XACT_EVENT_PRE_PREPARE && USED_IN_XACT.with(Cell::get) {
+        let used_command_keys = KEYS.with(|k| k.borrow().is_some());
+        if used_command_keys {
+            // a prepared transaction outlives its session: no wait could find what it sealed
+            Error::PrepareWithCommandKeys.raise();
+        }
+    }
     if !matches!(
         event,
         XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PREPARE
@@ -410,9 +423,10 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     }
 }
 
-/// When a parallel plan starts in a backend with a key command that has no keys yet (its
-/// first statement): take them now, so the workers find them in its slot. A backend that has
-/// keys keeps them for the whole parallel statement (no run, no wait here).
+/// When a parallel plan starts (outside parallel mode) in a backend with a key command and a
+/// reload it has not answered: answer it now, before the workers start, so that the statement,
+/// workers and leader, runs under the new keys (the workers find them in its slot). A backend
+/// keeps its keys for the whole parallel statement.
 #[pg_guard]
 unsafe extern "C-unwind" fn before_parallel_plan(query: *mut pg_sys::QueryDesc) {
     // SAFETY: query is the executor's valid QueryDesc; plannedstmt is set before this hook.
@@ -421,9 +435,12 @@ unsafe extern "C-unwind" fn before_parallel_plan(query: *mut pg_sys::QueryDesc) 
             && !(*query).plannedstmt.is_null()
             && (*(*query).plannedstmt).parallelModeNeeded
     };
+    // SAFETY: a plain read of the transaction state.
+    let in_parallel_mode = unsafe { pg_sys::IsInParallelMode() };
     if parallel
         && !is_parallel_worker()
-        && SEEN.with(Cell::get) == 0
+        && !in_parallel_mode
+        && SEEN.with(Cell::get) != WANT.with(Cell::get)
         && SHARED_READY.load(Ordering::Relaxed)
         && command().is_some()
     {
@@ -696,11 +713,11 @@ fn run_and_publish(reloads: u64) {
         EXIT_HOOK.with(|h| h.set(true));
     }
     let timeout = Duration::from_millis(u64::try_from(KEY_COMMAND_TIMEOUT.get()).unwrap_or(10_000));
-    let mut tick = || {
-        if in_backend {
-            pgrx::check_for_interrupts!();
-        }
-    };
+    // A run is not interrupted: a cancel or terminate request of the session running it takes
+    // effect when it ends, within key_command_timeout. Otherwise any role could cancel its own
+    // statements to make the server start the command again and again, and push back everyone
+    // else's keys (sessions waiting for the run stay cancellable).
+    let mut tick = || {};
     let output = run::run(&command, timeout, &mut tick)
         .and_then(|out| core_command::parse(&out).map(|vars| (out, vars)));
     let (generation, kept) = {
@@ -846,12 +863,18 @@ pub fn wait_for_older_keys() -> Result<i32, Error> {
     let mut told = Vec::new();
     let mut idle_rounds = 0;
     loop {
+        // a transaction that used older keys (through a CALL's COMMITs too), or one running
+        // now in a session that holds older keys (a statement that began before it took the
+        // reload seals under them when it gets to a key)
+        let running = running_transactions();
         let older: Vec<(i64, i32)> = (0..slot_count() as i64)
             .filter(|i| *i != my_index())
             .filter_map(|i| slot(i).map(|s| (i, s)))
-            .filter(|(_, s)| {
+            .filter(|(i, s)| {
                 let oldest = s.oldest.load(Ordering::Acquire);
-                oldest != 0 && oldest < mine
+                let holds = s.generation.load(Ordering::Acquire);
+                (oldest != 0 && oldest < mine)
+                    || (holds != 0 && holds < mine && running.iter().any(|(b, _)| b == i))
             })
             .map(|(i, s)| (i, s.pid.load(Ordering::Relaxed)))
             .collect();
@@ -881,23 +904,32 @@ pub fn wait_for_older_keys() -> Result<i32, Error> {
     }
 }
 
-/// Wait on the current transaction of each of these backends (by proc number), in any
-/// database; false if none had one (between two transactions of a CALL, for a moment): then a
-/// short sleep.
-fn wait_on(backends: &[(i64, i32)]) -> bool {
+/// The transactions running now in any database, with the proc number of their backend.
+fn running_transactions() -> Vec<(i64, pg_sys::VirtualTransactionId)> {
     let mut count = 0;
     // SAFETY: GetCurrentVirtualXIDs returns a palloc'd array of `count` entries.
     let vxids = unsafe {
         pg_sys::GetCurrentVirtualXIDs(pg_sys::InvalidTransactionId, false, true, 0, &mut count)
     };
+    (0..usize::try_from(count).unwrap_or(0))
+        .map(|i| {
+            // SAFETY: i < count.
+            let vxid = unsafe { *vxids.add(i) };
+            #[cfg(any(feature = "pg17", feature = "pg18"))]
+            let index = i64::from(vxid.procNumber);
+            #[cfg(not(any(feature = "pg17", feature = "pg18")))]
+            let index = i64::from(vxid.backendId);
+            (index, vxid)
+        })
+        .collect()
+}
+
+/// Wait on the current transaction of each of these backends (by proc number), in any
+/// database; false if none had one (between two transactions of a CALL, for a moment): then a
+/// short sleep.
+fn wait_on(backends: &[(i64, i32)]) -> bool {
     let mut waited = false;
-    for i in 0..usize::try_from(count).unwrap_or(0) {
-        // SAFETY: i < count.
-        let vxid = unsafe { *vxids.add(i) };
-        #[cfg(any(feature = "pg17", feature = "pg18"))]
-        let index = i64::from(vxid.procNumber);
-        #[cfg(not(any(feature = "pg17", feature = "pg18")))]
-        let index = i64::from(vxid.backendId);
+    for (index, vxid) in running_transactions() {
         if backends.iter().any(|(b, _)| *b == index) {
             // SAFETY: a lock wait on a transaction that was running a moment ago.
             unsafe { pg_sys::VirtualXactLock(vxid, true) };

@@ -279,7 +279,7 @@ test("a reload during a CALL: the run ends under the keys it started with and it
   assert.equal(report(db, "base64").current_key, 40000);
 });
 
-test("one run per reload for the whole server; a failed reload keeps the newest keys for new sessions too; parallel workers, SHOW and pg_settings never run it; a cancel kills it", async (t) => {
+test("one run per reload for the whole server; a failed reload keeps the newest keys for new sessions too; parallel workers, SHOW and pg_settings never run it; a hanging run ends at its time limit, its waiters cancel at once", async (t) => {
   const K1 = freshKey(), K2 = freshKey(), K3 = freshKey();
   const db = startWith(commandCluster("key_command_shared", 54476, { conf: ["provider_keys_encrypt.key_command_timeout = 60000"] }), `ENCRYPTION_KEY=${K1}\n`);
   // the command counts its runs, a line each, in a file of the server's user
@@ -339,26 +339,28 @@ test("one run per reload for the whole server; a failed reload keeps the newest 
   assert.deepEqual(await everyone(), Array(6).fill(fp(K3)));
   assert.equal(count(), 4);
 
-  // a command that hangs: a cancel (here statement_timeout) stops the wait and kills it
-  db.psql(`ALTER SYSTEM SET provider_keys_encrypt.key_command = 'sleep 29.25; cat ${db.keysFile}'`);
-  db.reload();
-  const started = Date.now();
-  const cancelled = await sessions[0].send("SET statement_timeout = '500ms'; SELECT provider_keys_encrypt_fingerprint(); RESET statement_timeout;");
-  assert.match(cancelled.err, /canceling statement due to statement timeout/);
-  assert.ok(Date.now() - started < 5000, "the cancel took effect at once");
-  await sleep(200);
-  assert.equal(spawnSync("pgrep", ["-f", "sleep 29.25"]).status, 1, "the command was killed");
-  // cancelling over and over cannot make it run at will: after a run that did not finish, the
-  // next for the same reload waits 250 ms, then 500 ms, 1 s, 2 s … (up to 60 s)
+  // a command that hangs: it is killed at key_command_timeout; a cancel of the session running
+  // it takes effect then (not before: cancelling cannot make the server start it again and
+  // again), while a session waiting for it is cancelled at once
+  db.psql("ALTER SYSTEM SET provider_keys_encrypt.key_command_timeout = '1500ms'");
   db.psql(`ALTER SYSTEM SET provider_keys_encrypt.key_command = 'echo run >> ${runs}; sleep 29.25; cat ${db.keysFile}'`);
   db.reload();
   const before = count();
-  for (let i = 0; i < 8; i++) {
-    const r = await sessions[i % 6].send("SET statement_timeout = '300ms'; SELECT provider_keys_encrypt_fingerprint(); RESET statement_timeout;");
-    assert.match(r.err, /canceling statement due to statement timeout/);
-  }
-  const tries = count() - before;
-  assert.ok(tries >= 2 && tries <= 4, `8 cancelled statements started ${tries} runs`);
+  const started = Date.now();
+  const runner = sessions[0].send("SET statement_timeout = '300ms'; SELECT provider_keys_encrypt_fingerprint(); RESET statement_timeout;");
+  await sleep(100);
+  const waiter = await sessions[1].send("SET statement_timeout = '300ms'; SELECT provider_keys_encrypt_fingerprint(); RESET statement_timeout;");
+  assert.match(waiter.err, /canceling statement due to statement timeout/);
+  assert.ok(Date.now() - started < 1200, "the waiting session was cancelled at once");
+  await runner;
+  const took = Date.now() - started;
+  assert.ok(took >= 1400 && took < 5000, `the run ended at key_command_timeout (${took} ms)`);
+  await sleep(200);
+  assert.equal(spawnSync("pgrep", ["-f", "sleep 29.25"]).status, 1, "the command was killed");
+  // that run answered the reload (it failed: the keys stay): cancelled statements start no other
+  for (let i = 0; i < 6; i++) assert.equal((await sessions[i].send(fingerprint)).out, fp(K3));
+  assert.equal(count() - before, 1);
+  assert.match(db.psql("SHOW provider_keys_encrypt.encryption_key"), /\(the last run of key_command failed: provider_keys_encrypt\.key_command did not finish within 1500 ms and was killed\)$/);
   // the next statement that needs a key tries again; here with a command that works
   db.psql(`ALTER SYSTEM SET provider_keys_encrypt.key_command = 'cat ${db.keysFile}'`);
   db.reload();
@@ -368,7 +370,7 @@ test("one run per reload for the whole server; a failed reload keeps the newest 
 
 test("reencrypt waits for a transaction still sealing under the keys from before the reload: the old key can then really be dropped", async (t) => {
   const K1 = freshKey(), K2 = freshKey();
-  const db = startWith(commandCluster("key_command_inflight", 54477), `ENCRYPTION_KEY=${K1}\n`);
+  const db = startWith(commandCluster("key_command_inflight", 54477, { conf: ["max_prepared_transactions = 2"] }), `ENCRYPTION_KEY=${K1}\n`);
   db.script(`CREATE TABLE provider_key (id text PRIMARY KEY, token text NOT NULL, provider text NOT NULL, status text DEFAULT 'active');
     INSERT INTO provider_key SELECT 'k' || i, 'sk-before-' || i, 'openai' FROM generate_series(1, 100) i;`);
   db.run("CALL encrypt_provider_keys(guard => true, verbose => false)", { tuples: false });
@@ -376,6 +378,12 @@ test("reencrypt waits for a transaction still sealing under the keys from before
   const app = db.session();
   t.after(() => app.close());
   assert.equal((await app.send("BEGIN; INSERT INTO provider_key VALUES ('inflight', 'sk-inflight', 'openai');")).err, "");
+  // and another's statement, begun before the reload, writes one after it (under K1: a session
+  // takes a reload between statements)
+  const late = db.session();
+  t.after(() => late.close());
+  assert.equal((await late.send("SELECT provider_keys_encrypt_fingerprint();")).out, b64.fingerprint(k(K1)));
+  const lateInsert = late.send("INSERT INTO provider_key SELECT 'late', 'sk-late', 'openai' FROM pg_sleep(2);");
   // the rotation: K2 current, K1 previous, a reload, the re-encryption
   db.writeKeys(`ENCRYPTION_KEY=${K2}\nENCRYPTION_KEY_PREVIOUS=${K1}\n`);
   db.reload();
@@ -388,21 +396,26 @@ test("reencrypt waits for a transaction still sealing under the keys from before
   assert.equal(waiting, "virtualxid", "the re-encryption waits for the open transaction");
   // the transaction's next statement runs under the new keys; then it commits
   assert.equal((await app.send("INSERT INTO provider_key VALUES ('inflight2', 'sk-inflight-2', 'openai'); COMMIT;")).err, "");
+  assert.equal((await lateInsert).err, "");
   const { err, status } = await rotation.done;
   assert.equal(status, 0, err);
-  assert.match(err, /NOTICE: {2}waiting for 1 session\(s\) whose transaction or CALL still uses the keys from before the last reload \(pid \d+\)/);
+  assert.match(err, /NOTICE: {2}waiting for 2 session\(s\) whose transaction or CALL still uses the keys from before the last reload \(pid \d+, \d+\)/);
   assert.match(err, /ENCRYPTION_KEY_PREVIOUS can be removed/);
   assert.equal(report(db, "base64").previous_key ?? 0, 0);
   // the old key dropped: every row, the one written in flight too, opens under K2 in Node
   db.writeKeys(`ENCRYPTION_KEY=${K2}\n`);
   db.reload();
   const rows = db.psql("SELECT id || '|' || token FROM provider_key").split("\n");
-  assert.equal(rows.length, 102);
+  assert.equal(rows.length, 103);
   for (const row of rows) {
     const [id, token] = row.split("|");
-    const want = id === "inflight" ? "sk-inflight" : id === "inflight2" ? "sk-inflight-2" : `sk-before-${id.slice(1)}`;
+    const want = { inflight: "sk-inflight", inflight2: "sk-inflight-2", late: "sk-late" }[id] ?? `sk-before-${id.slice(1)}`;
     assert.equal(b64.decrypt(token, k(K2)), want);
   }
+  // a transaction that used the command's keys cannot be prepared: it would outlive its session
+  const prepared = db.run("BEGIN; INSERT INTO provider_key VALUES ('p', 'sk-prepared', 'openai'); PREPARE TRANSACTION 'p1';", { allowFail: true, verbose: true });
+  assert.match(prepared.err, /ERROR:\s+0A000: a transaction that used keys from provider_keys_encrypt\.key_command cannot be prepared/);
+  assert.equal(db.psql("SELECT count(*) FROM pg_prepared_xacts"), "0");
   // without a key command there is nothing to wait for: the function returns 0 at once
   db.psql("ALTER SYSTEM SET provider_keys_encrypt.key_command = ''");
   db.reload();
