@@ -24,8 +24,10 @@
 //!   output its leader uses, which the leader publishes in its slot (below); if that output is no
 //!   longer kept, the worker refuses (40001).
 //! * **Each backend has a slot** in shared memory (by proc number): the generation it uses, and
-//!   the oldest generation its current transaction used (or, inside a CALL that commits, the
-//!   one the CALL goes on with). `reencrypt_provider_keys` first waits for every session whose
+//!   the oldest generation its current transaction used, its parallel workers included (or,
+//!   inside a CALL that commits, the one the CALL goes on with). A session publishes a new
+//!   generation in its slot before it releases the lock it read it under, and empties its slot
+//!   when it exits. `reencrypt_provider_keys` first waits for every session whose
 //!   transaction used keys older than its own, or that runs a transaction while it holds older
 //!   keys ([`wait_for_older_keys`]), so
 //!   its closing "can be removed" is true: after a reload, no session goes on sealing under a
@@ -46,7 +48,7 @@ pub mod run;
 use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_int, c_void};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -320,8 +322,9 @@ unsafe extern "C-unwind" fn shmem_request() {
 #[pg_guard]
 unsafe extern "C-unwind" fn transaction_end(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     use pg_sys::XactEvent::*;
-    if event == XACT_EVENT_PRE_PREPARE && USED_IN_XACT.with(Cell::get) {
-        let used_command_keys = KEYS.with(|k| k.borrow().is_some());
+    if event == XACT_EVENT_PRE_PREPARE {
+        // keys used by this session or by its parallel workers (which mark this slot)
+        let used_command_keys = my_slot().is_some_and(|s| s.oldest.load(Ordering::Acquire) != 0);
         if used_command_keys {
             // a prepared transaction outlives its session: no wait could find what it sealed
             Error::PrepareWithCommandKeys.raise();
@@ -489,13 +492,23 @@ pub fn refresh() {
 }
 
 /// The first use of keys in a transaction: the slot's `oldest` is the keys it uses now.
+/// A parallel worker marks its leader's slot: the leader's transaction used keys too (its
+/// PREPARE is refused, a re-encryption waits for it).
 fn mark_used() {
     USED_IN_XACT.with(|u| u.set(true));
-    if let Some(slot) = my_slot() {
-        let generation = KEYS.with(|k| k.borrow().as_ref().map_or(0, |(g, _)| *g));
-        if generation != 0 && !is_parallel_worker() {
-            slot.oldest.store(generation, Ordering::Release);
-        }
+    let generation = KEYS.with(|k| k.borrow().as_ref().map_or(0, |(g, _)| *g));
+    let target = if is_parallel_worker() {
+        slot(leader_index())
+    } else {
+        my_slot()
+    };
+    if let (Some(slot), true) = (target, generation != 0) {
+        // the oldest generation the transaction used: only ever lowered (or set from 0)
+        let _ = slot
+            .oldest
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |oldest| {
+                (oldest == 0 || generation < oldest).then_some(generation)
+            });
     }
 }
 
@@ -535,6 +548,10 @@ fn refresh_slow(want: u64) {
 
 /// This backend's keys, in its slot: for its parallel workers, and for
 /// [`wait_for_older_keys`]. A transaction that used older keys keeps them as its oldest.
+/// The slot is this process's from its first publish to its exit; `at_exit` empties it (by
+/// this index: at proc exit PostgreSQL has already given up the proc number).
+static MY_SLOT: AtomicI64 = AtomicI64::new(-1);
+
 fn publish(generation: u64) {
     let Some(slot) = my_slot() else { return };
     if !EXIT_HOOK.with(Cell::get) {
@@ -542,14 +559,11 @@ fn publish(generation: u64) {
         unsafe { pg_sys::on_proc_exit(Some(at_exit), pg_sys::Datum::from(0)) };
         EXIT_HOOK.with(|h| h.set(true));
     }
+    MY_SLOT.store(my_index(), Ordering::Relaxed);
     // SAFETY: a plain read of a global.
     slot.pid
         .store(unsafe { pg_sys::MyProcPid }, Ordering::Relaxed);
     slot.generation.store(generation, Ordering::Release);
-    let oldest = slot.oldest.load(Ordering::Acquire);
-    if !USED_IN_XACT.with(Cell::get) || oldest == 0 || generation == 0 {
-        slot.oldest.store(generation, Ordering::Release);
-    }
 }
 
 /// In a parallel worker: the output its leader uses, never a run.
@@ -587,6 +601,9 @@ fn answer(want: u64) -> (u64, Keys) {
                     Some((g, Keys::Command(vars))) if *g == newest => Some(vars.clone()),
                     _ => None,
                 });
+                // in the slot before the lock is released: a re-encryption that publishes a
+                // newer output afterwards finds this session holding this one
+                publish(newest);
                 if let Some(vars) = have {
                     return (newest, Keys::Command(vars));
                 }
@@ -778,7 +795,7 @@ unsafe extern "C-unwind" fn at_exit(_code: i32, _arg: pg_sys::Datum) {
     if claim != 0 {
         release(claim);
     }
-    if let Some(slot) = my_slot() {
+    if let Some(slot) = slot(MY_SLOT.load(Ordering::Relaxed)) {
         slot.oldest.store(0, Ordering::Release);
         slot.generation.store(0, Ordering::Release);
         slot.pid.store(0, Ordering::Release);

@@ -415,7 +415,28 @@ test("reencrypt waits for a transaction still sealing under the keys from before
   // a transaction that used the command's keys cannot be prepared: it would outlive its session
   const prepared = db.run("BEGIN; INSERT INTO provider_key VALUES ('p', 'sk-prepared', 'openai'); PREPARE TRANSACTION 'p1';", { allowFail: true, verbose: true });
   assert.match(prepared.err, /ERROR:\s+0A000: a transaction that used keys from provider_keys_encrypt\.key_command cannot be prepared/);
+  // nor one whose keys were used only by a parallel worker (it marks its leader's slot)
+  assert.match(db.psql("SET debug_parallel_query = on; EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT encrypt_token('sk-prepared') FROM generate_series(1, 1)"),
+    /Workers Launched: 1\n\s*Single Copy: true/);
+  const viaWorker = db.run(`SELECT encrypt_token('warm'); BEGIN; SET LOCAL debug_parallel_query = on;
+    CREATE TABLE stash AS SELECT encrypt_token('sk-prepared') AS t FROM generate_series(1, 1);
+    PREPARE TRANSACTION 'p2';`, { allowFail: true, verbose: true });
+  assert.match(viaWorker.err, /ERROR:\s+0A000: a transaction that used keys from provider_keys_encrypt\.key_command cannot be prepared/);
   assert.equal(db.psql("SELECT count(*) FROM pg_prepared_xacts"), "0");
+
+  // a session that used keys and left empties its slot: a session after it that has not used
+  // keys is not waited for, even in a transaction
+  const K3 = freshKey();
+  db.psql("SELECT encrypt_token('then gone')");
+  const other = db.session();
+  t.after(() => other.close());
+  await other.send("BEGIN; SELECT 1;");
+  db.writeKeys(`ENCRYPTION_KEY=${K3}\nENCRYPTION_KEY_PREVIOUS=${K2}\n`);
+  db.reload();
+  const third = db.run("CALL reencrypt_provider_keys(verbose => false)", { tuples: false });
+  assert.doesNotMatch(third.err, /waiting for/);
+  assert.match(third.err, /ENCRYPTION_KEY_PREVIOUS can be removed/);
+  await other.send("COMMIT;");
   // without a key command there is nothing to wait for: the function returns 0 at once
   db.psql("ALTER SYSTEM SET provider_keys_encrypt.key_command = ''");
   db.reload();
