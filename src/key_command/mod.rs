@@ -27,11 +27,10 @@
 //!   the oldest generation its current transaction used, its parallel workers included (or,
 //!   inside a CALL that commits, the one the CALL goes on with). A session publishes a new
 //!   generation in its slot before it releases the lock it read it under, and empties its slot
-//!   when it exits. `reencrypt_provider_keys` first waits for every session whose
-//!   transaction used keys older than its own, or that runs a transaction while it holds older
-//!   keys ([`wait_for_older_keys`]), so
-//!   its closing "can be removed" is true: after a reload, no session goes on sealing under a
-//!   key the operator is about to drop.
+//!   when it exits. `reencrypt_provider_keys` first waits for every session whose transaction
+//!   used keys older than its own, or that runs a transaction while it holds older keys
+//!   ([`wait_for_older_keys`]), so its closing "can be removed" is true: after a reload, no
+//!   session goes on sealing under a key the operator is about to drop.
 //! * **SHOW** and pg_settings read shared memory only: they never run the command.
 //! * **A run is not interrupted**: a cancel or terminate request of the session running it
 //!   takes effect when it ends, within `key_command_timeout` (sessions waiting for it stay

@@ -416,9 +416,11 @@ test("reencrypt waits for a transaction still sealing under the keys from before
   const prepared = db.run("BEGIN; INSERT INTO provider_key VALUES ('p', 'sk-prepared', 'openai'); PREPARE TRANSACTION 'p1';", { allowFail: true, verbose: true });
   assert.match(prepared.err, /ERROR:\s+0A000: a transaction that used keys from provider_keys_encrypt\.key_command cannot be prepared/);
   // nor one whose keys were used only by a parallel worker (it marks its leader's slot)
-  assert.match(db.psql("SET debug_parallel_query = on; EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT encrypt_token('sk-prepared') FROM generate_series(1, 1)"),
+  // (PostgreSQL 15 calls debug_parallel_query force_parallel_mode)
+  const forceParallel = Number(db.psql("SHOW server_version_num")) >= 160000 ? "debug_parallel_query" : "force_parallel_mode";
+  assert.match(db.psql(`SET ${forceParallel} = on; EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT encrypt_token('sk-prepared') FROM generate_series(1, 1)`),
     /Workers Launched: 1\n\s*Single Copy: true/);
-  const viaWorker = db.run(`SELECT encrypt_token('warm'); BEGIN; SET LOCAL debug_parallel_query = on;
+  const viaWorker = db.run(`SELECT encrypt_token('warm'); BEGIN; SET LOCAL ${forceParallel} = on;
     CREATE TABLE stash AS SELECT encrypt_token('sk-prepared') AS t FROM generate_series(1, 1);
     PREPARE TRANSACTION 'p2';`, { allowFail: true, verbose: true });
   assert.match(viaWorker.err, /ERROR:\s+0A000: a transaction that used keys from provider_keys_encrypt\.key_command cannot be prepared/);
