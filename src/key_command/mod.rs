@@ -35,8 +35,8 @@
 //! * **A run is not interrupted**: a cancel or terminate request of the session running it
 //!   takes effect when it ends, within `key_command_timeout` (sessions waiting for it stay
 //!   cancellable). Cancelling one's own statements cannot make the server start the command
-//!   again and again. A run that did not finish anyway (its backend crashed) is retried with a
-//!   back-off per reload (250 ms, doubling to 60 s).
+//!   again and again. (A backend that dies during a run takes the server through crash recovery,
+//!   which makes shared memory anew; a runner found gone or past its time is taken over.)
 //! * **A transaction that used the command's keys cannot be prepared** (PREPARE TRANSACTION):
 //!   it would outlive its session, and no wait could find what it sealed.
 //!
@@ -91,11 +91,6 @@ pub struct Shared {
     newest: u64,
     /// runs since the server started
     runs: u64,
-    /// the reload the last run started for, how many runs started for it, and when the last
-    /// one started (ms since the Unix epoch): a cancelled run is retried with a back-off
-    attempt_reload: u64,
-    attempts: u32,
-    attempt_at: u64,
     /// the last run failed: its error, as core's `KeyCommandError::to_parts`
     failed: bool,
     error_kind: u8,
@@ -114,9 +109,6 @@ impl Shared {
             answered: 0,
             newest: 0,
             runs: 0,
-            attempt_reload: 0,
-            attempts: 0,
-            attempt_at: 0,
             failed: false,
             error_kind: 0,
             error_number: 0,
@@ -616,45 +608,14 @@ fn answer(want: u64) -> (u64, Keys) {
             }
         }
         if let Some(claim) = Claim::take() {
-            let reloads = RELOADS.get().load(Ordering::Acquire);
-            if backed_off(reloads) {
-                run_and_publish(reloads);
-                drop(claim);
-                continue;
-            }
+            run_and_publish(RELOADS.get().load(Ordering::Acquire));
             drop(claim);
+            continue;
         }
         // another process runs it: wait for its answer
         std::thread::sleep(Duration::from_millis(5));
         pgrx::check_for_interrupts!();
     }
-}
-
-/// May a run for reload `reloads` start now? The first may; one after a run for the same
-/// reload that did not finish (a cancel, a terminate) waits 250 ms, doubling up to 60 s. Notes
-/// the start when it may.
-fn backed_off(reloads: u64) -> bool {
-    let now = unix_millis();
-    let mut shared = SHARED.exclusive();
-    if shared.attempt_reload == reloads && shared.attempts > 0 {
-        let wait = (250u64 << (shared.attempts - 1).min(8)).min(60_000);
-        if now < shared.attempt_at.saturating_add(wait) {
-            return false;
-        }
-    } else {
-        shared.attempt_reload = reloads;
-        shared.attempts = 0;
-    }
-    shared.attempts += 1;
-    shared.attempt_at = now;
-    true
-}
-
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// This process's turn to run the command; released when dropped (an unwinding cancel too).
